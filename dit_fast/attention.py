@@ -1,0 +1,209 @@
+"""Multi-head self-attention on a packed QKV projection, over several kernel backends.
+
+The QKV GEMM's output [B, L, 3*D] is viewed as [B, L, 3, H, Dh] and handed to the kernel without
+permute copies: FlashAttention takes that layout directly (q/k/v are strided views with a
+contiguous last dim); SDPA gets [B, H, L, Dh] views of it, which its fused kernels accept
+because they only need the last dim contiguous.
+
+Backends: "flash_attn_3" (FlashAttention 3, `flash_attn_interface`, Hopper), "flash_attn_4"
+(FlashAttention 4, `flash_attn.cute`, Hopper/Blackwell), "flash_attn" (FlashAttention 2),
+"sdpa" (torch.nn.functional.scaled_dot_product_attention: cuDNN/flash/efficient/math picked by
+PyTorch), "math" (plain eager, the reference). "auto" takes the first of AUTO_ORDER that is
+installed and can run the device, dtype and head dim; sdpa always can.
+"""
+from __future__ import annotations
+
+import importlib
+
+import torch
+import torch.nn.functional as F
+
+AUTO_ORDER = ("flash_attn_3", "flash_attn_4", "flash_attn", "sdpa")
+ATTN_BACKENDS = ("auto", "flash_attn_3", "flash_attn_4", "flash_attn", "sdpa", "math")
+FLASH_BACKENDS = ("flash_attn_3", "flash_attn_4", "flash_attn")
+
+# backend -> (module to import, pip hint)
+_FLASH_MODULES = {
+    "flash_attn": ("flash_attn", "pip install flash-attn"),
+    "flash_attn_3": ("flash_attn_interface", "build flash-attention/hopper (FlashAttention 3)"),
+    "flash_attn_4": ("flash_attn.cute", "pip install flash-attn-4 (FlashAttention 4, CuTe DSL)"),
+}
+# FlashAttention 4 documents head dims 64, 96 and 128; "auto" does not bet on others.
+_FA4_DOCUMENTED_HEAD_DIMS = (64, 96, 128)
+_HALF = (torch.float16, torch.bfloat16)
+_DTYPES = {str(d): d for d in (torch.float16, torch.bfloat16, torch.float32, torch.float64)}
+
+_module_cache: dict[str, tuple[object | None, str]] = {}
+_resolved: dict[tuple, str] = {}
+
+
+def clear_cache() -> None:
+    """Forget probed modules and resolved choices (tests that fake installed packages use this)."""
+    _module_cache.clear()
+    _resolved.clear()
+
+
+def _flash_module(backend: str):
+    """(module or None, why not) for a FlashAttention backend; imported once."""
+    if backend not in _module_cache:
+        name, hint = _FLASH_MODULES[backend]
+        entry = "flash_attn_qkvpacked_func" if backend == "flash_attn" else "flash_attn_func"
+        try:
+            module = importlib.import_module(name)
+        except Exception as e:  # a broken optional install must not break the package
+            _module_cache[backend] = (None, f"{name} is not importable ({type(e).__name__}: {e}); {hint}")
+        else:
+            if hasattr(module, entry):
+                _module_cache[backend] = (module, "")
+            else:
+                _module_cache[backend] = (None, f"{name} has no {entry}; {hint}")
+    return _module_cache[backend]
+
+
+def _device_capability(device: str) -> tuple[int, int] | None:
+    """CUDA compute capability of `device` ("cuda", "cuda:1", ...); None for other devices."""
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        return None
+    return torch.cuda.get_device_capability(dev)
+
+
+def _cannot_run(backend: str, device: str, dtype: torch.dtype, head_dim: int, for_auto: bool) -> str:
+    """Why `backend` can't run this case ("" if it can). for_auto adds the cautious rules of "auto"."""
+    if backend == "math":
+        return ""
+    if backend == "sdpa":
+        return "" if dtype.is_floating_point else f"needs a floating-point dtype, got {dtype}"
+    module, why = _flash_module(backend)
+    if module is None:
+        return why
+    cap = _device_capability(device)
+    if cap is None:
+        return f"needs a CUDA device, got {torch.device(device).type}"
+    if dtype not in _HALF:
+        return f"needs float16/bfloat16 inputs, got {dtype} (use torch.autocast)"
+    if head_dim > 256:
+        return f"supports head_dim <= 256, got {head_dim}"
+    if backend == "flash_attn":
+        if cap < (8, 0):
+            return f"needs compute capability >= 8.0, got {cap[0]}.{cap[1]}"
+        if for_auto and head_dim % 8:
+            return f"pads head_dim {head_dim} to a multiple of 8 (a copy per call)"
+    elif backend == "flash_attn_3":
+        if cap[0] != 9:
+            return f"runs on Hopper (compute capability 9.x) only, got {cap[0]}.{cap[1]}"
+        if head_dim % 8:
+            return f"needs head_dim a multiple of 8, got {head_dim}"
+    elif backend == "flash_attn_4":
+        if cap[0] not in (9, 10, 11):
+            return f"runs on compute capability 9.x/10.x/11.x, got {cap[0]}.{cap[1]}"
+        if head_dim % 8:
+            return f"needs head_dim a multiple of 8, got {head_dim}"
+        if for_auto and head_dim not in _FA4_DOCUMENTED_HEAD_DIMS:
+            return f"documents head_dim {_FA4_DOCUMENTED_HEAD_DIMS} only, got {head_dim} (name it to try)"
+    return ""
+
+
+def check_backend_name(backend: str) -> str:
+    if backend not in ATTN_BACKENDS:
+        raise ValueError(f"attention backend must be one of {ATTN_BACKENDS}, got {backend!r}")
+    return backend
+
+
+@torch.compiler.assume_constant_result
+def resolve(backend: str, device: str, dtype: str, head_dim: int) -> str:
+    """The backend that runs attention for qkv on `device` of `dtype` (its str) when `backend` is asked for.
+
+    Cached, and a constant to torch.compile (no graph break). An explicitly named backend that cannot
+    run raises with the reason and the backends that would.
+    """
+    key = (backend, device, dtype, head_dim)
+    name = _resolved.get(key)
+    if name is None:
+        name = _resolve(backend, device, _DTYPES.get(dtype, dtype), head_dim)
+        _resolved[key] = name
+    return name
+
+
+def _resolve(backend: str, device: str, dtype: torch.dtype, head_dim: int) -> str:
+    check_backend_name(backend)
+    if backend == "auto":
+        for cand in AUTO_ORDER:
+            if not _cannot_run(cand, device, dtype, head_dim, for_auto=True):
+                return cand
+        raise AssertionError("sdpa runs every floating-point case")  # pragma: no cover
+    why = _cannot_run(backend, device, dtype, head_dim, for_auto=False)
+    if why:
+        usable = [b for b in ATTN_BACKENDS[1:] if not _cannot_run(b, device, dtype, head_dim, for_auto=False)]
+        raise RuntimeError(
+            f"attention backend {backend!r} cannot run on {device} with {dtype}, head_dim {head_dim}: {why}. "
+            f"Usable here: {', '.join(usable)} (or 'auto')."
+        )
+    return backend
+
+
+def attention_report(device_type: str, dtype: torch.dtype, head_dim: int) -> dict[str, str]:
+    """For `python -m dit_fast.info`: per backend "used" (what "auto" picks), "available" or "skipped: <why>"."""
+    device = "cuda" if device_type == "cuda" else device_type
+    chosen = _resolve("auto", device, dtype, head_dim)
+    out = {}
+    for b in ATTN_BACKENDS[1:]:
+        if b == chosen:
+            out[b] = "used"
+        else:
+            why = _cannot_run(b, device, dtype, head_dim, for_auto=True)
+            out[b] = f"skipped: {why}" if why else "available"
+    return out
+
+
+# -- kernels: each takes qkv5 = [B, L, 3, H, Dh] (a view of the QKV GEMM output) -> [B, L, H, Dh] or [B, H, L, Dh]
+
+
+def _first(result):
+    # FlashAttention 4 (and FlashAttention 3 betas) return (out, lse).
+    return result[0] if isinstance(result, (tuple, list)) else result
+
+
+def _run_flash_attn(qkv5):
+    return _first(_flash_module("flash_attn")[0].flash_attn_qkvpacked_func(qkv5))
+
+
+def _run_flash_attn_3(qkv5):
+    module = _flash_module("flash_attn_3")[0]
+    if hasattr(module, "flash_attn_qkvpacked_func"):
+        return _first(module.flash_attn_qkvpacked_func(qkv5))
+    return _first(module.flash_attn_func(*qkv5.unbind(2)))
+
+
+def _run_flash_attn_4(qkv5):
+    return _first(_flash_module("flash_attn_4")[0].flash_attn_func(*qkv5.unbind(2)))
+
+
+def math_attention(q, k, v):
+    """softmax(q k^T / sqrt(Dh)) v on [B, H, L, Dh], in plain eager ops (the reference)."""
+    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
+    return scores.softmax(dim=-1) @ v
+
+
+def attention(qkv: torch.Tensor, num_heads: int, backend: str = "auto") -> torch.Tensor:
+    """softmax(q k^T / sqrt(head_dim)) v per head: qkv [B, L, 3*D] (q | k | v, heads inside) -> [B, L, D]."""
+    if not isinstance(qkv, torch.Tensor) or qkv.dim() != 3:
+        raise ValueError(f"qkv must be a tensor [B, L, 3*D], got {getattr(qkv, 'shape', type(qkv).__name__)}")
+    B, L, D3 = qkv.shape
+    if D3 % (3 * num_heads):
+        raise ValueError(f"qkv's last dim ({D3}) must be 3 * num_heads ({num_heads}) * head_dim")
+    D = D3 // 3
+    head_dim = D // num_heads
+    name = resolve(backend, str(qkv.device), str(qkv.dtype), head_dim)
+    qkv5 = qkv.reshape(B, L, 3, num_heads, head_dim)  # a view for any qkv with a contiguous last dim
+    if name == "flash_attn":
+        out = _run_flash_attn(qkv5)
+    elif name == "flash_attn_3":
+        out = _run_flash_attn_3(qkv5)
+    elif name == "flash_attn_4":
+        out = _run_flash_attn_4(qkv5)
+    else:
+        q, k, v = qkv5.permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, L, Dh] views
+        out = math_attention(q, k, v) if name == "math" else F.scaled_dot_product_attention(q, k, v)
+        out = out.transpose(1, 2)
+    return out.reshape(B, L, D)

@@ -1,0 +1,135 @@
+"""Functional API of the fused DiT ops, dispatched per backend.
+
+Every op takes ``backend="auto" | "triton" | "ext" | "torch"``; see dit_fast.backends for how
+"auto" chooses and when a requested backend falls back. Inputs are checked here, once, so each
+backend can assume well-formed arguments.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..backends import check_backend_name, module_for, resolve
+from . import torch_backend
+
+__all__ = [
+    "adaln_modulate",
+    "gated_residual",
+    "gated_residual_adaln",
+    "patch_embed",
+    "final_layer",
+    "linear_gelu_tanh",
+    "timestep_embedding",
+    "patchify",
+    "unpatchify",
+]
+
+patchify = torch_backend.patchify
+unpatchify = torch_backend.unpatchify
+timestep_embedding = torch_backend.timestep_embedding
+
+
+def _impl(backend: str, op: str, x: torch.Tensor):
+    check_backend_name(backend)
+    return getattr(module_for(resolve(backend, op, x.device.type)), op)
+
+
+def _shape(t) -> str:
+    return str(list(t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__
+
+
+def _check_float(name: str, t) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+
+
+def _check_tokens(name: str, x) -> None:
+    _check_float(name, x)
+    if x.dim() != 3:
+        raise ValueError(f"{name} must have shape [B, L, D], got {_shape(x)}")
+
+
+def _check_like(name: str, t, ref_name: str, ref: torch.Tensor) -> None:
+    _check_float(name, t)
+    if t.shape != ref.shape:
+        raise ValueError(f"{name} must have the shape of {ref_name} {_shape(ref)}, got {_shape(t)}")
+    if t.device != ref.device:
+        raise ValueError(f"{name} must be on {ref.device} like {ref_name}, got {t.device}")
+
+
+def _check_mod(name: str, t, x: torch.Tensor) -> None:
+    _check_float(name, t)
+    B, _, D = x.shape
+    if t.shape != (B, D):
+        raise ValueError(f"{name} must have shape [B, D] = {[B, D]} for x of shape {_shape(x)}, got {_shape(t)}")
+    if t.device != x.device:
+        raise ValueError(f"{name} must be on {x.device} like x, got {t.device}")
+
+
+def adaln_modulate(x, shift, scale, eps: float = 1e-6, *, h_dtype=None, backend: str = "auto"):
+    """LayerNorm(x) (no affine, float32 statistics) * (1 + scale) + shift.
+
+    x: [B, L, D]; shift, scale: [B, D]; returns h [B, L, D] in h_dtype (default x.dtype).
+    """
+    _check_tokens("x", x)
+    _check_mod("shift", shift, x)
+    _check_mod("scale", scale, x)
+    return _impl(backend, "adaln_modulate", x)(x, shift, scale, eps, h_dtype)
+
+
+def gated_residual(x, y, gate, *, backend: str = "auto"):
+    """x + gate * y, with x, y: [B, L, D] and gate: [B, D]; returns x.dtype."""
+    _check_tokens("x", x)
+    _check_like("y", y, "x", x)
+    _check_mod("gate", gate, x)
+    return _impl(backend, "gated_residual", x)(x, y, gate)
+
+
+def gated_residual_adaln(x, y, gate, shift, scale, eps: float = 1e-6, *, h_dtype=None, backend: str = "auto"):
+    """(x_out, h): x_out = x + gate * y (x.dtype), h = adaln_modulate(x_out, shift, scale) (h_dtype or x.dtype)."""
+    _check_tokens("x", x)
+    _check_like("y", y, "x", x)
+    _check_mod("gate", gate, x)
+    _check_mod("shift", shift, x)
+    _check_mod("scale", scale, x)
+    return _impl(backend, "gated_residual_adaln", x)(x, y, gate, shift, scale, eps, h_dtype)
+
+
+def patch_embed(x, weight, bias, pos_embed, patch_size: int, *, backend: str = "auto"):
+    """Patchify [N, C, H, W] + projection (Conv2d weight [D, C, p, p], bias [D]) + pos_embed [1, T, D] -> [N, T, D]."""
+    _check_float("x", x)
+    if x.dim() != 4:
+        raise ValueError(f"x must have shape [N, C, H, W], got {_shape(x)}")
+    _check_float("weight", weight)
+    p = patch_size
+    D = weight.shape[0]
+    N, C, H, W = x.shape
+    if weight.dim() != 4 or weight.shape[1:] != (C, p, p):
+        raise ValueError(f"weight must have shape [D, C, p, p] = [D, {C}, {p}, {p}], got {_shape(weight)}")
+    if H % p or W % p:
+        raise ValueError(f"x's spatial size must be a multiple of patch_size={p}, got {H}x{W}")
+    T = (H // p) * (W // p)
+    if bias is not None and tuple(bias.shape) != (D,):
+        raise ValueError(f"bias must have shape [{D}], got {_shape(bias)}")
+    if tuple(pos_embed.shape) != (1, T, D):
+        raise ValueError(f"pos_embed must have shape [1, {T}, {D}] for x of shape {_shape(x)}, got {_shape(pos_embed)}")
+    return _impl(backend, "patch_embed", x)(x, weight, bias, pos_embed, p)
+
+
+def final_layer(x, shift, scale, weight, bias, patch_size: int, out_channels: int, eps: float = 1e-6, *, backend: str = "auto"):
+    """adaln_modulate + linear (weight [p*p*C, D], bias) + unpatchify: [N, T, D] -> [N, C, H, W]."""
+    _check_tokens("x", x)
+    _check_mod("shift", shift, x)
+    _check_mod("scale", scale, x)
+    out_features = patch_size * patch_size * out_channels
+    if tuple(weight.shape) != (out_features, x.shape[-1]):
+        raise ValueError(
+            f"weight must have shape [p*p*out_channels, D] = {[out_features, x.shape[-1]]}, got {_shape(weight)}"
+        )
+    return _impl(backend, "final_layer", x)(x, shift, scale, weight, bias, patch_size, out_channels, eps)
+
+
+def linear_gelu_tanh(x, weight, bias, *, backend: str = "auto"):
+    """GELU(tanh)(x @ weight.T + bias): fc1 with its activation fused where a backend can."""
+    return _impl(backend, "linear_gelu_tanh", x)(x, weight, bias)

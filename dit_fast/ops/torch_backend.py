@@ -1,0 +1,91 @@
+"""The "torch" backend: every fused op written as plain PyTorch.
+
+These are the semantics the Triton and C++/CUDA kernels must reproduce, the fallback where no
+kernel runs, and the baseline of the benchmarks. Math is done in float32 (or float64 for float64
+inputs) whatever the input dtypes, the way the fused kernels do it.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def adaln_modulate(x, shift, scale, eps: float = 1e-6, h_dtype: torch.dtype | None = None):
+    """LayerNorm without affine over the last dim, then x * (1 + scale) + shift.
+
+    x: [B, L, D]; shift, scale: [B, D]. Output dtype: h_dtype, else x.dtype.
+    """
+    ct = _compute_dtype(x, shift, scale)
+    xn = F.layer_norm(x.to(ct), x.shape[-1:], eps=eps)
+    h = xn * (1 + scale.to(ct).unsqueeze(1)) + shift.to(ct).unsqueeze(1)
+    return h.to(h_dtype or x.dtype)
+
+
+def gated_residual(x, y, gate):
+    """x + gate * y. x, y: [B, L, D]; gate: [B, D]. Output dtype: x.dtype."""
+    ct = _compute_dtype(x, y, gate)
+    return (x.to(ct) + gate.to(ct).unsqueeze(1) * y.to(ct)).to(x.dtype)
+
+
+def gated_residual_adaln(x, y, gate, shift, scale, eps: float = 1e-6, h_dtype: torch.dtype | None = None):
+    """(x_out, h) with x_out = x + gate * y and h = adaln_modulate(x_out, shift, scale).
+
+    h is normalized from x_out as stored (rounded to x.dtype), as the unfused model would.
+    """
+    x_out = gated_residual(x, y, gate)
+    return x_out, adaln_modulate(x_out, shift, scale, eps, h_dtype)
+
+
+def patchify(x, patch_size: int):
+    """[N, C, H, W] -> [N, T, C*p*p], tokens row-major over the patch grid, features in (c, i, j) order,
+    i.e. the order of a Conv2d weight [D, C, p, p] flattened."""
+    N, C, H, W = x.shape
+    p = patch_size
+    x = x.reshape(N, C, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(N, (H // p) * (W // p), C * p * p)
+
+
+def patch_embed(x, weight, bias, pos_embed, patch_size: int):
+    """Patchify + linear projection + bias + pos_embed: [N, C, H, W] -> [N, T, D].
+
+    weight [D, C, p, p] and bias [D] are the Conv2d parameters of the published model; pos_embed
+    [1, T, D]. Same function as Conv2d(stride=p) + flatten + transpose + pos_embed, as one GEMM.
+    """
+    D = weight.shape[0]
+    out = F.linear(patchify(x, patch_size), weight.reshape(D, -1), bias)
+    return out + pos_embed
+
+
+def unpatchify(x, patch_size: int, out_channels: int):
+    """[N, T, p*p*C] (features in (i, j, c) order) -> [N, C, H, W]."""
+    N, T, _ = x.shape
+    p, c = patch_size, out_channels
+    h = w = math.isqrt(T)
+    x = x.reshape(N, h, w, p, p, c).permute(0, 5, 1, 3, 2, 4)
+    return x.reshape(N, c, h * p, w * p)
+
+
+def final_layer(x, shift, scale, weight, bias, patch_size: int, out_channels: int, eps: float = 1e-6):
+    """adaln_modulate + linear + unpatchify: [N, T, D] -> [N, out_channels, H, W].
+
+    weight [p*p*out_channels, D], bias [p*p*out_channels]. Output dtype follows F.linear (and so autocast).
+    """
+    h = adaln_modulate(x, shift, scale, eps)
+    return unpatchify(F.linear(h, weight, bias), patch_size, out_channels)
+
+
+def linear_gelu_tanh(x, weight, bias):
+    """GELU(tanh approximation) of x @ weight.T + bias: the MLP's fc1 and its activation."""
+    return F.gelu(F.linear(x, weight, bias), approximate="tanh")
+
+
+def timestep_embedding(t, dim: int = 256, max_period: float = 10000.0):
+    from ..reference import timestep_embedding as ref
+
+    return ref(t, dim, max_period)
