@@ -1,0 +1,253 @@
+"""Load and save DiT weights: official .pt state_dicts, safetensors files, training checkpoints.
+
+Loading never unpickles arbitrary objects: .pt files go through ``torch.load(weights_only=True)``,
+which only rebuilds tensors and plain containers (plus ``argparse.Namespace``, what the official
+train.py stores under "args": a bag of attributes, no code runs to rebuild it). A file that needs
+anything else is refused with :class:`UnsafeCheckpointError`.
+
+Works for ``dit_fast.reference.DiT`` and ``dit_fast.DiT`` alike (same state_dict keys).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import pickle
+import warnings
+from collections.abc import Mapping
+
+import torch
+import torch.nn as nn
+
+__all__ = ["load_checkpoint", "save_checkpoint", "read_state_dict", "UnsafeCheckpointError", "StateDictMismatchError"]
+
+# Prefixes that wrappers add to every key: DistributedDataParallel, torch.compile.
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+# In a training checkpoint, the weights to sample with are the EMA ones.
+WRAPPED_WEIGHT_KEYS = ("ema", "model")
+MAX_LISTED_KEYS = 10
+
+
+class UnsafeCheckpointError(pickle.UnpicklingError):
+    """The file holds Python objects other than tensors and plain containers; it was not unpickled."""
+
+
+class StateDictMismatchError(RuntimeError):
+    """A state_dict's keys or shapes do not match the model's."""
+
+
+def read_state_dict(path_or_state_dict, *, key: str | None = None, map_location="cpu") -> dict[str, torch.Tensor]:
+    """The flat name -> tensor dict held by a file or an in-memory dict, unwrapped and de-prefixed.
+
+    Training checkpoints ({"model", "ema", "opt", "args"} from the official train.py) are unwrapped:
+    with key=None "ema" is taken when present (the weights sampling uses), else "model";
+    key="model" / key="ema" (or any other top-level name) picks explicitly.
+    A "module." (DDP) or "_orig_mod." (torch.compile) prefix on every key is removed.
+    """
+    if isinstance(path_or_state_dict, (str, os.PathLike)):
+        obj = _read_file(os.fspath(path_or_state_dict), map_location)
+    elif isinstance(path_or_state_dict, Mapping):
+        obj = path_or_state_dict
+    else:
+        raise TypeError(
+            "path_or_state_dict must be a file path (str or os.PathLike) or a dict of tensors, "
+            f"got {type(path_or_state_dict).__name__}"
+        )
+    state_dict = _unwrap(obj, key)
+    return _strip_wrapper_prefixes(state_dict)
+
+
+def load_checkpoint(
+    model: nn.Module,
+    path_or_state_dict,
+    *,
+    key: str | None = None,
+    strict: bool = True,
+    map_location="cpu",
+) -> nn.Module:
+    """Load weights into a DiT (reference or fast; also wrapped by DDP or torch.compile) and return `model`.
+
+    path_or_state_dict: an official raw state_dict .pt (e.g. DiT-XL-2-256x256.pt), a .safetensors
+    file, a training checkpoint wrapping the weights under "ema"/"model" (see read_state_dict for
+    which one is taken), or an in-memory dict of any of these.
+
+    strict=True (default): the keys must be exactly the model's, pos_embed included; otherwise a
+    StateDictMismatchError lists the missing, unexpected and shape-mismatched keys.
+    strict=False: loads the keys that match, warns about the missing and unexpected ones; a shape
+    mismatch is always an error (a checkpoint for another input size has a different pos_embed).
+    A model on the meta device gets the checkpoint's tensors assigned (no second copy is made).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    state_dict = read_state_dict(path_or_state_dict, key=key, map_location=map_location)
+    wrapper, model = model, _unwrap_model(model)
+
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    mismatched = [
+        (k, tuple(expected[k].shape), tuple(v.shape))
+        for k, v in state_dict.items()
+        if k in expected and tuple(v.shape) != tuple(expected[k].shape)
+    ]
+    if mismatched or (strict and (missing or unexpected)):
+        raise StateDictMismatchError(
+            f"state_dict does not match {type(model).__name__}:\n"
+            + format_key_problems(missing, unexpected, mismatched)
+        )
+    if missing or unexpected:
+        warnings.warn(
+            f"load_checkpoint(strict=False) left some keys alone:\n" + format_key_problems(missing, unexpected, []),
+            stacklevel=2,
+        )
+    on_meta = any(t.is_meta for t in expected.values())
+    model.load_state_dict(state_dict, strict=strict, assign=on_meta)
+    return wrapper
+
+
+def save_checkpoint(model: nn.Module, path) -> None:
+    """Save the model's state_dict as .safetensors or as a plain .pt state_dict (the official format)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    path = os.fspath(path)
+    state_dict = _unwrap_model(model).state_dict()
+    if path.endswith(".safetensors"):
+        from safetensors.torch import save_file
+
+        save_file(_standalone_tensors(state_dict), path, metadata={"format": "pt"})
+    elif path.endswith((".pt", ".pth")):
+        torch.save({k: v.detach().cpu() for k, v in state_dict.items()}, path)
+    else:
+        raise ValueError(f"path must end in .safetensors, .pt or .pth, got {path!r}")
+
+
+def format_key_problems(missing, unexpected, mismatched, limit: int = MAX_LISTED_KEYS) -> str:
+    """Human-readable listing of state_dict key problems, each list cut after `limit` entries."""
+    lines = []
+    if missing:
+        lines.append(f"  missing keys ({len(missing)}): {_listing(missing, limit)}")
+    if unexpected:
+        lines.append(f"  unexpected keys ({len(unexpected)}): {_listing(unexpected, limit)}")
+    if mismatched:
+        shown = [f"{name} (expected {list(want)}, got {list(got)})" for name, want, got in mismatched]
+        lines.append(f"  shape mismatches ({len(mismatched)}): {_listing(shown, limit)}")
+    hint = _hint(missing, unexpected, mismatched)
+    if hint:
+        lines.append("  hint: " + hint)
+    return "\n".join(lines)
+
+
+# -- helpers --------------------------------------------------------------------------------------
+
+
+def _unwrap_model(model: nn.Module) -> nn.Module:
+    # DDP / DataParallel (.module) and torch.compile (._orig_mod) prefix their keys; the weights are the inner model's.
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def _read_file(path: str, map_location):
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"path_or_state_dict: no such file {path!r}")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        device = map_location if isinstance(map_location, str) else str(torch.device(map_location))
+        return load_file(path, device=device)
+    try:
+        with _allow_namespace():
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        reason = str(e).strip().splitlines()
+        raise UnsafeCheckpointError(
+            f"{path!r} contains Python objects other than tensors and plain containers; refusing to "
+            "unpickle it, since unpickling can run arbitrary code. Re-save only the weights "
+            "(torch.save(model.state_dict(), ...)) from a source you trust."
+            + (f" torch.load said: {reason[0]}" if reason else "")
+        ) from None
+
+
+def _allow_namespace():
+    # Scoped allow-list (torch >= 2.5); without it a checkpoint holding args=Namespace(...) is refused.
+    safe_globals = getattr(torch.serialization, "safe_globals", None)
+    return safe_globals([argparse.Namespace]) if safe_globals is not None else contextlib.nullcontext()
+
+
+def _is_tensor_dict(obj) -> bool:
+    return isinstance(obj, Mapping) and len(obj) > 0 and all(isinstance(v, torch.Tensor) for v in obj.values())
+
+
+def _unwrap(obj, key: str | None) -> Mapping:
+    if not isinstance(obj, Mapping):
+        raise TypeError(f"the checkpoint must hold a dict of tensors, got {type(obj).__name__}")
+    if key is None:
+        if _is_tensor_dict(obj):
+            return obj
+        key = next((k for k in WRAPPED_WEIGHT_KEYS if k in obj), None)
+        if key is None:
+            raise ValueError(
+                "the checkpoint is neither a state_dict (names -> tensors) nor a training checkpoint "
+                f"with {' or '.join(repr(k) for k in WRAPPED_WEIGHT_KEYS)}; its top-level keys are "
+                f"{_listing(list(obj), MAX_LISTED_KEYS)}. Pass key=... to pick one."
+            )
+    elif key not in obj:
+        top = _listing(list(obj), MAX_LISTED_KEYS)
+        raise KeyError(f"key={key!r} is not in the checkpoint; its top-level keys are {top}")
+    weights = obj[key]
+    if not _is_tensor_dict(weights):
+        raise ValueError(f"checkpoint[{key!r}] must be a non-empty dict of tensors, got {type(weights).__name__}")
+    return weights
+
+
+def _strip_wrapper_prefixes(state_dict: Mapping) -> dict:
+    state_dict = dict(state_dict)
+    stripped = True
+    while stripped:
+        stripped = False
+        for prefix in WRAPPER_PREFIXES:
+            if state_dict and all(isinstance(k, str) and k.startswith(prefix) for k in state_dict):
+                state_dict = {k[len(prefix):]: v for k, v in state_dict.items()}
+                stripped = True
+    return state_dict
+
+
+def _standalone_tensors(state_dict: Mapping) -> dict:
+    # safetensors refuses tensors that share storage or are views into a larger one: copy those.
+    seen = set()
+    out = {}
+    for k, v in state_dict.items():
+        v = v.detach().cpu()
+        storage = v.untyped_storage()
+        ptr = storage.data_ptr()
+        whole = v.is_contiguous() and v.storage_offset() == 0 and v.numel() * v.element_size() == storage.nbytes()
+        if ptr in seen or not whole:
+            v = v.clone(memory_format=torch.contiguous_format)
+        seen.add(v.untyped_storage().data_ptr())
+        out[k] = v
+    return out
+
+
+def _listing(items, limit: int) -> str:
+    shown = ", ".join(str(i) for i in items[:limit])
+    return shown + (f", ... and {len(items) - limit} more" if len(items) > limit else "")
+
+
+def _hint(missing, unexpected, mismatched) -> str:
+    if any(k.startswith("transformer_blocks.") for k in unexpected):
+        return (
+            "this looks like a diffusers DiTTransformer2DModel state_dict: convert it with "
+            "dit_fast.convert_diffusers.from_diffusers first"
+        )
+    if any(name == "pos_embed" for name, _, _ in mismatched):
+        return "pos_embed's shape fixes the input size: build the model with the checkpoint's input_size"
+    if missing == ["pos_embed"]:
+        return (
+            "pos_embed (the fixed 2D sin-cos table) is part of official checkpoints; pass strict=False "
+            "to keep the model's own table"
+        )
+    return ""
