@@ -71,14 +71,21 @@ def _probe(backend: str, device_type: str) -> tuple[bool, str]:
     if backend == "torch":
         return True, "plain PyTorch"
     try:
-        module = importlib.import_module(_MODULES[backend])
+        module = module_for(backend)
     except Exception as e:  # an import error of an optional dependency must not break the package
         return False, f"importing {_MODULES[backend]} failed: {type(e).__name__}: {e}"
     return module.available(device_type)
 
 
+_modules: dict[str, object] = {}
+
+
 def module_for(backend: str):
-    return importlib.import_module(_MODULES[backend])
+    # Cached in a dict: torch.compile traces a dict lookup, not importlib.import_module.
+    module = _modules.get(backend)
+    if module is None:
+        module = _modules[backend] = importlib.import_module(_MODULES[backend])
+    return module
 
 
 def implements(backend: str, op: str) -> bool:
@@ -98,7 +105,6 @@ def _candidates(backend: str, op: str, device_type: str) -> tuple[str, ...]:
     return AUTO_CPU
 
 
-@torch.compiler.assume_constant_result
 def resolve(backend: str, op: str, device_type: str) -> str:
     """The backend that runs `op` for tensors on `device_type` when `backend` is asked for."""
     key = (backend, op, device_type)
@@ -107,6 +113,12 @@ def resolve(backend: str, op: str, device_type: str) -> str:
         name = _resolve(backend, op, device_type)
         _resolved[key] = name
     return name
+
+
+# torch.compile treats the answer as a constant (no graph break, no guard on the caches). This is what
+# torch.compiler.assume_constant_result does; setting the mark directly keeps `import torch._dynamo`
+# (seconds, and it imports triton) out of `import dit_fast`.
+resolve._dynamo_marked_constant = True
 
 
 def _resolve(backend: str, op: str, device_type: str) -> str:

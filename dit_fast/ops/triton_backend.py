@@ -1,0 +1,33 @@
+"""The "triton" backend: the Triton kernels of kernels/ as registered torch ops with autograd.
+
+Triton compiles for CUDA tensors; CPU tensors run only under the Triton interpreter
+(TRITON_INTERPRET=1, set before triton is imported), a correctness tool for tests.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .triton_adaln import adaln_modulate, gated_residual, gated_residual_adaln
+
+try:
+    from .triton_embed import final_layer, linear_gelu_tanh, patch_embed
+except ModuleNotFoundError as e:
+    # Only a missing triton_embed module means "no such kernels yet" (ops then fall back to
+    # torch with a warning); any other import failure is a bug and must surface.
+    if e.name != f"{__package__}.triton_embed":
+        raise
+
+
+def available(device_type: str) -> tuple[bool, str]:
+    """(usable, reason) for tensors on `device_type` (importing this module already needed triton)."""
+    if device_type == "cuda":
+        if torch.cuda.is_available():
+            return True, "Triton on CUDA"
+        return False, "CUDA is not available"
+    if device_type == "cpu":
+        if os.environ.get("TRITON_INTERPRET") == "1":
+            return True, "Triton interpreter (TRITON_INTERPRET=1): slow, for tests"
+        return False, "Triton runs CPU tensors only under TRITON_INTERPRET=1"
+    return False, f"Triton does not run {device_type} tensors"

@@ -1,0 +1,380 @@
+"""The adaLN ops (adaln_modulate, gated_residual, gated_residual_adaln) on every backend.
+
+Each backend is called through the public API dit_fast.ops and compared, forward and every
+gradient, with the torch backend run on float64 copies of the same inputs. A backend that
+cannot run here (no GPU, no extension built, op not implemented) is skipped with the reason.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tolerances import assert_close
+
+import dit_fast.ops as ops
+from dit_fast import backends
+from dit_fast.ops import torch_backend
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+BACKENDS = ("torch", "triton", "ext")
+OP_NAMES = ("adaln_modulate", "gated_residual", "gated_residual_adaln")
+EPS = 1e-6
+
+# (B, L, D): every D, L in {1, 16, 64, 256}, B in {1, 3}; not the whole product (the Triton
+# interpreter is slow), D=1152 with short L only.
+CASES = [
+    (1, 1, 64), (3, 16, 64), (1, 256, 64),
+    (3, 1, 72), (1, 64, 72), (3, 16, 72),
+    (1, 16, 384), (3, 64, 384),
+    (1, 1, 1152), (3, 16, 1152), (1, 64, 1152),
+    (3, 256, 72),
+]
+LOWP_CASES = [(3, 16, 72), (1, 16, 1152)]
+
+TOKENS = {"adaln_modulate": ("x",), "gated_residual": ("x", "y"), "gated_residual_adaln": ("x", "y")}
+MODS = {"adaln_modulate": ("shift", "scale"), "gated_residual": ("gate",), "gated_residual_adaln": ("gate", "shift", "scale")}
+HAS_H = {"adaln_modulate": True, "gated_residual": False, "gated_residual_adaln": True}
+
+
+def need(backend: str, op: str) -> None:
+    ok, why = backends.probe(backend, DEVICE)
+    if not ok:
+        pytest.skip(f"backend {backend!r} unavailable on {DEVICE}: {why}")
+    if not backends.implements(backend, op):
+        pytest.skip(f"backend {backend!r} has no {op} kernel")
+
+
+def make_inputs(op, B, L, D, dtype, mod_dtype=None, offset=0.0):
+    mod_dtype = mod_dtype or dtype
+    inp = {name: torch.randn(B, L, D, device=DEVICE).to(dtype) for name in TOKENS[op]}
+    inp["x"] = (inp["x"].float() + offset).to(dtype)
+    for name in MODS[op]:
+        inp[name] = (0.5 * torch.randn(B, D, device=DEVICE)).to(mod_dtype)
+    return inp
+
+
+def call(op, inp, backend, h_dtype=None):
+    """Outputs of `op` as a tuple, through dit_fast.ops (backend name) or torch_backend ("reference")."""
+    if backend == "reference":
+        fn = getattr(torch_backend, op)
+        if op == "adaln_modulate":
+            return (fn(inp["x"], inp["shift"], inp["scale"], EPS, h_dtype),)
+        if op == "gated_residual":
+            return (fn(inp["x"], inp["y"], inp["gate"]),)
+        return fn(inp["x"], inp["y"], inp["gate"], inp["shift"], inp["scale"], EPS, h_dtype)
+    if op == "adaln_modulate":
+        return (ops.adaln_modulate(inp["x"], inp["shift"], inp["scale"], EPS, h_dtype=h_dtype, backend=backend),)
+    if op == "gated_residual":
+        return (ops.gated_residual(inp["x"], inp["y"], inp["gate"], backend=backend),)
+    return tuple(ops.gated_residual_adaln(
+        inp["x"], inp["y"], inp["gate"], inp["shift"], inp["scale"], EPS, h_dtype=h_dtype, backend=backend))
+
+
+def eager_lowp(op, inp):
+    """PyTorch's own eager composition in the inputs' (low) precision: the bound of tolerances.py."""
+    def modulate(x):
+        return F.layer_norm(x, x.shape[-1:], eps=EPS) * (1 + inp["scale"].unsqueeze(1)) + inp["shift"].unsqueeze(1)
+
+    if op == "adaln_modulate":
+        return (modulate(inp["x"]),)
+    x_out = inp["x"] + inp["gate"].unsqueeze(1) * inp["y"]
+    return (x_out,) if op == "gated_residual" else (x_out, modulate(x_out))
+
+
+def with_grads(fn, inp, cotangents):
+    """(outputs, {name: grad}) of fn on fresh leaf copies of inp."""
+    leaves = {k: v.detach().clone().requires_grad_() for k, v in inp.items()}
+    outs = fn(leaves)
+    grads = torch.autograd.grad(outs, list(leaves.values()), grad_outputs=cotangents)
+    return outs, dict(zip(leaves, grads))
+
+
+def float64_reference(op, inp, cotangents, round_x_out=False):
+    """torch_backend on float64 copies. round_x_out: for gated_residual_adaln, h is normalized from
+    x_out rounded to x's dtype (the op's semantics; the gradient passes the rounding unchanged)."""
+    inp64 = {k: v.double() for k, v in inp.items()}
+
+    def fn(t):
+        if not round_x_out:
+            return call(op, t, "reference")
+        x_out = torch_backend.gated_residual(t["x"], t["y"], t["gate"])
+        x_out = x_out + (x_out.to(inp["x"].dtype).double() - x_out).detach()
+        return x_out, torch_backend.adaln_modulate(x_out, t["shift"], t["scale"], EPS, None)
+
+    return with_grads(fn, inp64, [c.double() for c in cotangents])
+
+
+def random_cotangents(outs):
+    return [torch.randn(o.shape, device=o.device).to(o.dtype) for o in outs]
+
+
+def check_all(op, inp, outs, grads, ref_outs, ref_grads, eager=None, tag=""):
+    eager_outs, eager_grads = eager if eager is not None else ((None,) * len(outs), {})
+    for i, (o, r, e) in enumerate(zip(outs, ref_outs, eager_outs)):
+        assert_close(o, r, o.dtype, eager_lowp=e, name=f"{op}{tag} output {i}")
+    for k, g in grads.items():
+        assert g.dtype == inp[k].dtype, f"{op}{tag}: grad of {k} has dtype {g.dtype}, input {inp[k].dtype}"
+        assert_close(g, ref_grads[k], g.dtype, eager_lowp=eager_grads.get(k), name=f"{op}{tag} grad of {k}")
+
+
+def run_and_check(op, backend, inp, h_dtype=None, eager_fn=None, cotangent_fn=random_cotangents, round_x_out=False):
+    outs = call(op, {k: v.detach() for k, v in inp.items()}, backend, h_dtype)
+    cotangents = cotangent_fn(outs)
+    outs, grads = with_grads(lambda t: call(op, t, backend, h_dtype), inp, cotangents)
+    ref = float64_reference(op, inp, cotangents, round_x_out)
+    eager = with_grads(eager_fn, inp, cotangents) if eager_fn is not None else None
+    check_all(op, inp, outs, grads, *ref, eager=eager)
+    return outs, grads
+
+
+@pytest.mark.parametrize("B,L,D", CASES)
+@pytest.mark.parametrize("op", OP_NAMES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_float32_forward_and_grads(backend, op, B, L, D):
+    need(backend, op)
+    run_and_check(op, backend, make_inputs(op, B, L, D, torch.float32))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("B,L,D", LOWP_CASES)
+@pytest.mark.parametrize("op", OP_NAMES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_low_precision(backend, op, B, L, D, dtype):
+    need(backend, op)
+    inp = make_inputs(op, B, L, D, dtype)
+    outs, _ = run_and_check(op, backend, inp, eager_fn=lambda t: eager_lowp(op, t))
+    assert all(o.dtype == dtype for o in outs)
+
+
+@pytest.mark.parametrize("op", OP_NAMES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mixed_dtypes(backend, op):
+    """Autocast-style: float32 residual stream, bfloat16 branch and modulation, bfloat16 h."""
+    need(backend, op)
+    inp = make_inputs(op, 3, 16, 72, torch.float32, mod_dtype=torch.bfloat16)
+    if "y" in inp:
+        inp["y"] = inp["y"].bfloat16()
+    h_dtype = torch.bfloat16 if HAS_H[op] else None
+    # PyTorch's own mixed-precision composition is the torch backend itself.
+    outs, _ = run_and_check(op, backend, inp, h_dtype=h_dtype, eager_fn=lambda t: call(op, t, "reference", h_dtype))
+    if op != "adaln_modulate":
+        assert outs[0].dtype == torch.float32, "x_out must keep x's dtype"
+    if HAS_H[op]:
+        assert outs[-1].dtype == torch.bfloat16
+
+
+def _transposed_view(shape, dtype):
+    B, L, D = shape
+    return torch.randn(B, D, L, device=DEVICE).to(dtype).transpose(1, 2)
+
+
+@pytest.mark.parametrize("op", OP_NAMES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous(backend, op):
+    """Modulation as chunks of one [B, 6D] tensor (as the model makes them), x a transposed view,
+    y a strided slice, cotangents a transposed view and an expanded (stride 0) tensor."""
+    need(backend, op)
+    B, L, D = 3, 16, 72
+    mods = (0.5 * torch.randn(B, 6 * D, device=DEVICE)).chunk(6, dim=1)
+    inp = {"x": _transposed_view((B, L, D), torch.float32)}
+    if "y" in TOKENS[op]:
+        inp["y"] = torch.randn(B, L, 2 * D, device=DEVICE)[..., D:]
+    for name, m in zip(MODS[op], mods[1:]):
+        inp[name] = m
+    assert not inp["x"].is_contiguous() and not inp[MODS[op][0]].is_contiguous()
+    run_and_check(op, backend, inp, cotangent_fn=lambda outs: [_transposed_view(o.shape, o.dtype) for o in outs])
+    run_and_check(op, backend, inp, cotangent_fn=lambda outs: [torch.randn(()).expand(o.shape) for o in outs])
+
+
+@pytest.mark.parametrize("op", ["adaln_modulate", "gated_residual_adaln"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_large_offset_float32(backend, op):
+    """Rows with mean 1e4 and std 1 keep float32 accuracy (no one-pass variance, exact centring).
+
+    x_out's float32 rounding at 1e4 (5e-4 absolute) is part of the op's semantics, so the reference
+    normalizes the rounded x_out."""
+    if backend == "torch":
+        pytest.skip("the torch backend is F.layer_norm, which loses ~3e-4 at mean 1e4 in float32: "
+                    "it defines the semantics, not this accuracy target")
+    need(backend, op)
+    run_and_check(op, backend, make_inputs(op, 2, 16, 1152, torch.float32, offset=1e4),
+                  round_x_out=op == "gated_residual_adaln")
+
+
+@pytest.mark.parametrize("B,L,D", [(3, 17, 72), (2, 5, 1152)])
+@pytest.mark.parametrize("op", OP_NAMES)
+def test_triton_writes_every_element(op, B, L, D):
+    """Every buffer the Triton launchers allocate (outputs, statistics, partial sums) starts as NaN."""
+    need("triton", op)
+    from dit_fast.kernels import adaln as kernels
+
+    with kernels.poison_outputs():
+        run_and_check(op, "triton", make_inputs(op, B, L, D, torch.float32))
+
+
+@pytest.mark.parametrize("which", ["dh only", "dx_out only", "neither"])
+def test_triton_gated_residual_adaln_backward_missing_grads(which):
+    """The fused backward takes None for an unused output's gradient, same as passing zeros."""
+    need("triton", "gated_residual_adaln")
+    from dit_fast.kernels import adaln as kernels
+
+    B, L, D = 2, 5, 72
+    x, y = torch.randn(2, B, L, D, device=DEVICE)
+    gate, shift, scale = torch.randn(3, B, D, device=DEVICE)
+    x_out, _, mean, rstd = kernels.gated_residual_adaln_fwd(x, y, gate, shift, scale, EPS)
+    dx_out, dh = torch.randn(2, B, L, D, device=DEVICE)
+    zeros = torch.zeros_like(x)
+    given = {"dh only": (None, dh), "dx_out only": (dx_out, None), "neither": (None, None)}[which]
+    as_zeros = tuple(zeros if g is None else g for g in given)
+    saved = (x_out, y, gate, scale, mean, rstd, torch.float32)
+    with kernels.poison_outputs():
+        got = kernels.gated_residual_adaln_bwd(*given, *saved)
+    want = kernels.gated_residual_adaln_bwd(*as_zeros, *saved)
+    for name, g, w in zip(("dx", "dy", "dgate", "dshift", "dscale"), got, want):
+        torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-6, msg=lambda m: f"{which}: {name}: {m}")
+
+
+def _opcheck_cases():
+    B, L, D = 2, 3, 72
+    x, y, dx_out, dh = torch.randn(4, B, L, D, device=DEVICE)
+    gate, shift, scale = torch.randn(3, B, D, device=DEVICE)
+    mean, rstd = torch.randn(B, L, device=DEVICE), torch.rand(B, L, device=DEVICE) + 0.5
+    bf = torch.bfloat16
+    return {
+        "adaln_modulate": (x, shift, scale, EPS, None),
+        "adaln_modulate_backward": (dh, x, scale, mean, rstd, torch.float32),
+        "gated_residual": (x, y.to(bf), gate.to(bf)),
+        "gated_residual_backward": (dh, y, gate),
+        "gated_residual_adaln": (x, y, gate, shift, scale, EPS, bf),
+        "gated_residual_adaln_backward": (dx_out, dh, x, y, gate, scale, mean, rstd, torch.float32),
+        "gated_residual_adaln_backward_no_dxo": (None, dh, x, y, gate, scale, mean, rstd, bf),
+    }
+
+
+@pytest.mark.parametrize("name", list(_opcheck_cases()))
+def test_triton_opcheck(name):
+    need("triton", "gated_residual_adaln")
+    import dit_fast.ops.triton_backend  # noqa: F401  (registers the ops)
+
+    args = _opcheck_cases()[name]
+    differentiable = not name.endswith(("backward", "_no_dxo"))
+    if differentiable:
+        args = tuple(a.requires_grad_() if isinstance(a, torch.Tensor) else a for a in args)
+    op = getattr(torch.ops.dit_fast, name.replace("_no_dxo", ""))
+    torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("through", ["dit_fast.ops", "backend module"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_torch_compile_matches_eager(backend, through):
+    for op in OP_NAMES:
+        need(backend, op)
+    B, L, D = 2, 5, 72
+    names = ("x", "y", "gate", "shift", "scale")
+    inp = {k: torch.randn(B, L, D, device=DEVICE) if k in "xy" else torch.randn(B, D, device=DEVICE) for k in names}
+    if through == "dit_fast.ops":
+        adaln_modulate = lambda x, shift, scale: ops.adaln_modulate(x, shift, scale, EPS, backend=backend)  # noqa: E731
+        gated_residual = lambda x, y, gate: ops.gated_residual(x, y, gate, backend=backend)  # noqa: E731
+        gated_residual_adaln = lambda *a: ops.gated_residual_adaln(*a, EPS, backend=backend)  # noqa: E731
+    else:  # the backend's registered ops alone, without the dispatch layer
+        module = backends.module_for(backend)
+        adaln_modulate = lambda x, shift, scale: module.adaln_modulate(x, shift, scale, EPS, None)  # noqa: E731
+        gated_residual = module.gated_residual
+        gated_residual_adaln = lambda *a: module.gated_residual_adaln(*a, EPS, None)  # noqa: E731
+
+    def block(x, y, gate, shift, scale):
+        h = adaln_modulate(x, shift, scale)
+        x, h = gated_residual_adaln(x, y * h, gate, shift, scale)
+        return gated_residual(x, h, gate), h
+
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    cot = [torch.randn(B, L, D, device=DEVICE) for _ in range(2)]
+    want, want_grads = with_grads(lambda t: block(**t), inp, cot)
+    got, got_grads = with_grads(lambda t: compiled(**t), inp, cot)
+    for name, g, w in [*zip(("out", "h"), got, want), *((k, got_grads[k], want_grads[k]) for k in names)]:
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6, msg=lambda m: f"{backend} compiled {name}: {m}")
+
+
+@pytest.mark.parametrize("op", OP_NAMES)
+def test_triton_backward_is_deterministic(op):
+    need("triton", op)
+    # Several row chunks per batch element, so partial sums really are combined.
+    inp = make_inputs(op, 2, 256, 64, torch.float32)
+    cot = random_cotangents(call(op, inp, "triton"))
+    first = with_grads(lambda t: call(op, t, "triton"), inp, cot)[1]
+    second = with_grads(lambda t: call(op, t, "triton"), inp, cot)[1]
+    for k in MODS[op]:
+        assert torch.equal(first[k], second[k]), f"{op}: grad of {k} differs between two identical runs"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_input_messages(backend):
+    need(backend, "gated_residual_adaln")
+    B, L, D = 2, 3, 64
+    x, y = torch.randn(2, B, L, D, device=DEVICE)
+    gate, shift, scale = torch.randn(3, B, D, device=DEVICE)
+    with pytest.raises(ValueError, match=r"shift must have shape \[B, D\] = \[2, 64\].*got \[2, 65\]"):
+        ops.adaln_modulate(x, torch.randn(B, D + 1, device=DEVICE), scale, backend=backend)
+    with pytest.raises(ValueError, match=r"x must have shape \[B, L, D\], got \[6, 64\]"):
+        ops.adaln_modulate(x.reshape(B * L, D), shift, scale, backend=backend)
+    with pytest.raises(ValueError, match=r"y must have the shape of x \[2, 3, 64\], got \[2, 4, 64\]"):
+        ops.gated_residual(x, torch.randn(B, L + 1, D, device=DEVICE), gate, backend=backend)
+    with pytest.raises(ValueError, match=r"gate must have shape \[B, D\]"):
+        ops.gated_residual_adaln(x, y, gate[:1], shift, scale, backend=backend)
+    with pytest.raises(TypeError, match=r"scale must be a floating-point tensor"):
+        ops.gated_residual_adaln(x, y, gate, shift, scale.long(), backend=backend)
+
+
+def test_triton_rejects_bad_h_dtype():
+    need("triton", "adaln_modulate")
+    x = torch.randn(1, 2, 64, device=DEVICE)
+    s = torch.randn(1, 64, device=DEVICE)
+    with pytest.raises(TypeError, match="h_dtype must be None or a floating-point torch.dtype"):
+        ops.adaln_modulate(x, s, s, h_dtype=torch.int32, backend="triton")
+
+
+# ---- full-size checks, for a GPU -------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("op", OP_NAMES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dit_xl_shapes_gpu(backend, op, dtype):
+    need(backend, op)
+    inp = make_inputs(op, 4, 256, 1152, dtype)
+    run_and_check(op, backend, inp, eager_fn=(lambda t: eager_lowp(op, t)) if dtype != torch.float32 else None)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("op", OP_NAMES)
+def test_triton_poison_and_determinism_gpu(op):
+    need("triton", op)
+    from dit_fast.kernels import adaln as kernels
+
+    inp = make_inputs(op, 8, 1024, 1152, torch.bfloat16)
+    with kernels.poison_outputs():
+        run_and_check(op, "triton", inp, eager_fn=lambda t: eager_lowp(op, t))
+    cot = random_cotangents(call(op, inp, "triton"))
+    first = with_grads(lambda t: call(op, t, "triton"), inp, cot)[1]
+    second = with_grads(lambda t: call(op, t, "triton"), inp, cot)[1]
+    for k in MODS[op]:
+        assert torch.equal(first[k], second[k]), f"{op}: grad of {k} differs between two identical runs"
+
+
+@pytest.mark.gpu
+def test_triton_offsets_beyond_int32_gpu():
+    """B * L * D > 2**31 elements: the last rows must be right too (int64 row offsets)."""
+    need("triton", "adaln_modulate")
+    B, L, D = 1900, 1024, 1152
+    assert B * L * D > 2**31
+    if torch.cuda.get_device_properties(0).total_memory < 24 * 2**30:
+        pytest.skip("needs 24 GB of GPU memory")
+    x = torch.randn(B, L, D, device="cuda", dtype=torch.bfloat16)
+    shift, scale = torch.randn(2, B, D, device="cuda", dtype=torch.bfloat16)
+    h = ops.adaln_modulate(x, shift, scale, backend="triton")
+    tail = slice(B - 2, B)
+    want = torch_backend.adaln_modulate(x[tail].double(), shift[tail].double(), scale[tail].double(), EPS, None)
+    eager = eager_lowp("adaln_modulate", {"x": x[tail], "shift": shift[tail], "scale": scale[tail]})[0]
+    del x
+    assert_close(h[tail], want, torch.bfloat16, eager_lowp=eager, name="last rows")
