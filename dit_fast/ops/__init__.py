@@ -6,6 +6,8 @@ backend can assume well-formed arguments.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..backends import check_backend_name, module_for, resolve
@@ -127,9 +129,25 @@ def final_layer(x, shift, scale, weight, bias, patch_size: int, out_channels: in
         raise ValueError(
             f"weight must have shape [p*p*out_channels, D] = {[out_features, x.shape[-1]]}, got {_shape(weight)}"
         )
+    L = x.shape[1]
+    if math.isqrt(L) ** 2 != L:
+        raise ValueError(f"x must have a square number of tokens L (a square patch grid), got L={L}")
+    if bias is not None and tuple(bias.shape) != (out_features,):
+        raise ValueError(f"bias must have shape [{out_features}], got {_shape(bias)}")
     return _impl(backend, "final_layer", x)(x, shift, scale, weight, bias, patch_size, out_channels, eps)
 
 
 def linear_gelu_tanh(x, weight, bias, *, backend: str = "auto"):
     """GELU(tanh)(x @ weight.T + bias): fc1 with its activation fused where a backend can."""
+    _check_float("x", x)
+    _check_float("weight", weight)
+    if weight.dim() != 2 or x.dim() < 1 or weight.shape[1] != x.shape[-1]:
+        raise ValueError(
+            f"weight must have shape [out_features, {x.shape[-1] if x.dim() else '?'}] for x of shape "
+            f"{_shape(x)}, got {_shape(weight)}"
+        )
+    if bias is not None:
+        _check_float("bias", bias)
+        if tuple(bias.shape) != (weight.shape[0],):
+            raise ValueError(f"bias must have shape [{weight.shape[0]}], got {_shape(bias)}")
     return _impl(backend, "linear_gelu_tanh", x)(x, weight, bias)
