@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 BENCH_ARGS ?=
 OUT ?= benchmarks/results
 
-.PHONY: setup test bench gpu-check info clean
+.PHONY: setup test bench gpu-check gpu-check-dry info clean
 
 setup: $(VENV)/.setup-done
 
@@ -35,7 +35,10 @@ bench: setup
 	$(VPY) -m dit_fast bench --out $(OUT) $(BENCH_ARGS)
 
 gpu-check:
-	bash benchmarks/gpu_check.sh $(OUT)/gpu-check
+	bash benchmarks/gpu_check.sh $(OUT)
+
+gpu-check-dry: setup
+	DIT_FAST_DRY_RUN=1 PYTHON=$(VPY) bash benchmarks/gpu_check.sh out/gpu-check-dry
 
 info: setup
 	$(VPY) -m dit_fast.info

@@ -1,0 +1,168 @@
+"""What the model benchmarks compare, built the same way for throughput, profile and parity.
+
+A contender is one model implementation (the reference in eager mode, the reference under
+torch.compile, dit_fast on one kernel backend, optionally compiled) with the same weights and the
+same inputs as every other. Precision policy, identical for all contenders and modes: weights
+stay float32 and `dtype` is applied with torch.autocast (the official training recipe; for the
+forward modes it keeps every contender on one numerical footing). dtype float32 disables autocast.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..backends import probe
+from .flops import DiTShape
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+CFG_SCALE = 4.0
+NUM_CLASSES = 1000
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    key = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(name, name)
+    if key not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {name!r}")
+    return DTYPES[key]
+
+
+def autocast_ctx(device: torch.device, dtype: torch.dtype):
+    if dtype in (torch.float32, torch.float64):
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def build_reference(shape: DiTShape, device) -> nn.Module:
+    from ..reference import DiT
+
+    kwargs = dict(
+        input_size=shape.input_size,
+        patch_size=shape.patch_size,
+        in_channels=shape.in_channels,
+        hidden_size=shape.hidden_size,
+        depth=shape.depth,
+        num_heads=shape.num_heads,
+        mlp_ratio=shape.mlp_ratio,
+        num_classes=NUM_CLASSES,
+        learn_sigma=shape.learn_sigma,
+    )
+    with torch.device(device):  # initialize on the device: DiT-XL/2's init on a host CPU takes seconds
+        model = DiT(**kwargs)
+    return model.to(device)
+
+
+def available_backends(device_type: str) -> list[str]:
+    """Concrete kernel families that run on this device type (the Triton interpreter is not a speed path)."""
+    out = []
+    for b in ("triton", "ext", "torch"):
+        ok, _ = probe(b, device_type)
+        if ok and not (b == "triton" and device_type == "cpu"):
+            out.append(b)
+    return out
+
+
+@dataclass
+class Contender:
+    name: str
+    kind: str  # "reference" | "dit_fast"
+    backend: str | None = None
+    compiled: bool = False
+    attn: str = "auto"
+    extra: dict = field(default_factory=dict)
+
+
+def contender_list(device_type: str, backends: list[str] | None, compile_ref: bool, compile_fast: bool, attn: str) -> list[Contender]:
+    """Eager contenders first, compiled ones last: a run cut short by a timeout (compiling is the slow
+    part) still has every eager number."""
+    names = backends or available_backends(device_type)
+    out = [Contender("reference", "reference")]
+    out += [Contender(f"dit_fast[{b}]", "dit_fast", backend=b, attn=attn) for b in names]
+    if compile_ref:
+        out.append(Contender("reference+compile", "reference", compiled=True))
+    if compile_fast:
+        out += [Contender(f"dit_fast[{b}]+compile", "dit_fast", backend=b, compiled=True, attn=attn) for b in names]
+    return out
+
+
+def instantiate(c: Contender, reference: nn.Module) -> nn.Module:
+    """A model for contender c holding a copy of `reference`'s weights."""
+    import copy
+
+    if c.kind == "reference":
+        model = copy.deepcopy(reference)
+    else:
+        from ..models import from_reference
+
+        model = from_reference(reference, backend=c.backend, attn_backend=c.attn)
+    if c.compiled:
+        # Compile forward only and install it on the instance: model(...) and forward_with_cfg
+        # (which calls self.forward) then share one compiled graph per mode; the guidance
+        # arithmetic of forward_with_cfg stays eager (a few elementwise ops on the output).
+        model.forward = torch.compile(model.forward)
+    return model
+
+
+@dataclass
+class Inputs:
+    x: torch.Tensor
+    t: torch.Tensor
+    y: torch.Tensor
+    noise: torch.Tensor
+
+
+def make_inputs(shape: DiTShape, batch: int, device, generator_seed: int = 0) -> Inputs:
+    g = torch.Generator(device="cpu").manual_seed(generator_seed)
+    s, c = shape.input_size, shape.in_channels
+    x = torch.randn(batch, c, s, s, generator=g)
+    t = torch.randint(0, 1000, (batch,), generator=g)
+    y = torch.randint(0, NUM_CLASSES, (batch,), generator=g)
+    noise = torch.randn(batch, c, s, s, generator=g)
+    return Inputs(x.to(device), t.to(device), y.to(device), noise.to(device))
+
+
+def make_step(model: nn.Module, mode: str, inputs: Inputs, device: torch.device, dtype: torch.dtype, lr: float = 1e-4):
+    """A zero-argument callable running one benchmark step of `mode` on `model`.
+
+    train: the DiT recipe's step with the noise-prediction MSE loss (the learned-sigma VLB term is
+    left out): forward under autocast, backward, AdamW (lr 1e-4, no weight decay; fused on CUDA).
+    """
+    x, t, y = inputs.x, inputs.t, inputs.y
+    if mode == "fwd":
+        model.eval()
+
+        def step():
+            with torch.no_grad(), autocast_ctx(device, dtype):
+                return model(x, t, y)
+
+        return step
+    if mode == "cfg":
+        model.eval()
+
+        def step():
+            with torch.no_grad(), autocast_ctx(device, dtype):
+                return model.forward_with_cfg(x, t, y, CFG_SCALE)
+
+        return step
+    if mode == "train":
+        model.train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        kwargs = {"fused": True} if device.type == "cuda" else {}
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, **kwargs)
+        c = inputs.noise.shape[1]
+
+        def step():
+            with autocast_ctx(device, dtype):
+                out = model(x, t, y)
+            loss = F.mse_loss(out[:, :c].float(), inputs.noise)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return loss
+
+        step.optimizer = opt
+        return step
+    raise ValueError(f"mode must be one of fwd, cfg, train, got {mode!r}")

@@ -1,0 +1,222 @@
+"""Results files: JSON (everything), Markdown tables, PNG charts.
+
+Names: <out>/<date>-<device>[-<what>].{json,md,png}, e.g. 2026-11-26-h100-80gb-hbm3.json (bench)
+or 2026-11-26-cpu-kernels.md. matplotlib is imported lazily with the Agg backend; without it the
+PNG is skipped with a note.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+
+
+def stem(out_dir: str, env: dict, what: str = "") -> str:
+    slug = env.get("device_slug") or "cpu"
+    return os.path.join(out_dir, f"{env['date'][:10]}-{slug}{'-' + what if what else ''}")
+
+
+def write_json(path: str, record: dict) -> str:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(record, f, indent=1, default=_jsonable, allow_nan=True)
+    os.replace(tmp, path)  # a killed run leaves the previous complete file, never half of one
+    return path
+
+
+def _jsonable(v):
+    if hasattr(v, "item"):
+        return v.item()
+    return str(v)
+
+
+# -- Markdown ----------------------------------------------------------------------------------
+
+def _fmt(v, digits=3) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, bool):
+        return "PASS" if v else "FAIL"
+    if isinstance(v, float):
+        if math.isnan(v) or math.isinf(v):
+            return str(v)
+        if v != 0 and (abs(v) < 1e-2 or abs(v) >= 1e5):
+            return f"{v:.2e}"
+        return f"{v:.{digits}g}" if abs(v) < 1000 else f"{v:.0f}"
+    return str(v)
+
+
+def md_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
+    """columns: (key, header) pairs; missing values print empty."""
+    head = "| " + " | ".join(h for _, h in columns) + " |"
+    sep = "|" + "|".join("---" for _ in columns) + "|"
+    body = ["| " + " | ".join(_fmt(r.get(k)) for k, _ in columns) + " |" for r in rows]
+    return "\n".join([head, sep, *body])
+
+
+def env_lines(env: dict, ceilings: dict | None) -> str:
+    dev = env.get("device_name", "?")
+    extra = f", {env['sm_count']} SMs, sm_{env['compute_capability'].replace('.', '')}" if env.get("sm_count") else ""
+    lines = [
+        f"- device: {dev}{extra}",
+        f"- torch {env.get('torch')}, CUDA {env.get('cuda')}, triton {env.get('triton')}, "
+        f"flash-attn {env.get('flash_attn')}, dit_fast._C built: {env.get('ext_built')}",
+        f"- commit {env.get('git_commit', 'unknown')[:12]}{' (dirty)' if env.get('git_dirty') else ''}, {env.get('date')}",
+    ]
+    if ceilings:
+        lines.append(
+            f"- measured ceilings: copy {ceilings.get('copy_gb_per_s')} GB/s (read+write), "
+            f"bf16 GEMM {ceilings.get('gemm_tflops')} TFLOP/s ({ceilings.get('gemm_n')}^3)"
+        )
+    return "\n".join(lines)
+
+
+THROUGHPUT_COLS = [
+    ("mode", "mode"), ("contender", "contender"), ("batch", "batch"), ("ms_per_iter", "ms/iter"),
+    ("images_per_s", "img/s"), ("tflops", "TFLOP/s"), ("mfu", "MFU"), ("peak_mem_gib", "peak GiB"),
+    ("speedup_vs_eager", "x eager"), ("speedup_vs_compile", "x compile"), ("error", "error"),
+]
+PARITY_COLS = [
+    ("backend", "backend"), ("dtype", "dtype"), ("quantity", "quantity"), ("rel_err_vs_fp64", "rel err vs fp64"),
+    ("ref_rel_err_vs_fp64", "reference's"), ("bound", "bound"), ("rel_err_vs_ref", "rel err vs ref"),
+    ("max_abs_vs_ref", "max abs vs ref"), ("pass", "result"), ("worst_param", "worst param"), ("error", "error"),
+]
+KERNEL_COLS = [
+    ("op", "op"), ("shape", "shape"), ("backend", "backend"), ("fwd_ms", "fwd ms"), ("fwd_gb_per_s", "fwd GB/s"),
+    ("fwd_pct_copy", "fwd % copy"), ("fwd_bwd_ms", "fwd+bwd ms"), ("fwd_bwd_gb_per_s", "fwd+bwd GB/s"),
+    ("fwd_bwd_pct_copy", "fwd+bwd % copy"), ("fwd_tflops", "fwd TFLOP/s"), ("fwd_speedup_vs_eager", "fwd x eager"),
+    ("fwd_bwd_speedup_vs_eager", "fwd+bwd x eager"), ("skipped", "skipped"), ("error", "error"),
+]
+PROFILE_KERNEL_COLS = [("name", "kernel / op"), ("calls", "calls"), ("total_us", "total µs"), ("mean_us", "mean µs"), ("pct", "% of step (kernel time)")]
+PROFILE_RANGE_COLS = [("range", "range"), ("calls", "calls"), ("total_us", "total µs"), ("mean_us", "mean µs"), ("pct", "%")]
+
+
+def _clip_name(rows: list[dict], n: int = 90) -> list[dict]:
+    return [r | {"name": (r["name"][: n - 1] + "…") if len(r.get("name", "")) > n else r.get("name")} for r in rows]
+
+
+def markdown(record: dict) -> str:
+    cfg = record.get("config", {})
+    parts = [f"# dit_fast {record.get('kind', 'results')}: {cfg.get('model', '')} {cfg.get('image_size', '')}px",
+             "", env_lines(record["env"], record.get("ceilings")), ""]
+    if cfg:
+        parts += ["Config: " + ", ".join(f"{k}={v}" for k, v in cfg.items()), ""]
+    if "flops" in record:
+        f = record["flops"]
+        parts += [f"FLOPs: {f['forward_gmacs_per_image']:.2f} GMACs forward per image "
+                  f"({f['forward_gflops_per_image']:.1f} GFLOP; training step x3).", ""]
+    if record.get("parity"):
+        ok = all(r["pass"] for r in record["parity"])
+        parts += [f"## Parity against the reference ({'PASS' if ok else 'FAIL'})", "", md_table(record["parity"], PARITY_COLS), ""]
+    if record.get("throughput"):
+        parts += ["## Throughput", "", md_table(record["throughput"], THROUGHPUT_COLS), ""]
+    if record.get("kernels"):
+        parts += ["## Kernels", "", "Bytes: each input read once + each output written once (backward: inputs again, "
+                  "output grads read, input grads written).", "", md_table(record["kernels"], KERNEL_COLS), ""]
+    for p in record.get("profile", []):
+        parts += [f"## Profile: {p['contender']} {p['target']} {p['mode']} (batch {p['batch']}, {p['iters']} steps"
+                  + (f", trace {p['trace']}" if p.get("trace") else "") + ")", "",
+                  md_table(_clip_name(p["kernels"][:20]), PROFILE_KERNEL_COLS), ""]
+        if p.get("ranges"):
+            parts += ["Block ranges:", "", md_table(p["ranges"], PROFILE_RANGE_COLS), ""]
+    for note in record.get("notes", []):
+        parts.append(f"- {note}")
+    return "\n".join(parts).rstrip() + "\n"
+
+
+def write_markdown(path: str, record: dict) -> str:
+    with open(path, "w") as f:
+        f.write(markdown(record))
+    return path
+
+
+# -- charts ------------------------------------------------------------------------------------
+
+def _pyplot():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
+def write_charts(path: str, record: dict) -> str | None:
+    """One PNG with a panel per section present: throughput, kernel latency, profile top kernels."""
+    plt = _pyplot()
+    if plt is None:
+        return None
+    panels = []
+    if any(r.get("images_per_s") for r in record.get("throughput", [])):
+        panels.append(_throughput_panel)
+    if any(r.get("fwd_ms") for r in record.get("kernels", [])):
+        panels.append(_kernel_panel)
+    if any(p.get("kernels") for p in record.get("profile", [])):
+        panels.append(_profile_panel)
+    if not panels:
+        return None
+    fig, axes = plt.subplots(len(panels), 1, figsize=(11, 4.2 * len(panels)), squeeze=False)
+    for ax, panel in zip(axes[:, 0], panels):
+        panel(ax, record)
+    title = f"{record['env'].get('device_name', '')} - {record.get('config', {}).get('model', '')}"
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _grouped(ax, groups: list[str], series: dict[str, list[float]], ylabel: str, log: bool = False):
+    n = max(len(series), 1)
+    width = 0.8 / n
+    for k, (name, values) in enumerate(series.items()):
+        xs = [i + (k - (n - 1) / 2) * width for i in range(len(groups))]
+        ax.bar(xs, [v if v else 0 for v in values], width, label=name)
+    ax.set_xticks(range(len(groups)))
+    ax.set_xticklabels(groups, rotation=0, fontsize=8)
+    ax.set_ylabel(ylabel)
+    if log:
+        ax.set_yscale("log")
+    ax.legend(fontsize=7, ncol=min(n, 4))
+
+
+def _throughput_panel(ax, record):
+    rows = [r for r in record["throughput"] if r.get("images_per_s")]
+    modes = list(dict.fromkeys(r["mode"] for r in rows))
+    names = list(dict.fromkeys(r["contender"] for r in rows))
+    val = {(r["contender"], r["mode"]): r["images_per_s"] for r in rows}
+    _grouped(ax, modes, {n: [val.get((n, m)) for m in modes] for n in names}, "images/s")
+    ax.set_title("Throughput (higher is better)")
+
+
+def _kernel_panel(ax, record):
+    rows = [r for r in record["kernels"] if r.get("fwd_ms")]
+    first_shape = rows[0]["shape"]
+    rows = [r for r in rows if r["shape"] == first_shape]
+    ops = list(dict.fromkeys(r["op"] for r in rows))
+    names = list(dict.fromkeys(r["backend"] for r in rows))
+    val = {(r["backend"], r["op"]): r["fwd_ms"] for r in rows}
+    _grouped(ax, ops, {n: [val.get((n, o)) for o in ops] for n in names}, "forward ms (log)", log=True)
+    ax.set_title(f"Kernel latency, {first_shape} (lower is better)")
+
+
+def _profile_panel(ax, record):
+    p = next(p for p in record["profile"] if p.get("kernels"))
+    top = p["kernels"][:12][::-1]
+    ax.barh([r["name"][:60] for r in top], [r["total_us"] / max(p["iters"], 1) for r in top])
+    ax.set_xlabel("µs per step")
+    ax.tick_params(axis="y", labelsize=7)
+    ax.set_title(f"Top kernels: {p['contender']} {p['target']} {p['mode']}")
+
+
+def write_all(out_dir: str, record: dict, what: str = "") -> dict[str, str]:
+    """JSON + Markdown + PNG under out_dir; returns the paths written."""
+    base = stem(out_dir, record["env"], what)
+    paths = {"json": write_json(base + ".json", record), "md": write_markdown(base + ".md", record)}
+    png = write_charts(base + ".png", record)
+    if png:
+        paths["png"] = png
+    return paths

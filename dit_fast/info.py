@@ -1,0 +1,96 @@
+"""`python -m dit_fast.info` / `dit-fast info`: versions, device, extension, and which kernels run where."""
+from __future__ import annotations
+
+import importlib
+import sys
+
+import torch
+
+
+def _version(module: str) -> str:
+    try:
+        return getattr(importlib.import_module(module), "__version__", "installed (no __version__)")
+    except Exception as e:
+        return f"not available ({type(e).__name__})"
+
+
+def _attention_lines(device_type: str, dtype: torch.dtype, head_dim: int) -> list[str]:
+    from . import attention
+
+    report = getattr(attention, "attention_report", None)
+    if report is None:
+        return [f"  attention (auto): sdpa (torch.nn.functional.scaled_dot_product_attention; 'math' on request)"]
+    try:
+        rows = report(device_type, dtype, head_dim)
+    except Exception as e:
+        return [f"  attention report failed: {type(e).__name__}: {e}"]
+    return [f"  {name:<14} {why}" for name, why in rows.items()]
+
+
+def collect() -> dict:
+    """Everything info prints, as a dict (also stored in benchmark results)."""
+    from .backends import probe, report
+
+    info = {
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "cuda_runtime": torch.version.cuda,
+        "triton": _version("triton"),
+        "flash_attn": _version("flash_attn"),
+        "dit_fast": _version("dit_fast"),
+        "cuda_available": torch.cuda.is_available(),
+    }
+    if torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        info["gpu"] = {"name": p.name, "sm_count": p.multi_processor_count, "compute_capability": f"{p.major}.{p.minor}",
+                       "memory_gib": round(p.total_memory / 2**30, 1)}
+    ext_cpu = probe("ext", "cpu")
+    info["ext"] = {"cpu": list(ext_cpu)}
+    if torch.cuda.is_available():
+        info["ext"]["cuda"] = list(probe("ext", "cuda"))
+    device_types = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    info["ops"] = {d: report(d) for d in device_types}
+    return info
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="dit-fast info", description=__doc__)
+    parser.add_argument("--json", action="store_true", help="print the record as JSON")
+    parser.add_argument("--head-dim", type=int, default=72, help="attention head dim to report for (DiT-XL: 72)")
+    args = parser.parse_args(argv)
+    info = collect()
+    if args.json:
+        import json
+
+        print(json.dumps(info, indent=1))
+        return 0
+    print(f"dit_fast {info['dit_fast']}  python {info['python']}")
+    print(f"torch {info['torch']}  CUDA runtime {info['cuda_runtime']}  triton {info['triton']}  flash-attn {info['flash_attn']}")
+    if "gpu" in info:
+        g = info["gpu"]
+        print(f"GPU: {g['name']}, {g['sm_count']} SMs, compute capability {g['compute_capability']}, {g['memory_gib']} GiB")
+    else:
+        print("GPU: none (torch.cuda.is_available() is False)")
+    ok, why = info["ext"]["cpu"]
+    print(f"dit_fast._C (CPU kernels): {'built' if ok else 'not usable'} - {why}")
+    if "cuda" in info["ext"]:
+        ok, why = info["ext"]["cuda"]
+        print(f"dit_fast._C (CUDA kernels): {'built' if ok else 'not usable'} - {why}")
+    for device_type, ops in info["ops"].items():
+        print(f"\nOps on {device_type} (backend 'auto' picks the first usable family in its order):")
+        for op, row in ops.items():
+            print(f"  {op:<22} -> {row['auto']}")
+            for b in ("triton", "ext", "torch"):
+                if b != row["auto"]:
+                    print(f"      {b:<7} {row[b]}")
+        dtype = torch.bfloat16 if device_type == "cuda" else torch.float32
+        print(f"Attention on {device_type} ({str(dtype).replace('torch.', '')}, head_dim {args.head_dim}):")
+        for line in _attention_lines(device_type, dtype, args.head_dim):
+            print(line)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
