@@ -110,7 +110,6 @@ def check_backend_name(backend: str) -> str:
     return backend
 
 
-@torch.compiler.assume_constant_result
 def resolve(backend: str, device: str, dtype: str, head_dim: int) -> str:
     """The backend that runs attention for qkv on `device` of `dtype` (its str) when `backend` is asked for.
 
@@ -123,6 +122,11 @@ def resolve(backend: str, device: str, dtype: str, head_dim: int) -> str:
         name = _resolve(backend, device, _DTYPES.get(dtype, dtype), head_dim)
         _resolved[key] = name
     return name
+
+
+# A constant to torch.compile (no graph break, no guards on the caches): what
+# torch.compiler.assume_constant_result sets, without importing torch._dynamo at `import dit_fast`.
+resolve._dynamo_marked_constant = True
 
 
 def _resolve(backend: str, device: str, dtype: torch.dtype, head_dim: int) -> str:

@@ -111,6 +111,7 @@ def resolve(backend: str, op: str, device_type: str) -> str:
     name = _resolved.get(key)
     if name is None:
         name = _resolve(backend, op, device_type)
+        module_for(name)  # import now: inside a torch.compile trace module_for may only read its cache
         _resolved[key] = name
     return name
 

@@ -61,13 +61,18 @@ class Mlp(nn.Module):
 
 
 class DiTBlock(nn.Module):
-    """One transformer block.
+    """One transformer block, called in one of two ways (always through the module, so hooks,
+    wrappers and FSDP see every call):
 
-    `fused` runs on the carried state (x, h), where h = modulate(norm1(x)) was already produced by the
-    previous op, and returns (x, h_next) with h_next = the next consumer's modulate(norm(x)) under
-    (next_shift, next_scale): the norm of the next sub-layer rides on this block's last residual.
-    `forward(x, silu_c)` is the self-contained block the model uses when blocks are sharded (FSDP2
-    fully_shard per block), since then only a block's own forward may touch its weights.
+    carried, the fast path: ``block(x, carried=(h, gate_msa, shift_mlp, scale_mlp, gate_mlp,
+    next_shift, next_scale)) -> (x, h_next)``. h = modulate(norm1(x)) was produced by the previous
+    op, and h_next is the next consumer's modulate(norm(x)) under (next_shift, next_scale): the norm
+    of the next sub-layer rides on this block's last residual. next_shift=None ends the chain
+    (h_next is None).
+
+    self-contained: ``block(x, silu_c) -> x`` computes the block's own modulations. The model uses
+    it when blocks are sharded (FSDP2 fully_shard per block), since then only a block's own forward
+    may touch its weights.
     """
 
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0):
@@ -82,12 +87,14 @@ class DiTBlock(nn.Module):
     def modulation(self, silu_c: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return self.adaLN_modulation[1](silu_c).chunk(6, dim=1)
 
-    def forward(self, x: torch.Tensor, silu_c: torch.Tensor, h_dtype=None) -> torch.Tensor:
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.modulation(silu_c)
-        h = ops.adaln_modulate(x, shift_msa, scale_msa, h_dtype=h_dtype, backend=self.backend)
-        return self.fused(x, h, gate_msa, shift_mlp, scale_mlp, gate_mlp, None, None, h_dtype)[0]
+    def forward(self, x: torch.Tensor, silu_c: torch.Tensor | None = None, *, carried=None, h_dtype=None):
+        if carried is None:
+            shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.modulation(silu_c)
+            h = ops.adaln_modulate(x, shift_msa, scale_msa, h_dtype=h_dtype, backend=self.backend)
+            return self._run(x, h, gate_msa, shift_mlp, scale_mlp, gate_mlp, None, None, h_dtype)[0]
+        return self._run(x, *carried, h_dtype)
 
-    def fused(self, x, h, gate_msa, shift_mlp, scale_mlp, gate_mlp, next_shift, next_scale, h_dtype=None):
+    def _run(self, x, h, gate_msa, shift_mlp, scale_mlp, gate_mlp, next_shift, next_scale, h_dtype):
         x, h = ops.gated_residual_adaln(
             x, self.attn(h), gate_msa, shift_mlp, scale_mlp, h_dtype=h_dtype, backend=self.backend
         )
@@ -252,9 +259,9 @@ class DiT(nn.Module):
         if _is_sharded(self.blocks[0].adaLN_modulation[1].weight):
             for i, block in enumerate(self.blocks):
                 if self._checkpointed(i):
-                    x = checkpoint(block, x, silu_c, h_dtype, use_reentrant=False)
+                    x = checkpoint(block, x, silu_c, h_dtype=h_dtype, use_reentrant=False)
                 else:
-                    x = block(x, silu_c, h_dtype)
+                    x = block(x, silu_c, h_dtype=h_dtype)
             final_shift, final_scale = self.final_layer.adaLN_modulation[1](silu_c).chunk(2, dim=1)
         else:
             *mods, final_mod = self._modulations(silu_c)
@@ -263,11 +270,11 @@ class DiT(nn.Module):
             h = ops.adaln_modulate(x, mods[0][0], mods[0][1], h_dtype=h_dtype, backend=self.backend)
             for i, block in enumerate(self.blocks):
                 nxt = mods[i + 1][:2] if i + 1 < len(self.blocks) else (None, None)
-                args = (x, h, *mods[i][2:], *nxt, h_dtype)
+                carried = (h, *mods[i][2:], *nxt)
                 if self._checkpointed(i):
-                    x, h = checkpoint(block.fused, *args, use_reentrant=False)
+                    x, h = checkpoint(block, x, carried=carried, h_dtype=h_dtype, use_reentrant=False)
                 else:
-                    x, h = block.fused(*args)
+                    x, h = block(x, carried=carried, h_dtype=h_dtype)
         fl = self.final_layer.linear
         return ops.final_layer(x, final_shift, final_scale, fl.weight, fl.bias, p, self.out_channels, backend=self.backend)
 

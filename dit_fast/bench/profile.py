@@ -25,17 +25,12 @@ class BlockRanges:
     def __init__(self, model: nn.Module, nvtx: bool = False):
         self.nvtx = nvtx and torch.cuda.is_available()
         self.handles = []
-        self.wrapped = []  # blocks whose `fused` method got an instance-level wrapper
         self.stack: list = []  # open block ranges: (block index, record_function context)
         self.segment = None
         for i, block in enumerate(model.blocks):
             # dit_fast fuses the gated residual with the next norm + modulate; the reference does not
             after = "residual" if hasattr(block, "norm2") else "residual_norm"
             self._hook(block, pre=lambda i=i: self._enter_block(i), post=lambda i=i: self._exit_block(i))
-            if callable(getattr(block, "fused", None)):
-                # dit_fast's model calls block.fused(...) directly, bypassing module hooks: wrap it on the
-                # instance for the profile only (removed again by remove()).
-                self._wrap_fused(block, i)
             self._hook(block.attn.qkv, pre=lambda: self._switch("qkv"), post=lambda: self._switch("attention"))
             self._hook(block.attn.proj, pre=lambda: self._switch("proj"), post=lambda a=after: self._switch(a))
             self._hook(block.mlp, pre=lambda: self._switch("mlp"), post=lambda a=after: self._switch(a))
@@ -46,26 +41,9 @@ class BlockRanges:
         # whatever segment is still open when the model (or a lone block) returns ends there
         self._hook(model, post=self._end_segment)
 
-    def _wrap_fused(self, block, i):
-        original = block.fused
-
-        def fused(*args, **kwargs):
-            opened = self._enter_block(i)
-            try:
-                return original(*args, **kwargs)
-            finally:
-                if opened:
-                    self._exit_block(i)
-
-        block.fused = fused
-        self.wrapped.append(block)
-
-    def _enter_block(self, i) -> bool:
-        if self.stack and self.stack[-1][0] == i:
-            return False  # already inside (forward() calling fused())
+    def _enter_block(self, i):
         self._end_segment()
         self.stack.append((i, self._open(f"block{i}")))
-        return True
 
     def _exit_block(self, i):
         self._end_segment()
@@ -107,9 +85,6 @@ class BlockRanges:
         for h in self.handles:
             h.remove()
         self.handles.clear()
-        for block in self.wrapped:
-            del block.fused  # the class method shows through again
-        self.wrapped.clear()
 
 
 def _device_time(evt) -> float:
