@@ -10,8 +10,6 @@ import sys
 
 from setuptools import setup
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
-
 
 def extension_kwargs():
     if os.environ.get("DIT_FAST_SKIP_EXT") == "1":
@@ -26,9 +24,10 @@ def extension_kwargs():
     # at::parallel_for is OpenMP code inlined from ATen's headers: without -fopenmp it runs on one
     # thread. libgomp resolves at run time to the copy torch has already loaded.
     openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
-    cxx = ["-O3", "-std=c++17"] + openmp
+    # No -std flag: torch's BuildExtension adds the standard its headers need (C++17, C++20 from 2.10).
+    cxx = ["-O3"] + openmp
     common = {
-        "depends": sorted(glob.glob("csrc/*.h")),
+        "depends": sorted(glob.glob("csrc/*.h") + glob.glob("csrc/*.inc")),
         "extra_link_args": openmp,
     }
     if with_cuda:
@@ -37,7 +36,7 @@ def extension_kwargs():
             "dit_fast._C",
             sources_cpp + sources_cu,
             define_macros=[("DIT_FAST_WITH_CUDA", None)],
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "-lineinfo"]},
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo"]},
             **common,
         )
     else:

@@ -1,0 +1,427 @@
+"""The C++/CUDA extension dit_fast._C (backend "ext"): build metadata, CPU kernels against float64
+references, poisoned outputs, determinism, op registration (opcheck, torch.compile), and on a GPU
+the CUDA kernels against Triton and torch."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dit_fast import ops
+from dit_fast.ops import ext_backend, torch_backend
+from tolerances import LOWP, assert_close
+
+ROOT = Path(__file__).resolve().parents[1]
+EPS = 1e-6
+
+needs_ext = pytest.mark.skipif(not ext_backend.available("cpu")[0], reason=str(ext_backend.available("cpu")[1]))
+
+
+# ----------------------------------------------------------------------------------------------
+# Inputs, references and PyTorch's own low-precision composition
+# ----------------------------------------------------------------------------------------------
+
+OPS = ("adaln_modulate", "gated_residual", "gated_residual_adaln")
+
+
+def make_inputs(op, B, L, D, dtype, mod_dtype=None, device="cpu", requires_grad=True):
+    """Large-mean x (norms must not lose accuracy there), modulation vectors of O(1)."""
+    mod_dtype = mod_dtype or dtype
+    x = (torch.randn(B, L, D, device=device) * 2 + 5 * torch.rand(B, L, 1, device=device)).to(dtype)
+    y = torch.randn(B, L, D, device=device).to(mod_dtype)
+    gate, shift, scale = [(0.5 * torch.randn(B, D, device=device)).to(mod_dtype) for _ in range(3)]
+    args = {
+        "adaln_modulate": (x, shift, scale),
+        "gated_residual": (x, y, gate),
+        "gated_residual_adaln": (x, y, gate, shift, scale),
+    }[op]
+    return [a.requires_grad_(requires_grad) for a in args]
+
+
+def call(module, op, args, h_dtype=None):
+    """Outputs of `op` from a backend module, always as a tuple."""
+    if op == "gated_residual":
+        return (module.gated_residual(*args),)
+    if op == "adaln_modulate":
+        return (module.adaln_modulate(*args, EPS, h_dtype),)
+    return tuple(module.gated_residual_adaln(*args, EPS, h_dtype))
+
+
+def eager_lowp(op, args, h_dtype=None):
+    """DiT's own eager PyTorch computation, in the inputs' precision."""
+
+    def modulate(x, shift, scale):
+        h = F.layer_norm(x, x.shape[-1:], eps=EPS) * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+        return h.to(h_dtype or x.dtype)
+
+    if op == "adaln_modulate":
+        return (modulate(*args),)
+    x, y, gate = args[:3]
+    x_out = (x + gate.unsqueeze(1) * y).to(x.dtype)
+    if op == "gated_residual":
+        return (x_out,)
+    return x_out, modulate(x_out, *args[3:])
+
+
+def fwd_bwd(fn, args, grads_out):
+    """Outputs of fn(*args) and the gradients of sum(out * g) with respect to args."""
+    outs = fn(args)
+    loss = sum((o.to(g.dtype) * g).sum() for o, g in zip(outs, grads_out))
+    grads = torch.autograd.grad(loss, args)
+    return [o.detach() for o in outs], list(grads)
+
+
+def as64(args):
+    return [a.detach().double().requires_grad_(True) for a in args]
+
+
+def detached(args):
+    return [a.detach().clone().requires_grad_(True) for a in args]
+
+
+def check_parity(op, args, dtype, h_dtype=None, name=""):
+    out_shapes = [o.shape for o in call(torch_backend, op, [a.detach() for a in args], h_dtype)]
+    grads_out = [torch.randn(s) for s in out_shapes]
+    out, grads = fwd_bwd(lambda a: call(ext_backend, op, a, h_dtype), detached(args), grads_out)
+    ref, ref_grads = fwd_bwd(lambda a: call(torch_backend, op, a), as64(args), [g.double() for g in grads_out])
+    low, low_grads = fwd_bwd(lambda a: eager_lowp(op, a, h_dtype), detached(args), grads_out)
+    expected_dtypes = [args[0].dtype] * len(out)
+    if op != "gated_residual":
+        expected_dtypes[-1] = h_dtype or args[0].dtype
+    for i, (o, r, lo) in enumerate(zip(out, ref, low)):
+        assert o.dtype == expected_dtypes[i], f"{name} output {i}: dtype {o.dtype}"
+        # An fp32 h normalized from a bf16 x_out carries bf16 error: bound by the lowest precision.
+        worst = dtype if dtype in LOWP else o.dtype
+        assert_close(o, r, worst, eager_lowp=lo, name=f"{name} {op} out{i}")
+    for i, (g, r, lo, a) in enumerate(zip(grads, ref_grads, low_grads, args)):
+        assert g.dtype == a.dtype, f"{name} grad {i}: dtype {g.dtype} != input {a.dtype}"
+        worst = dtype if dtype in LOWP else a.dtype
+        assert_close(g, r, worst, eager_lowp=lo, name=f"{name} {op} grad{i}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Build metadata and availability
+# ----------------------------------------------------------------------------------------------
+
+
+@needs_ext
+def test_extension_reports_torch_version():
+    from dit_fast import _C
+
+    assert _C.torch_version == torch.__version__.split("+")[0]
+    assert isinstance(_C.with_cuda, bool)
+    assert ext_backend.available("cpu") == (True, "C++ CPU kernels (dit_fast._C)")
+    for name in ("adaln_modulate_fwd", "adaln_modulate_bwd", "gated_residual_fwd", "gated_residual_bwd",
+                 "gated_residual_adaln_fwd", "gated_residual_adaln_bwd"):
+        assert hasattr(torch.ops.dit_fast_ext, name)
+
+
+@needs_ext
+def test_cuda_unavailable_is_explained():
+    from dit_fast import _C
+
+    if _C.with_cuda:
+        pytest.skip("this build has CUDA kernels")
+    ok, why = ext_backend.available("cuda")
+    assert not ok
+    assert "built without CUDA" in why and "pip install --no-build-isolation -e ." in why
+
+
+def test_stale_build_is_detected(monkeypatch):
+    def undefined_symbol(name):
+        raise ImportError(f"{name}: undefined symbol: _ZN3c104impl3cow11cow_deleterEPv")
+
+    mod, why = ext_backend._load(undefined_symbol)
+    assert mod is None
+    assert f"but torch {torch.__version__} is installed; rebuild with pip install --no-build-isolation -e ." in why
+    assert "undefined symbol" in why
+
+    class Stale:
+        torch_version = "2.0.0"
+        with_cuda = False
+
+    mod, why = ext_backend._load(lambda name: Stale)
+    assert mod is None
+    assert why.startswith(f"dit_fast._C was built for torch 2.0.0 but torch {torch.__version__} is installed")
+
+    def missing(name):
+        raise ModuleNotFoundError(f"No module named {name!r}")
+
+    mod, why = ext_backend._load(missing)
+    assert mod is None and "not built" in why
+
+
+def test_dit_fast_works_without_extension():
+    # A fresh interpreter in which dit_fast._C cannot be imported: dit_fast imports, "ext" says why
+    # it is unusable, and a request for it falls back to torch with a warning.
+    code = """
+import sys, warnings
+sys.modules["dit_fast._C"] = None
+import torch, dit_fast
+from dit_fast import ops
+from dit_fast.ops import ext_backend, torch_backend
+ok, why = ext_backend.available("cpu")
+assert not ok and "not built" in why, why
+x, s, c = torch.randn(2, 3, 8), torch.randn(2, 8), torch.randn(2, 8)
+with warnings.catch_warnings(record=True) as w:
+    warnings.simplefilter("always")
+    h = ops.adaln_modulate(x, s, c, backend="ext")
+assert torch.equal(h, torch_backend.adaln_modulate(x, s, c)), "fallback result"
+assert any("not built" in str(m.message) for m in w), [str(m.message) for m in w]
+print("OK")
+"""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert res.returncode == 0 and "OK" in res.stdout, res.stdout[-2000:] + res.stderr[-2000:]
+
+
+@needs_ext
+def test_dispatcher_runs_ext_without_fallback(recwarn):
+    x, shift, scale = make_inputs("adaln_modulate", 2, 3, 72, torch.float32, requires_grad=False)
+    h = ops.adaln_modulate(x, shift, scale, backend="ext")
+    assert torch.equal(h, ext_backend.adaln_modulate(x, shift, scale, EPS, None))
+    assert not [w for w in recwarn if "dit_fast" in str(w.message)]
+
+
+# ----------------------------------------------------------------------------------------------
+# CPU kernels against float64
+# ----------------------------------------------------------------------------------------------
+
+SHAPES = [(1, 1, 72), (3, 17, 72), (1, 64, 1152), (3, 17, 1152), (2, 5, 100)]
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("op", OPS)
+def test_cpu_matches_float64(op, shape, dtype):
+    check_parity(op, make_inputs(op, *shape, dtype), dtype)
+
+
+@needs_ext
+@pytest.mark.parametrize("op", OPS)
+def test_cpu_float64(op):
+    args = make_inputs(op, 3, 17, 72, torch.float64)
+    g = [torch.randn(3, 17, 72, dtype=torch.float64) for _ in range(2 if op == "gated_residual_adaln" else 1)]
+    out, grads = fwd_bwd(lambda a: call(ext_backend, op, a), detached(args), g)
+    ref, ref_grads = fwd_bwd(lambda a: call(torch_backend, op, a), as64(args), g)
+    for o, r in zip(out + grads, ref + ref_grads):
+        torch.testing.assert_close(o, r, rtol=1e-12, atol=1e-12)
+
+
+@needs_ext
+@pytest.mark.parametrize(
+    "x_dtype,mod_dtype,h_dtype",
+    [
+        (torch.float32, torch.bfloat16, torch.bfloat16),  # autocast: fp32 residual, bf16 everything else
+        (torch.float32, torch.float16, torch.float16),
+        (torch.bfloat16, torch.float32, torch.float32),
+        (torch.bfloat16, torch.float16, None),
+    ],
+    ids=str,
+)
+@pytest.mark.parametrize("op", OPS)
+def test_cpu_mixed_dtypes(op, x_dtype, mod_dtype, h_dtype):
+    args = make_inputs(op, 2, 17, 72, x_dtype, mod_dtype)
+    check_parity(op, args, torch.bfloat16 if torch.bfloat16 in (x_dtype, mod_dtype) else torch.float16, h_dtype)
+
+
+@needs_ext
+@pytest.mark.parametrize("op", OPS)
+def test_cpu_non_contiguous_inputs(op):
+    args = make_inputs(op, 3, 17, 144, torch.float32)
+    strided = [a.detach()[..., ::2].requires_grad_(True) for a in args]  # D = 72, stride 2
+    check_parity(op, strided, torch.float32)
+
+
+@needs_ext
+@pytest.mark.parametrize("op", OPS)
+def test_cpu_outputs_fully_written(op):
+    # With deterministic algorithms on, torch.empty (also from C++) fills new memory with NaN:
+    # any element a kernel leaves unwritten fails the NaN check in assert_close.
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert torch.empty(8).isnan().all()
+        check_parity(op, make_inputs(op, 3, 17, 100, torch.bfloat16), torch.bfloat16)
+    finally:
+        torch.use_deterministic_algorithms(prev)
+
+
+@needs_ext
+@pytest.mark.parametrize("op", OPS)
+def test_cpu_bitwise_deterministic(op):
+    args = make_inputs(op, 3, 64, 1152, torch.float32)
+    grads_out = [torch.randn(3, 64, 1152) for _ in range(2)]
+    runs = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, max(2, threads), max(2, threads)):
+            torch.set_num_threads(n)
+            out, grads = fwd_bwd(lambda a: call(ext_backend, op, a), detached(args), grads_out)
+            runs.append(out + grads)
+    finally:
+        torch.set_num_threads(threads)
+    for run in runs[1:]:
+        for a, b in zip(runs[0], run):
+            assert torch.equal(a, b)
+
+
+@needs_ext
+def test_cpu_bad_input_names_argument():
+    x = torch.randn(2, 3, 8)
+    with pytest.raises(RuntimeError, match=r"scale must have shape \[B, D\] = \[2, 8\]"):
+        torch.ops.dit_fast_ext.adaln_modulate_fwd(x, torch.randn(2, 8), torch.randn(2, 7), EPS, None)
+    with pytest.raises(RuntimeError, match="y must have shape"):
+        torch.ops.dit_fast_ext.gated_residual_fwd(x, torch.randn(2, 3, 9), torch.randn(2, 8))
+
+
+# ----------------------------------------------------------------------------------------------
+# Registration: opcheck and torch.compile
+# ----------------------------------------------------------------------------------------------
+
+
+def _opcheck_cases():
+    B, L, D = 2, 3, 16
+    r = lambda *s, dt=torch.float32: torch.randn(*s, dtype=dt)  # noqa: E731
+    x, y = r(B, L, D), r(B, L, D)
+    stats = (r(B, L), r(B, L).abs() + 0.5)
+    return [
+        ("adaln_modulate_fwd", lambda: (r(B, L, D), r(B, D), r(B, D), EPS, None), True),
+        ("adaln_modulate_fwd", lambda: (r(B, L, D), r(B, D, dt=torch.bfloat16), r(B, D, dt=torch.bfloat16), EPS,
+                                        torch.bfloat16), True),
+        ("adaln_modulate_bwd", lambda: (r(B, L, D), x, *stats, r(B, D)), False),
+        ("gated_residual_fwd", lambda: (r(B, L, D), r(B, L, D), r(B, D)), True),
+        ("gated_residual_bwd", lambda: (r(B, L, D), y, r(B, D)), False),
+        ("gated_residual_adaln_fwd", lambda: (r(B, L, D), r(B, L, D), r(B, D), r(B, D), r(B, D), EPS, None), True),
+        ("gated_residual_adaln_bwd", lambda: (r(B, L, D), r(B, L, D), x, y, r(B, D), *stats, r(B, D)), False),
+        ("gated_residual_adaln_bwd", lambda: (r(B, L, D), None, x, y, r(B, D), *stats, r(B, D)), False),
+    ]
+
+
+@needs_ext
+@pytest.mark.parametrize("name,make,differentiable", _opcheck_cases(), ids=lambda v: v if isinstance(v, str) else "")
+def test_opcheck(name, make, differentiable):
+    args = list(make())
+    if differentiable:
+        args = [a.requires_grad_(True) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]
+    torch.library.opcheck(getattr(torch.ops.dit_fast_ext, name).default, tuple(args))
+
+
+def _block(m, x, y, gate, shift, scale, shift2, scale2):
+    h = m.adaln_modulate(x, shift, scale)
+    x = m.gated_residual(x, h * y, gate)
+    return m.gated_residual_adaln(x, y, gate, shift2, scale2)
+
+
+class _ExtDirect:
+    """The ext backend module's own entry points (below the dit_fast.ops dispatcher)."""
+
+    adaln_modulate = staticmethod(lambda x, shift, scale: ext_backend.adaln_modulate(x, shift, scale, EPS, None))
+    gated_residual = staticmethod(ext_backend.gated_residual)
+    gated_residual_adaln = staticmethod(
+        lambda x, y, gate, shift, scale: ext_backend.gated_residual_adaln(x, y, gate, shift, scale, EPS, None)
+    )
+
+
+class _ExtViaOps:
+    """dit_fast.ops with backend="ext"."""
+
+    adaln_modulate = staticmethod(lambda x, shift, scale: ops.adaln_modulate(x, shift, scale, backend="ext"))
+    gated_residual = staticmethod(lambda x, y, gate: ops.gated_residual(x, y, gate, backend="ext"))
+    gated_residual_adaln = staticmethod(
+        lambda x, y, gate, shift, scale: ops.gated_residual_adaln(x, y, gate, shift, scale, backend="ext")
+    )
+
+
+@needs_ext
+@pytest.mark.parametrize("entry", [_ExtDirect, _ExtViaOps], ids=["ext_backend", "dit_fast.ops"])
+def test_torch_compile_fullgraph_matches_eager(entry):
+    B, L, D = 2, 5, 72
+    args = [torch.randn(B, L, D), torch.randn(B, L, D)] + [torch.randn(B, D) for _ in range(5)]
+    grads_out = [torch.randn(B, L, D) for _ in range(2)]
+    eager, eager_grads = fwd_bwd(lambda a: _block(entry, *a), detached(args), grads_out)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda *a: _block(entry, *a), fullgraph=True, backend="aot_eager")
+    out, grads = fwd_bwd(lambda a: compiled(*a), detached(args), grads_out)
+    for a, b in zip(eager + eager_grads, out + grads):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------
+# CUDA: compile check (CI runs the script directly) and GPU parity
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(os.environ.get("DIT_FAST_TEST_NVCC") != "1", reason="set DIT_FAST_TEST_NVCC=1 (slow: nvcc)")
+def test_cuda_sources_compile_with_nvcc():
+    res = subprocess.run(["bash", str(ROOT / "scripts" / "check_cuda_compile.sh")], capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+
+
+def _gpu_parity(op, dtype, mod_dtype, h_dtype, B, L, D):
+    from dit_fast.ops import triton_backend
+
+    args = make_inputs(op, B, L, D, dtype, mod_dtype, device="cuda")
+    out_shapes = [o.shape for o in call(torch_backend, op, [a.detach() for a in args], h_dtype)]
+    grads_out = [torch.randn(s, device="cuda") for s in out_shapes]
+    ref, ref_grads = fwd_bwd(lambda a: call(torch_backend, op, a), as64(args), [g.double() for g in grads_out])
+    low, low_grads = fwd_bwd(lambda a: eager_lowp(op, a, h_dtype), detached(args), grads_out)
+    lowp = torch.bfloat16 if torch.bfloat16 in (dtype, mod_dtype) else torch.float16
+    if dtype == mod_dtype == torch.float32:
+        lowp = torch.float32
+    for name, module in (("ext", ext_backend), ("triton", triton_backend)):
+        out, grads = fwd_bwd(lambda a: call(module, op, a, h_dtype), detached(args), grads_out)
+        for i, (o, r, lo) in enumerate(zip(out, ref, low)):
+            assert_close(o, r, lowp, eager_lowp=lo, name=f"{name} {op} out{i}")
+        for i, (g, r, lo) in enumerate(zip(grads, ref_grads, low_grads)):
+            assert_close(g, r, lowp, eager_lowp=lo, name=f"{name} {op} grad{i}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "dtype,mod_dtype,h_dtype",
+    [
+        (torch.float32, torch.float32, None),
+        (torch.bfloat16, torch.bfloat16, None),
+        (torch.float16, torch.float16, None),
+        (torch.float32, torch.bfloat16, torch.bfloat16),
+        (torch.bfloat16, torch.float16, None),
+    ],
+    ids=str,
+)
+@pytest.mark.parametrize("op", OPS)
+def test_gpu_ext_matches_triton_and_reference_dit_xl(op, dtype, mod_dtype, h_dtype):
+    ok, why = ext_backend.available("cuda")
+    if not ok:
+        pytest.skip(why)
+    _gpu_parity(op, dtype, mod_dtype, h_dtype, B=8, L=256, D=1152)  # DiT-XL/2 at 256px, batch 8
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(1, 1, 72), (3, 17, 100), (2, 33, 4096)], ids=str)
+@pytest.mark.parametrize("op", OPS)
+def test_gpu_ext_odd_shapes(op, shape):
+    ok, why = ext_backend.available("cuda")
+    if not ok:
+        pytest.skip(why)
+    _gpu_parity(op, torch.bfloat16, torch.bfloat16, None, *shape)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("op", OPS)
+def test_gpu_ext_bitwise_deterministic(op):
+    ok, why = ext_backend.available("cuda")
+    if not ok:
+        pytest.skip(why)
+    args = make_inputs(op, 8, 256, 1152, torch.bfloat16, device="cuda")
+    grads_out = [torch.randn(8, 256, 1152, device="cuda") for _ in range(2)]
+    first = fwd_bwd(lambda a: call(ext_backend, op, a), detached(args), grads_out)
+    second = fwd_bwd(lambda a: call(ext_backend, op, a), detached(args), grads_out)
+    for a, b in zip(first[0] + first[1], second[0] + second[1]):
+        assert torch.equal(a, b)
