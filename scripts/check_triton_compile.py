@@ -1,0 +1,329 @@
+#!/usr/bin/env python
+"""Compile every Triton kernel in kernels/*.py ahead of time for CUDA sm_80 and sm_90, without a GPU.
+
+The tests run the kernels in Triton's CPU interpreter, which accepts code that real compilation rejects
+and never runs ptxas. This script compiles each kernel down to a cubin (with the ptxas shipped inside the
+triton wheel) with the argument types, constexprs and num_warps its launcher really passes on a GPU.
+Those are recorded, not written by hand: every launcher runs at DiT shapes on fake CUDA tensors
+(torch FakeTensorMode: dtypes, shapes and strides, no memory), with JITFunction.run replaced by a
+recorder and the CUDA device queries stubbed (H100: 132 SMs). A launcher change (new argument, other
+tile sizes) is therefore picked up without touching this file; a new kernel (a @triton.jit function
+whose name ends in `_kernel`) that no scenario below launches is an error.
+
+Prints one line per (kernel, variant, target): registers and stack frame bytes per thread (non-zero
+means register spills: flagged SPILL) from the wheel's cuobjdump, and shared memory (dynamic, as
+launched) from the compiled metadata.
+
+  python scripts/check_triton_compile.py [--jobs 2] [--quick]
+Exit status: 0 all compiled, 1 a kernel failed to compile, 2 setup error (unsupported triton, a kernel
+never launched, a launcher that failed).
+"""
+from __future__ import annotations
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "0"  # before triton is imported: real JITFunctions, GPU code paths
+
+import argparse
+import concurrent.futures
+import contextlib
+import importlib.util
+import inspect
+import multiprocessing
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+import types
+import warnings
+from pathlib import Path
+from unittest import mock
+
+import torch
+import triton
+import triton.language as tl
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+ROOT = Path(__file__).resolve().parent.parent
+TARGETS = (80, 90)
+SM_COUNT = 132  # H100 SXM: sizes the backward kernels' row chunks (chunk_rows == 1 compiles as a constant)
+EPS = 1e-6
+# DiT-XL/2 at 256 px: 32x32 latents, 4 -> 8 channels (learned sigma), patch 2 -> 256 tokens, MLP 4 x D.
+LATENT, C_IN, C_OUT, PATCH, MLP_RATIO = 32, 4, 8, 2, 4
+
+bf16, fp16, fp32 = torch.bfloat16, torch.float16, torch.float32
+# Dtype families the model runs in: residual stream x, modulation (shift/scale/gate) and branch outputs y,
+# h, activations of the GEMM-fused kernels (patch_embed input/weight, fc1 output, final-layer weight), pos_embed.
+FAMILIES = {
+    "fp32": dict(x=fp32, mod=fp32, y=fp32, h=fp32, act=fp32, pos=fp32),
+    "bf16": dict(x=bf16, mod=bf16, y=bf16, h=bf16, act=bf16, pos=bf16),
+    "fp16": dict(x=fp16, mod=fp16, y=fp16, h=fp16, act=fp16, pos=fp16),
+    # autocast(bf16) on an fp32 model: fp32 residual stream and pos_embed, bf16 GEMM outputs and h.
+    "amp": dict(x=fp32, mod=bf16, y=bf16, h=bf16, act=bf16, pos=fp32),
+}
+# (family, batch, D): D=1152 is DiT-XL (BLOCK_D=2048, one row per program), D=72 an odd small width
+# (many rows per program, D not a multiple of 16); batch 64 switches final_layer to its training tile and
+# gives the adaLN backward kernels chunks of 16 rows (1 row at batch 2).
+SCENARIOS = [(f, 2, 1152) for f in FAMILIES] + [("bf16", 64, 1152), ("bf16", 2, 72), ("fp32", 2, 72)]
+QUICK_SCENARIOS = [("bf16", 2, 1152), ("fp32", 2, 1152)]
+
+
+def load_kernel_modules():
+    """kernels/ as a package of its own (not via dit_fast, so the rest of the library plays no part)."""
+    spec = importlib.util.spec_from_file_location(
+        "dit_fast_kernels_aot", ROOT / "kernels" / "__init__.py", submodule_search_locations=[str(ROOT / "kernels")])
+    pkg = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = pkg
+    spec.loader.exec_module(pkg)
+    mods = {}
+    for path in sorted((ROOT / "kernels").glob("*.py")):
+        if path.stem != "__init__":
+            mods[path.stem] = importlib.import_module(f"{spec.name}.{path.stem}")
+    return mods
+
+
+def run_launchers(mods, family: str, B: int, D: int) -> None:
+    """Every launcher of kernels/*.py, forward and backward, with the dtypes of one family."""
+    dt = FAMILIES[family]
+    L, N_F, K_MLP = (LATENT // PATCH) ** 2, PATCH * PATCH * C_OUT, MLP_RATIO * D
+    dev = "cuda"
+
+    def t(*shape, dtype):
+        return torch.empty(shape, dtype=dtype, device=dev)
+
+    A, FL, PE, G = mods["adaln"], mods["final_layer"], mods["patch_embed"], mods["gelu"]
+    x, y = t(B, L, D, dtype=dt["x"]), t(B, L, D, dtype=dt["y"])
+    mod = t(B, 6 * D, dtype=dt["mod"])  # chunks of the adaLN modulation, as the model slices them
+    shift, scale, gate = (mod.narrow(1, i * D, D) for i in range(3))
+    h, mean, rstd = A.adaln_modulate_fwd(x, shift, scale, EPS, dt["h"])
+    A.adaln_modulate_bwd(torch.empty_like(h), x, scale, mean, rstd, shift.dtype)
+    A.gated_residual_fwd(x, y, gate)
+    A.gated_residual_bwd(torch.empty_like(x), y, gate)
+    xo, h, mean, rstd = A.gated_residual_adaln_fwd(x, y, gate, shift, scale, EPS, dt["h"])
+    dxo, dh = torch.empty_like(xo), torch.empty_like(h)
+    for grads in ((dxo, dh), (dxo, None), (None, dh)):
+        A.gated_residual_adaln_bwd(*grads, xo, y, gate, scale, mean, rstd, shift.dtype)
+
+    img = t(B, C_IN, LATENT, LATENT, dtype=dt["act"])
+    PE.patch_embed_fwd(img, t(D, C_IN, PATCH, PATCH, dtype=dt["act"]), t(D, dtype=dt["act"]),
+                       t(1, L, D, dtype=dt["pos"]), PATCH)
+    w_fl = t(N_F, D, dtype=dt["act"])
+    out = FL.final_layer_fwd(x, shift, scale, w_fl, t(N_F, dtype=dt["act"]), PATCH, C_OUT, EPS)
+    for need_weight in (True, False):
+        FL.final_layer_bwd(torch.empty_like(out), x, shift, scale, w_fl, PATCH, C_OUT, EPS, need_weight=need_weight)
+    pre = t(B, L, K_MLP, dtype=dt["act"])
+    G.gelu_tanh_fwd(pre)
+    for need_bias in (True, False):
+        G.gelu_tanh_bwd(torch.empty_like(pre), pre, need_bias)
+
+
+# ----------------------------------------------------------------------------------------------
+# Recording launches
+# ----------------------------------------------------------------------------------------------
+
+_TORCH_TO_TRITON = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64",
+                    torch.int32: "i32", torch.int64: "i64", torch.int8: "i8", torch.uint8: "u8", torch.bool: "i1"}
+
+
+def arg_spec(param, value):
+    """(type, value, divisible_by_16) of one kernel argument as Triton's launcher specializes it (3.x rules:
+    an int equal to 1 becomes a constant, ints and pointers divisible by 16 get the divisibility hint;
+    fake tensors have no address, so pointers are taken as 16-byte aligned, as fresh allocations and the
+    launchers' D-wide chunks at these shapes are)."""
+    if param.is_constexpr or value is None:
+        return ("constexpr", value, False)
+    if isinstance(value, torch.Tensor):
+        return ("*" + _TORCH_TO_TRITON[value.dtype], None, not param.do_not_specialize)
+    if isinstance(value, bool):
+        raise TypeError(f"non-constexpr bool argument {param.name} is not handled by this script")
+    if isinstance(value, int):
+        if value == 1 and not param.do_not_specialize:
+            return ("int1", 1, False)
+        ty = "i32" if -2**31 <= value < 2**31 else "i64"
+        return (ty, None, value % 16 == 0 and not param.do_not_specialize)
+    if isinstance(value, float):
+        return ("fp32", None, False)
+    raise TypeError(f"argument {param.name}: unsupported type {type(value).__name__}")
+
+
+def record_launches(mods, scenarios):
+    """{key: (kernel, [(name, type, value, div16)], options, label)} of every distinct launch."""
+    specs, failures = {}, []
+    scenario = [None]
+
+    def record(self, *args, grid, warmup, **kwargs):
+        bound = inspect.signature(self.fn).bind(*args, **{k: v for k, v in kwargs.items() if k in self.arg_names})
+        bound.apply_defaults()
+        params = [(p.name, *arg_spec(p, bound.arguments[p.name])) for p in self.params]
+        # launch options (num_warps: Triton's default is 4; num_stages etc. if a launcher passes them)
+        options = {"num_warps": 4, **{k: v for k, v in kwargs.items() if k not in self.arg_names}}
+        key = (self.__name__, tuple((n, ty, repr(v), d) for n, ty, v, d in params), tuple(sorted(options.items())))
+        specs.setdefault(key, (self, params, options, scenario[0]))
+
+    def contiguous(self, memory_format=torch.contiguous_format):
+        # Tensor.contiguous's Python binding takes a CUDA device guard, which a CPU-only torch lacks
+        # (as does indexing, which run_launchers avoids); the same op through the dispatcher needs none.
+        if self.is_contiguous(memory_format=memory_format):
+            return self
+        return torch.ops.aten.clone.default(self, memory_format=memory_format)
+
+    props = types.SimpleNamespace(multi_processor_count=SM_COUNT, major=9, minor=0, name="fake H100")
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(mock.patch.object(triton.runtime.jit.JITFunction, "run", record))
+        stack.enter_context(mock.patch.object(torch.cuda, "get_device_properties", lambda *a, **k: props))
+        stack.enter_context(mock.patch.object(torch.cuda, "current_device", lambda: 0))
+        stack.enter_context(mock.patch.object(torch.Tensor, "contiguous", contiguous))
+        stack.enter_context(FakeTensorMode(allow_non_fake_inputs=True))
+        for family, B, D in scenarios:
+            scenario[0] = f"{family} B={B} D={D}"
+            try:
+                run_launchers(mods, family, B, D)
+            except Exception:
+                failures.append(f"launchers failed for {scenario[0]}:\n{traceback.format_exc()}")
+    return specs, failures
+
+
+# ----------------------------------------------------------------------------------------------
+# Compiling (one ASTSource flavour per triton API generation)
+# ----------------------------------------------------------------------------------------------
+
+
+def triton_api() -> str:
+    from triton.compiler import ASTSource
+
+    version = tuple(int(p) for p in re.findall(r"\d+", triton.__version__)[:2])
+    if not (3, 1) <= version <= (3, 9):
+        raise RuntimeError(f"triton {triton.__version__} is not supported by {Path(__file__).name} (knows 3.1 .. 3.9): "
+                           "check the triton.compile / ASTSource API of this version and extend make_source()")
+    params = inspect.signature(ASTSource.__init__).parameters
+    if version >= (3, 3) and "constexprs" in params:
+        return "constexprs"  # 3.3+: constexprs (and ints == 1) in the signature, attrs as {(i,): [[attr, val]]}
+    import triton.backends.compiler as bc
+    import triton.compiler.compiler as cc
+    if version == (3, 2) and "constants" in params and hasattr(bc, "AttrsDescriptor"):
+        return "attrs_descriptor_3.2"
+    if version == (3, 1) and "constants" in params and hasattr(cc, "AttrsDescriptor"):
+        return "attrs_descriptor_3.1"
+    raise RuntimeError(f"triton {triton.__version__}: ASTSource{tuple(params)} is not the API this script expects")
+
+
+def make_source(api: str, fn, params):
+    from triton.compiler import ASTSource
+
+    div16 = [i for i, (_, _, _, d) in enumerate(params) if d]
+    ones = [i for i, (_, ty, _, _) in enumerate(params) if ty == "int1"]
+    if api == "constexprs":
+        sig = {n: "constexpr" if ty == "int1" else ty for n, ty, _, _ in params}
+        consts = {n: v for n, ty, v, _ in params if ty in ("constexpr", "int1")}
+        return ASTSource(fn, sig, constexprs=consts, attrs={(i,): [["tt.divisibility", 16]] for i in div16})
+    if api == "attrs_descriptor_3.2":
+        from triton.backends.compiler import AttrsDescriptor
+
+        sig = {n: "i32" if ty == "int1" else ty for n, ty, _, _ in params}
+        consts = {n: v for n, ty, v, _ in params if ty in ("constexpr", "int1")}
+        attrs = AttrsDescriptor.from_dict({"arg_properties": {"tt.divisibility": div16, "tt.equal_to": ones},
+                                           "cls": AttrsDescriptor.__name__})
+        return ASTSource(fn, sig, constants=consts, attrs=attrs)
+    from triton.compiler.compiler import AttrsDescriptor  # 3.1: keys are argument indices
+
+    sig = {i: "i32" if ty == "int1" else ty for i, (_, ty, _, _) in enumerate(params) if ty != "constexpr"}
+    consts = {i: v for i, (_, ty, v, _) in enumerate(params) if ty in ("constexpr", "int1")}
+    return ASTSource(fn, sig, constants=consts, attrs=AttrsDescriptor(divisible_by_16=tuple(div16), equal_to_1=tuple(ones)))
+
+
+def resource_usage(cubin: bytes) -> dict:
+    """REG / STACK / LOCAL / SHARED (static only) of the cubin's kernel, from the cuobjdump shipped with triton."""
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    if not tool.exists():
+        return {}
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([str(tool), "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+    return {k: int(v) for k, v in re.findall(r"\b(REG|STACK|LOCAL|SHARED):(\d+)", out.split("Function", 1)[-1])}
+
+
+_SPECS: list = []  # filled before the pool forks; workers get indices
+
+
+def compile_one(job):
+    index, cap = job
+    fn, params, options, _ = _SPECS[index]
+    warnings.filterwarnings("ignore", message=".*TRITON_DEFAULT_FP_FUSION.*")
+    from triton.backends.compiler import GPUTarget
+
+    start = time.perf_counter()
+    try:
+        kernel = triton.compile(make_source(triton_api(), fn, params), target=GPUTarget("cuda", cap, 32),
+                                options=dict(options))
+    except Exception as e:
+        return index, cap, None, f"{type(e).__name__}: {e}", time.perf_counter() - start
+    usage = resource_usage(kernel.asm["cubin"])
+    usage["shared_meta"] = kernel.metadata.shared
+    return index, cap, usage, None, time.perf_counter() - start
+
+
+def describe(params, options) -> str:
+    ptrs = sorted({ty[1:] for _, ty, _, _ in params if ty.startswith("*")})
+    consts = [f"{n}={v.name if isinstance(v, tl.dtype) else v}" for n, ty, v, _ in params
+              if ty == "constexpr" and v is not None and n not in ("INTERPRET", "ROUND_BF16")]
+    opts = " ".join(f"{k.replace('num_', '')}={v}" for k, v in options.items())
+    return f"ptrs={'/'.join(ptrs)} {' '.join(consts)} {opts}"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="compile processes (default 2)")
+    ap.add_argument("--quick", action="store_true", help="bf16 and fp32 at D=1152 only")
+    args = ap.parse_args()
+    t0 = time.perf_counter()
+    try:
+        api = triton_api()
+    except RuntimeError as e:
+        print(f"check_triton_compile: {e}", file=sys.stderr)
+        return 2
+    mods = load_kernel_modules()
+    specs, failures = record_launches(mods, QUICK_SCENARIOS if args.quick else SCENARIOS)
+    kernels = {f"{m}.{name}" for m, mod in mods.items() for name, obj in vars(mod).items()
+               if isinstance(obj, triton.runtime.jit.JITFunction) and name.endswith("_kernel")
+               and obj.fn.__module__ == mod.__name__}
+    launched = {f"{fn.fn.__module__.rsplit('.', 1)[-1]}.{fn.__name__}" for fn, *_ in specs.values()}
+    failures += [f"kernel {k} is never launched by the scenarios of this script" for k in sorted(kernels - launched)]
+    if failures:
+        print("check_triton_compile: setup failed\n" + "\n".join(failures), file=sys.stderr)
+        return 2
+
+    _SPECS[:] = sorted(specs.values(), key=lambda s: (s[0].__name__, s[3], describe(s[1], s[2])))
+    cache = tempfile.mkdtemp(prefix="dit_fast_triton_aot_")
+    os.environ["TRITON_CACHE_DIR"] = cache  # compile for real every time, leave ~/.triton alone
+    print(f"triton {triton.__version__} (API {api}), {len(kernels)} kernels, {len(_SPECS)} variants x "
+          f"sm_{'/sm_'.join(map(str, TARGETS))}, {args.jobs} jobs; recorded in {time.perf_counter() - t0:.1f} s")
+    jobs = [(i, cap) for i in range(len(_SPECS)) for cap in TARGETS]
+    errors, spills = [], 0
+    try:
+        with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("fork")) as pool:
+            for index, cap, usage, err, secs in pool.map(compile_one, jobs):
+                fn, params, options, label = _SPECS[index]
+                head = f"{fn.__name__:34s} sm_{cap}  {label:18s} {describe(params, options)}"
+                if err:
+                    errors.append(f"{fn.__name__} sm_{cap} [{label}] {describe(params, options)}\n{err}")
+                    print(f"FAIL {head}", flush=True)
+                    continue
+                stack = usage.get("STACK", 0) + usage.get("LOCAL", 0)
+                print(f"ok   {head}  regs={usage.get('REG', '?')} stack={stack}B shared={usage['shared_meta']}B "
+                      f"{'SPILL ' if stack else ''}({secs:.1f} s)", flush=True)
+                spills += bool(stack)
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
+    for e in errors:
+        print(f"\nFAILED: {e}", file=sys.stderr)
+    print(f"{len(jobs) - len(errors)}/{len(jobs)} compiled, {len(errors)} failed, {spills} spill registers, "
+          f"{time.perf_counter() - t0:.0f} s total")
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
