@@ -4,6 +4,8 @@
 #   bash benchmarks/gpu_check.sh OUTDIR            # on a fresh GPU machine (torch, triton, nvcc, ninja present;
 #                                                  # no network: nothing is downloaded)
 #   bash benchmarks/gpu_check.sh --dry-run OUTDIR  # (or DIT_FAST_DRY_RUN=1) every stage on the CPU with a tiny model
+# Where the tree arrives without its .git (the device tool's copy), name the commit for the results files:
+#   DIT_FAST_GIT_COMMIT=$(git rev-parse HEAD) bash benchmarks/gpu_check.sh "$OUT"   (the hash written out literally)
 #
 # Stages (each under its own `timeout`; a failed or timed-out stage is recorded and the run goes on):
 #   install     pip install --no-build-isolation --no-deps -e .  (builds dit_fast._C for this GPU's arch)

@@ -37,7 +37,12 @@ def _cpu_name() -> str:
 
 
 def git_state(repo_dir: str = _REPO_DIR) -> tuple[str, bool | None]:
-    """(commit, dirty) of the checkout the package runs from; ("unknown", None) outside a git repo."""
+    """(commit, dirty) of the checkout the package runs from; ("unknown", None) outside a git repo.
+
+    DIT_FAST_GIT_COMMIT names the commit where the tree was copied without its .git (a device machine).
+    """
+    if os.environ.get("DIT_FAST_GIT_COMMIT"):
+        return os.environ["DIT_FAST_GIT_COMMIT"], None
     def git(*args):
         return subprocess.run(
             ["git", "-C", repo_dir, *args], capture_output=True, text=True, timeout=20, check=True
