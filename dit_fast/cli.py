@@ -32,7 +32,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--depth", type=int, default=None, help="override the number of blocks (quick runs)")
     g.add_argument("--input-size", type=int, default=None, help="override the latent side directly (quick runs)")
     g.add_argument("--batch", type=int, default=None, help="images per step (default per mode and device)")
-    g.add_argument("--dtype", default=None, help="fp32 | bf16 | fp16 via autocast, weights fp32 (default: bf16 on a GPU, fp32 on the CPU)")
+    g.add_argument("--dtype", default=None, help="fp32 | bf16 | fp16 via autocast, weights fp32 (default: bf16 on a GPU, fp32 on the CPU); "
+                   "kernels takes a comma list")
     g.add_argument("--mode", action="append", default=None, help="fwd | cfg | train, repeatable or comma list (default all)")
     g.add_argument("--backend", action="append", default=None,
                    help="dit_fast kernel families to compare: triton, ext, torch, auto (repeatable/comma; default every one that runs)")
@@ -93,7 +94,10 @@ class Run:
 
             shape = replace(shape, input_size=args.input_size)
         self.shape = shape
-        self.dtype = parse_dtype(args.dtype or ("bf16" if gpu else "fp32"))
+        self.dtypes = [parse_dtype(d) for d in (_csv([args.dtype]) or ["bf16" if gpu else "fp32"])]
+        if len(self.dtypes) > 1 and args.command != "kernels":
+            raise SystemExit(f"--dtype takes one dtype for {args.command} (a comma list only for kernels), got {args.dtype!r}")
+        self.dtype = self.dtypes[0]
         self.modes = _csv(args.mode) or ["fwd", "cfg", "train"]
         for m in self.modes:
             if m not in ("fwd", "cfg", "train"):
@@ -141,8 +145,8 @@ class Run:
                 "model": self.model_name,
                 "image_size": self.args.image_size,
                 **self.shape.as_dict(),
-                "dtype": str(self.dtype).replace("torch.", ""),
-                "precision_policy": "fp32 weights, torch.autocast(dtype) in every mode and contender" if str(self.dtype) != "torch.float32" else "fp32",
+                "dtype": ",".join(str(d).replace("torch.", "") for d in self.dtypes),
+                "precision_policy": "fp32 weights, torch.autocast(dtype) in every mode and contender" if any(str(d) != "torch.float32" for d in self.dtypes) else "fp32",
                 "attn": self.args.attn,
                 "warmup": self.warmup,
                 "iters": self.iters,
@@ -239,7 +243,7 @@ def cmd_kernels(run: Run, record: dict) -> None:
         record["kernels"].append(row)
         save(row)
 
-    run_kernels(device=run.device, dtype=run.dtype, shapes=shapes, ops=ops, compile_=run.args.compile,
+    run_kernels(device=run.device, dtype=run.dtypes, shapes=shapes, ops=ops, compile_=run.args.compile,
                 with_backward=not run.args.no_backward, copy_gb_per_s=ceil["copy_gb_per_s"] if ceil else None,
                 cpu_iters=max(run.iters, 1), progress=run.progress, on_result=on_result)
     from .bench.kernels import _add_speedups

@@ -1,28 +1,50 @@
 """Per-op microbenchmarks of every fused op in dit_fast.ops, on every backend that runs.
 
-Contenders per op: "eager" (the plain-PyTorch torch_backend op), "compile" (torch.compile of that
-same op), "triton" and "ext" (the kernel families, where they run and implement the op).
+The one engine behind `dit-fast kernels` and benchmarks/bench_ops.py (pytest-benchmark): both build
+inputs with `make_case` and the timed callables and byte counts with `make_pass`.
+
+Contenders per op (CONTENDERS): "eager" (the plain-PyTorch torch_backend op), "compile" (torch.compile
+of that same op), "triton" and "ext" (the kernel families, where they run and implement the op);
+`contender_status` says why one does not run.
 
 Inputs mirror the model under autocast: the residual stream x is float32 (weights too), the
 GEMM outputs feeding an op (y, gate, shift, scale, h) are in the low-precision dtype, and h is
-written in it. With dtype float32 everything is float32.
+written in it. With dtype float32 everything is float32. Gradients are taken for what training
+differentiates: not the latent image fed to patch_embed, not the fixed pos_embed.
 
-Byte model (the floor a fused kernel can reach): forward = every tensor input read once + every
-output written once, at their actual dtypes. Backward = every input read again + every output
-gradient read + every input gradient written. GB/s = bytes / time; "% copy" compares with the
-device-to-device copy bandwidth measured in the same run. linear_gelu_tanh is a GEMM: its
-TFLOP/s (2*M*K*N forward, x3 with backward) is reported beside the bytes.
+Byte model (the floor a fused kernel can reach), at the tensors' actual dtypes:
+  forward  = every tensor input read once + every output written once;
+  backward = the output gradients read + what the backward needs read (per op, OpCase.bwd_reads:
+             e.g. gated_residual needs y and gate but not x; gated_residual_adaln reads back x_out)
+             + every input gradient written; an activation kept for the backward that is not an
+             output (linear_gelu_tanh's pre-activation) is written by the forward and read back.
+  The float32 row statistics (mean, rstd: 8 bytes per row) that the norm kernels keep are left out.
+GB/s = bytes / time (median); "% copy" compares with the device-to-device copy bandwidth measured in the
+same run (dit_fast.bench.env.measure_ceilings: 1 GiB on CUDA, 64 MiB on the CPU, i.e. DRAM). do_bench
+flushes the GPU's L2 before every repeat; the CPU timer does not, so a CPU working set that fits in the
+caches (B=2 L=256 D=1152 fp32: 2.4 MB per tensor) can exceed 100% of the DRAM copy.
+linear_gelu_tanh is a GEMM: its TFLOP/s (2*M*K*N forward, x3 with backward) is reported beside the bytes.
+
+Default shapes: on CUDA the DiT-XL/2 sizes at batch 256 (training) and 2 (one image with CFG), each at
+the model's token count and at 1024 tokens (512px); on the CPU batch 2 and at most 64 tokens. The CPU
+comparison of ext against eager and torch.compile:
+    dit-fast kernels --device cpu --model DiT-XL/2 --batch 2 --dtype fp32 --compile \
+        --op adaln_modulate,gated_residual,gated_residual_adaln --iters 20     (B=2 L=256 D=1152; again with bf16)
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
 from ..backends import OPS, implements, module_for, probe
 from .contenders import autocast_ctx
 from .timing import time_kernel
+
+CONTENDERS = ("eager", "compile", "triton", "ext")
+PASSES = ("fwd", "fwd+bwd")
+TOKENS_512PX = 1024  # DiT /2 models at 512px: a 64x64 latent in 2x2 patches
 
 
 @dataclass
@@ -31,6 +53,9 @@ class OpCase:
     args: list  # positional arguments of the op (tensors and constants)
     grad_inputs: list[int]  # positions of the tensors that get gradients
     label: str
+    bwd_reads: tuple[int, ...] = ()  # positions of the inputs the backward reads again
+    bwd_reads_outputs: tuple[int, ...] = ()  # outputs the backward reads back (saved for it)
+    saved_like_outputs: tuple[int, ...] = ()  # activations the size of these outputs, written and read back
     gemm_flops: int = 0
     notes: str = ""
     extra: dict = field(default_factory=dict)
@@ -45,31 +70,32 @@ def make_case(op: str, B: int, L: int, D: int, dtype: torch.dtype, device, patch
     res = torch.float32  # residual stream and weights under autocast
     lp = dtype
     label = f"B={B} L={L} D={D}"
-    if op == "adaln_modulate":
+    if op == "adaln_modulate":  # backward: dh, x, scale -> dx, dshift, dscale
         args = [_t((B, L, D), res, device, True), _t((B, D), lp, device, True), _t((B, D), lp, device, True), 1e-6, lp]
-        return OpCase(op, args, [0, 1, 2], label)
-    if op == "gated_residual":
+        return OpCase(op, args, [0, 1, 2], label, bwd_reads=(0, 2))
+    if op == "gated_residual":  # backward: dout, y, gate -> dx, dy, dgate (x is not needed)
         args = [_t((B, L, D), res, device, True), _t((B, L, D), lp, device, True), _t((B, D), lp, device, True)]
-        return OpCase(op, args, [0, 1, 2], label)
-    if op == "gated_residual_adaln":
+        return OpCase(op, args, [0, 1, 2], label, bwd_reads=(1, 2))
+    if op == "gated_residual_adaln":  # backward: dx_out, dh, x_out, y, gate, scale -> dx, dy, dgate, dshift, dscale
         args = [_t((B, L, D), res, device, True), _t((B, L, D), lp, device, True), _t((B, D), lp, device, True),
                 _t((B, D), lp, device, True), _t((B, D), lp, device, True), 1e-6, lp]
-        return OpCase(op, args, [0, 1, 2, 3, 4], label)
+        return OpCase(op, args, [0, 1, 2, 3, 4], label, bwd_reads=(1, 2, 4), bwd_reads_outputs=(0,))
     side = int(round(L**0.5)) * patch
-    if op == "patch_embed":
-        args = [_t((B, channels, side, side), res, device, True), _t((D, channels, patch, patch), res, device, True, 0.1),
+    if op == "patch_embed":  # backward: dout, image, weight -> dweight, dbias
+        args = [_t((B, channels, side, side), res, device, False), _t((D, channels, patch, patch), res, device, True, 0.1),
                 _t((D,), res, device, True), _t((1, L, D), res, device, False), patch]
-        return OpCase(op, args, [0, 1, 2], label, gemm_flops=2 * B * L * channels * patch * patch * D)
-    if op == "final_layer":
+        return OpCase(op, args, [1, 2], label, bwd_reads=(0, 1), gemm_flops=2 * B * L * channels * patch * patch * D)
+    if op == "final_layer":  # backward: dout, x, shift, scale, weight -> dx, dshift, dscale, dweight, dbias
         out_c = 2 * channels
         args = [_t((B, L, D), res, device, True), _t((B, D), lp, device, True), _t((B, D), lp, device, True),
                 _t((patch * patch * out_c, D), res, device, True, D**-0.5), _t((patch * patch * out_c,), res, device, True),
                 patch, out_c, 1e-6]
-        return OpCase(op, args, [0, 1, 2, 3, 4], label, gemm_flops=2 * B * L * D * patch * patch * out_c)
-    if op == "linear_gelu_tanh":
+        return OpCase(op, args, [0, 1, 2, 3, 4], label, bwd_reads=(0, 1, 2, 3),
+                      gemm_flops=2 * B * L * D * patch * patch * out_c)
+    if op == "linear_gelu_tanh":  # backward: dout, pre-activation, x, weight -> dx, dweight, dbias
         H = 4 * D
         args = [_t((B, L, D), lp, device, True), _t((H, D), res, device, True, D**-0.5), _t((H,), res, device, True)]
-        return OpCase(op, args, [0, 1, 2], label, gemm_flops=2 * B * L * D * H)
+        return OpCase(op, args, [0, 1, 2], label, bwd_reads=(0, 1), saved_like_outputs=(0,), gemm_flops=2 * B * L * D * H)
     raise ValueError(f"op must be one of {OPS}, got {op!r}")
 
 
@@ -81,71 +107,123 @@ def _outputs(out) -> list[torch.Tensor]:
     return list(out) if isinstance(out, (tuple, list)) else [out]
 
 
-def kernel_contenders(device_type: str, compile_: bool) -> dict[str, Callable[[str], Callable | None]]:
-    """name -> (op name -> callable or None when it cannot run that op)."""
+def case_bytes(case: OpCase, outs: Sequence[torch.Tensor]) -> dict[str, int]:
+    """{"fwd": bytes, "fwd+bwd": bytes} of the byte model (module docstring) for these forward outputs."""
+    tensors = [a for a in case.args if isinstance(a, torch.Tensor)]
+    fwd = _nbytes(tensors) + _nbytes(outs)
+    saved = _nbytes([outs[i] for i in case.saved_like_outputs])
+    bwd = (
+        _nbytes(outs)  # output gradients, one per output, shaped and typed like it
+        + _nbytes([case.args[i] for i in case.bwd_reads])
+        + _nbytes([outs[i] for i in case.bwd_reads_outputs])
+        + _nbytes([case.args[i] for i in case.grad_inputs])  # input gradients written
+        + 2 * saved  # written by the forward, read by the backward
+    )
+    return {"fwd": fwd, "fwd+bwd": fwd + bwd}
+
+
+def contender_status(name: str, device_type: str) -> tuple[bool, str]:
+    """(runs, why not) for one contender on a device type, whatever the op."""
+    if name in ("eager", "compile"):
+        return True, ""
+    if name == "triton" and device_type == "cpu":
+        return False, "triton on the CPU is the interpreter, a correctness tool, not a speed path"
+    if name not in ("triton", "ext"):
+        raise ValueError(f"contender must be one of {CONTENDERS}, got {name!r}")
+    ok, why = probe(name, device_type)
+    return ok, "" if ok else why
+
+
+_compiled: dict[str, Callable] = {}
+
+
+def op_fn(name: str, op: str) -> Callable | None:
+    """The callable of contender `name` for `op` (same positional signature as the op), None if it lacks one."""
     from ..ops import torch_backend
 
-    out: dict[str, Callable[[str], Callable | None]] = {"eager": lambda op: getattr(torch_backend, op)}
-    if compile_:
-        cache: dict[str, Callable] = {}
+    if name == "eager":
+        return getattr(torch_backend, op)
+    if name == "compile":  # one compiled function per op, recompiled per shape and grad mode (dynamic=False)
+        if op not in _compiled:
+            _compiled[op] = torch.compile(getattr(torch_backend, op), dynamic=False)
+        return _compiled[op]
+    return getattr(module_for(name), op) if implements(name, op) else None
 
-        def compiled(op):
-            if op not in cache:
-                cache[op] = torch.compile(getattr(torch_backend, op), dynamic=False)
-            return cache[op]
 
-        out["compile"] = compiled
-    for b in ("triton", "ext"):
-        ok, _ = probe(b, device_type)
-        if ok and not (b == "triton" and device_type == "cpu"):
-            out[b] = (lambda backend: lambda op: getattr(module_for(backend), op) if implements(backend, op) else None)(b)
-    return out
+def kernel_contenders(device_type: str, compile_: bool) -> dict[str, Callable[[str], Callable | None]]:
+    """name -> (op name -> callable or None when it cannot run that op), for the contenders that run here."""
+    names = [n for n in CONTENDERS if (compile_ or n != "compile") and contender_status(n, device_type)[0]]
+    return {n: (lambda name: lambda op: op_fn(name, op))(n) for n in names}
+
+
+def make_pass(case: OpCase, fn: Callable, device, dtype, pass_: str) -> tuple[Callable[[], object], int]:
+    """(zero-argument callable running one `pass_` of fn on the case's inputs, bytes it moves by the model).
+
+    Runs fn once (which also compiles a torch.compile contender). The callable does not synchronize.
+    fwd runs under no_grad; fwd+bwd takes torch.autograd.grad of the grad_inputs (nothing accumulates
+    into .grad between repeats).
+    """
+    if pass_ not in PASSES:
+        raise ValueError(f"pass_ must be one of {PASSES}, got {pass_!r}")
+    dev = torch.device(device)
+    args = case.args
+    if pass_ == "fwd":
+        def fwd():
+            with torch.no_grad(), autocast_ctx(dev, dtype):
+                return fn(*args)
+
+        return fwd, case_bytes(case, _outputs(fwd()))["fwd"]
+    grad_args = [args[i] for i in case.grad_inputs]
+    with autocast_ctx(dev, dtype):
+        outs = _outputs(fn(*args))
+    cots = [torch.randn_like(o) for o in outs]
+    nbytes = case_bytes(case, [o.detach() for o in outs])["fwd+bwd"]
+    del outs
+
+    def fwd_bwd():
+        with autocast_ctx(dev, dtype):
+            o = _outputs(fn(*args))
+        return torch.autograd.grad(o, grad_args, cots)
+
+    return fwd_bwd, nbytes
 
 
 def bench_case(case: OpCase, fn: Callable, device, dtype, with_backward: bool, cpu_iters: int = 5) -> dict:
     dev = torch.device(device)
-    args = case.args
-    grad_args = [args[i] for i in case.grad_inputs]
-
-    def fwd():
-        with torch.no_grad(), autocast_ctx(dev, dtype):
-            return fn(*args)
-
-    outs = _outputs(fwd())
-    fwd_bytes = _nbytes([a for a in args if isinstance(a, torch.Tensor)]) + _nbytes(outs)
+    fwd, fwd_bytes = make_pass(case, fn, dev, dtype, "fwd")
     row = {"fwd_bytes": fwd_bytes}
     t = time_kernel(fwd, dev, cpu_iters=cpu_iters)
     row["fwd_ms"] = t["median_ms"]
     row["timer"] = t["timer"]
+    if t.get("min_ms") is not None:  # perf_counter / CUDA events: the spread shows a noisy (shared) machine
+        row["fwd_min_ms"] = t["min_ms"]
     if with_backward:
-        with autocast_ctx(dev, dtype):
-            probe_out = _outputs(fn(*args))
-        cots = [torch.randn_like(o) for o in probe_out]
-        bwd_bytes = _nbytes([a for a in args if isinstance(a, torch.Tensor)]) + _nbytes(cots) + _nbytes(grad_args)
-
-        def fwd_bwd():
-            with autocast_ctx(dev, dtype):
-                o = _outputs(fn(*args))
-            return torch.autograd.grad(o, grad_args, cots)
-
+        fwd_bwd, row["fwd_bwd_bytes"] = make_pass(case, fn, dev, dtype, "fwd+bwd")
         t = time_kernel(fwd_bwd, dev, cpu_iters=cpu_iters)
         row["fwd_bwd_ms"] = t["median_ms"]
-        row["fwd_bwd_bytes"] = fwd_bytes + bwd_bytes
+        if t.get("min_ms") is not None:
+            row["fwd_bwd_min_ms"] = t["min_ms"]
     return row
 
 
 def default_shapes(device_type: str, tokens: int, hidden: int, batches: list[int] | None) -> list[tuple[int, int, int]]:
+    """(B, L, D) to time. CUDA: batch 256 and 2, each at `tokens` and at 512px's 1024 tokens."""
     if batches:
         return [(b, tokens, hidden) for b in batches]
     if device_type == "cuda":
-        return [(256, tokens, hidden), (2, tokens, hidden)]
+        lengths = list(dict.fromkeys((tokens, TOKENS_512PX))) if tokens <= TOKENS_512PX else [tokens]
+        return [(b, n, hidden) for n in lengths for b in (256, 2)]
     return [(2, min(tokens, 64), hidden)]
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
 
 
 def run_kernels(
     *,
     device: torch.device,
-    dtype: torch.dtype,
+    dtype: torch.dtype | Sequence[torch.dtype],
     shapes: list[tuple[int, int, int]],
     ops: list[str] | None = None,
     compile_: bool = False,
@@ -155,40 +233,46 @@ def run_kernels(
     progress: bool = True,
     on_result: Callable[[dict], None] | None = None,
 ) -> list[dict]:
+    """One row per (dtype, op, shape, contender); dtype may be a list (e.g. float32 and bfloat16)."""
+    dtypes = [dtype] if isinstance(dtype, torch.dtype) else list(dtype)
     contenders = kernel_contenders(device.type, compile_)
     ops = list(ops or OPS)
-    jobs = [(op, shape, name) for op in ops for shape in shapes for name in contenders]
+    for op in ops:
+        if op not in OPS:
+            raise ValueError(f"op must be one of {OPS}, got {op!r}")
     bar = None
     if progress:
         try:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=len(jobs), desc="kernels", leave=False, dynamic_ncols=True)
+            total = len(dtypes) * len(ops) * len(shapes) * len(contenders)
+            bar = tqdm(total=total, desc="kernels", leave=False, dynamic_ncols=True)
         except ImportError:
             pass
     rows = []
-    for op in ops:
-        for B, L, D in shapes:
-            torch.manual_seed(0)
-            case = make_case(op, B, L, D, dtype, device)
-            for name, get in contenders.items():
-                row = {"op": op, "shape": case.label, "B": B, "L": L, "D": D, "backend": name,
-                       "dtype": str(dtype).replace("torch.", "")}
-                try:
-                    fn = get(op)
-                    if fn is None:
-                        row["skipped"] = f"{name} has no {op} kernel"
-                    else:
-                        row.update(bench_case(case, fn, device, dtype, with_backward, cpu_iters))
-                        _derive(row, case, copy_gb_per_s)
-                except Exception as e:
-                    row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
-                rows.append(row)
-                if on_result:
-                    on_result(row)
-                if bar:
-                    bar.update()
-            del case
+    for dt in dtypes:
+        for op in ops:
+            for B, L, D in shapes:
+                torch.manual_seed(0)
+                case = make_case(op, B, L, D, dt, device)
+                for name, get in contenders.items():
+                    row = {"op": op, "shape": case.label, "B": B, "L": L, "D": D, "backend": name,
+                           "dtype": _dtype_name(dt)}
+                    try:
+                        fn = get(op)
+                        if fn is None:
+                            row["skipped"] = f"{name} has no {op} kernel"
+                        else:
+                            row.update(bench_case(case, fn, device, dt, with_backward, cpu_iters))
+                            _derive(row, case, copy_gb_per_s)
+                    except Exception as e:
+                        row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+                    rows.append(row)
+                    if on_result:
+                        on_result(row)
+                    if bar:
+                        bar.update()
+                del case
     if bar:
         bar.close()
     _add_speedups(rows)
@@ -210,9 +294,12 @@ def _derive(row: dict, case: OpCase, copy_gb_per_s: float | None) -> None:
 
 
 def _add_speedups(rows: list[dict]) -> None:
-    eager = {(r["op"], r["shape"]): r for r in rows if r["backend"] == "eager" and r.get("fwd_ms")}
+    def key(r):
+        return r["op"], r["shape"], r.get("dtype")
+
+    eager = {key(r): r for r in rows if r["backend"] == "eager" and r.get("fwd_ms")}
     for r in rows:
-        e = eager.get((r["op"], r["shape"]))
+        e = eager.get(key(r))
         if e and r.get("fwd_ms"):
             r["fwd_speedup_vs_eager"] = e["fwd_ms"] / r["fwd_ms"]
             if r.get("fwd_bwd_ms") and e.get("fwd_bwd_ms"):

@@ -83,7 +83,7 @@ PARITY_COLS = [
     ("max_abs_vs_ref", "max abs vs ref"), ("pass", "result"), ("worst_param", "worst param"), ("error", "error"),
 ]
 KERNEL_COLS = [
-    ("op", "op"), ("shape", "shape"), ("backend", "backend"), ("fwd_ms", "fwd ms"), ("fwd_gb_per_s", "fwd GB/s"),
+    ("op", "op"), ("shape", "shape"), ("dtype", "dtype"), ("backend", "backend"), ("fwd_ms", "fwd ms"), ("fwd_gb_per_s", "fwd GB/s"),
     ("fwd_pct_copy", "fwd % copy"), ("fwd_bwd_ms", "fwd+bwd ms"), ("fwd_bwd_gb_per_s", "fwd+bwd GB/s"),
     ("fwd_bwd_pct_copy", "fwd+bwd % copy"), ("fwd_tflops", "fwd TFLOP/s"), ("fwd_speedup_vs_eager", "fwd x eager"),
     ("fwd_bwd_speedup_vs_eager", "fwd+bwd x eager"), ("skipped", "skipped"), ("error", "error"),
@@ -112,8 +112,8 @@ def markdown(record: dict) -> str:
     if record.get("throughput"):
         parts += ["## Throughput", "", md_table(record["throughput"], THROUGHPUT_COLS), ""]
     if record.get("kernels"):
-        parts += ["## Kernels", "", "Bytes: each input read once + each output written once (backward: inputs again, "
-                  "output grads read, input grads written).", "", md_table(record["kernels"], KERNEL_COLS), ""]
+        parts += ["## Kernels", "", "Bytes: each input read once + each output written once; backward: output grads read, "
+                  "what the backward needs read (per op), input grads written (dit_fast/bench/kernels.py).", "", md_table(record["kernels"], KERNEL_COLS), ""]
     for p in record.get("profile", []):
         parts += [f"## Profile: {p['contender']} {p['target']} {p['mode']} (batch {p['batch']}, {p['iters']} steps"
                   + (f", trace {p['trace']}" if p.get("trace") else "") + ")", "",
@@ -194,13 +194,13 @@ def _throughput_panel(ax, record):
 
 def _kernel_panel(ax, record):
     rows = [r for r in record["kernels"] if r.get("fwd_ms")]
-    first_shape = rows[0]["shape"]
-    rows = [r for r in rows if r["shape"] == first_shape]
+    first_shape, first_dtype = rows[0]["shape"], rows[0].get("dtype")
+    rows = [r for r in rows if r["shape"] == first_shape and r.get("dtype") == first_dtype]
     ops = list(dict.fromkeys(r["op"] for r in rows))
     names = list(dict.fromkeys(r["backend"] for r in rows))
     val = {(r["backend"], r["op"]): r["fwd_ms"] for r in rows}
     _grouped(ax, ops, {n: [val.get((n, o)) for o in ops] for n in names}, "forward ms (log)", log=True)
-    ax.set_title(f"Kernel latency, {first_shape} (lower is better)")
+    ax.set_title(f"Kernel latency, {first_shape} {first_dtype or ''} (lower is better)")
 
 
 def _profile_panel(ax, record):
