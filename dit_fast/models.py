@@ -20,7 +20,14 @@ from torch.utils.checkpoint import checkpoint
 from . import ops
 from .attention import attention
 from .backends import check_backend_name
-from .reference import CONFIGS, LabelEmbedder, TimestepEmbedder, _config_factory, initialize_dit_weights
+from .reference import (
+    CONFIGS,
+    LabelEmbedder,
+    TimestepEmbedder,
+    _config_factory,
+    forward_with_cfg,
+    initialize_dit_weights,
+)
 
 __all__ = ["DiT", "DiT_models", "from_reference"]
 
@@ -279,21 +286,13 @@ class DiT(nn.Module):
         return ops.final_layer(x, final_shift, final_scale, fl.weight, fl.bias, p, self.out_channels, backend=self.backend)
 
     def forward_with_cfg(self, x, t, y, cfg_scale, guide_all_channels: bool = False):
-        """Classifier-free guidance, as published: the first half of the batch is run twice (labels y
-        give the conditional and the null labels in the second half the unconditional prediction);
-        only the first 3 channels are guided unless guide_all_channels=True."""
+        """Classifier-free guidance, as published (see dit_fast.reference.forward_with_cfg)."""
         if not isinstance(x, torch.Tensor) or x.dim() == 0 or x.shape[0] % 2:
             raise ValueError(
                 f"forward_with_cfg needs an even batch (conditional half, then unconditional half), "
                 f"got x of shape {_desc(x)}"
             )
-        half = x[: len(x) // 2]
-        out = self.forward(torch.cat([half, half], dim=0), t, y)
-        n_guided = self.in_channels if guide_all_channels else 3
-        eps, rest = out[:, :n_guided], out[:, n_guided:]
-        cond, uncond = torch.split(eps, len(eps) // 2, dim=0)
-        guided = uncond + cfg_scale * (cond - uncond)
-        return torch.cat([torch.cat([guided, guided], dim=0), rest], dim=1)
+        return forward_with_cfg(self, x, t, y, cfg_scale, guide_all_channels)
 
 
 def _is_sharded(param: torch.Tensor) -> bool:

@@ -19,6 +19,7 @@ __all__ = [
     "get_2d_sincos_pos_embed",
     "timestep_embedding",
     "modulate",
+    "forward_with_cfg",
 ]
 
 
@@ -219,18 +220,24 @@ class DiT(nn.Module):
         return self.unpatchify(x)
 
     def forward_with_cfg(self, x, t, y, cfg_scale, guide_all_channels: bool = False):
-        """Classifier-free guidance; the batch's second half holds the null labels.
+        return forward_with_cfg(self, x, t, y, cfg_scale, guide_all_channels)
 
-        The published sampler guides only the first 3 channels (that reproduces the reported FID);
-        ``guide_all_channels=True`` guides all ``in_channels`` instead.
-        """
-        half = x[: len(x) // 2]
-        out = self.forward(torch.cat([half, half], dim=0), t, y)
-        n_guided = self.in_channels if guide_all_channels else 3
-        eps, rest = out[:, :n_guided], out[:, n_guided:]
-        cond, uncond = torch.split(eps, len(eps) // 2, dim=0)
-        guided = uncond + cfg_scale * (cond - uncond)
-        return torch.cat([torch.cat([guided, guided], dim=0), rest], dim=1)
+
+def forward_with_cfg(model: nn.Module, x, t, y, cfg_scale, guide_all_channels: bool = False):
+    """Classifier-free guidance; the batch's second half holds the null labels.
+
+    The first half of x is run twice (labels y give the conditional, the null labels the
+    unconditional prediction). The published sampler guides only the first 3 channels (that
+    reproduces the reported FID); ``guide_all_channels=True`` guides all ``in_channels`` instead.
+    The remaining channels pass through unguided.
+    """
+    half = x[: len(x) // 2]
+    out = model.forward(torch.cat([half, half], dim=0), t, y)
+    n_guided = model.in_channels if guide_all_channels else 3
+    eps, rest = out[:, :n_guided], out[:, n_guided:]
+    cond, uncond = torch.split(eps, len(eps) // 2, dim=0)
+    guided = uncond + cfg_scale * (cond - uncond)
+    return torch.cat([torch.cat([guided, guided], dim=0), rest], dim=1)
 
 
 def initialize_dit_weights(model: nn.Module) -> None:

@@ -23,17 +23,18 @@ Launchers allocate every buffer through _empty(); inside `poison_outputs()` thos
 NaN-filled, so tests can prove every element is written.
 
 The Triton interpreter (TRITON_INTERPRET=1, CPU tensors) truncates float32 -> bfloat16 where
-GPUs round to nearest even; the launchers then pass ROUND_BF16 so results match (_cast_for).
+GPUs round to nearest even; the launchers then pass ROUND_BF16 so results match (common.cast_for).
 """
 from __future__ import annotations
 
 import contextlib
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
+
+from .common import cast_for, interpreting
 
 # Elements per program tile: 8 per thread at 8 warps, one 16-byte load per bf16 tensor.
 _TILE_ELEMS = 2048
@@ -71,10 +72,6 @@ def _tl(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-def _interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def _unit_last(t: torch.Tensor) -> torch.Tensor:
     """The kernels index rows by strides but need unit stride along D."""
     return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
@@ -107,18 +104,6 @@ def _chunking(B: int, L: int, block_r: int, device: torch.device) -> tuple[int, 
 # ----------------------------------------------------------------------------------------------
 # Kernels
 # ----------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _cast_for(v, ptr, ROUND_BF16: tl.constexpr):
-    """v cast to ptr's element type. The Triton interpreter truncates float32 -> bfloat16 (GPUs round
-    to nearest even); with ROUND_BF16 the rounding is done by hand first so both agree."""
-    if ROUND_BF16:
-        if ptr.dtype.element_ty == tl.bfloat16:
-            bits = v.to(tl.float32).to(tl.int32, bitcast=True)
-            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
-            v = bits.to(tl.float32, bitcast=True)
-    return v.to(ptr.dtype.element_ty)
 
 
 @triton.jit
@@ -180,7 +165,7 @@ def _adaln_modulate_fwd_kernel(
     h, mean, rstd = _layer_norm_modulate(x, mask, shift, scale, D, eps)
 
     row_idx = b * L + rows64  # h, mean, rstd are contiguous
-    tl.store(h_ptr + row_idx[:, None] * D + cols[None, :], _cast_for(h, h_ptr, ROUND_BF16), mask=mask)
+    tl.store(h_ptr + row_idx[:, None] * D + cols[None, :], cast_for(h, h_ptr, ROUND_BF16), mask=mask)
     tl.store(mean_ptr + row_idx, mean, mask=rmask)
     tl.store(rstd_ptr + row_idx, rstd, mask=rmask)
 
@@ -214,7 +199,7 @@ def _adaln_modulate_bwd_kernel(
         acc_dshift += dh
         acc_dscale += dh * xhat
         dx = _layer_norm_modulate_bwd(dh, xhat, rstd, scale, D)
-        tl.store(dx_ptr + row_idx[:, None] * D + cols[None, :], _cast_for(dx, dx_ptr, ROUND_BF16), mask=mask)
+        tl.store(dx_ptr + row_idx[:, None] * D + cols[None, :], cast_for(dx, dx_ptr, ROUND_BF16), mask=mask)
     part = (b * n_chunks + chunk) * D + cols
     tl.store(dshift_part_ptr + part, tl.sum(acc_dshift, axis=0), mask=cmask)
     tl.store(dscale_part_ptr + part, tl.sum(acc_dscale, axis=0), mask=cmask)
@@ -238,7 +223,7 @@ def _gated_residual_fwd_kernel(
     y = tl.load(y_ptr + b * y_sb + rows64[:, None] * y_sl + cols[None, :], mask=mask, other=0.0).to(COMPUTE)
     gate = tl.load(gate_ptr + b * gate_sb + cols, mask=cmask, other=0.0).to(COMPUTE)
     out = x + gate[None, :] * y
-    tl.store(out_ptr + (b * L + rows64)[:, None] * D + cols[None, :], _cast_for(out, out_ptr, ROUND_BF16), mask=mask)
+    tl.store(out_ptr + (b * L + rows64)[:, None] * D + cols[None, :], cast_for(out, out_ptr, ROUND_BF16), mask=mask)
 
 
 @triton.jit
@@ -264,7 +249,7 @@ def _gated_residual_bwd_kernel(
         y = tl.load(y_ptr + b * y_sb + rows64[:, None] * y_sl + cols[None, :], mask=mask, other=0.0).to(COMPUTE)
         acc_dgate += dout * y
         dy = dout * gate[None, :]
-        tl.store(dy_ptr + (b * L + rows64)[:, None] * D + cols[None, :], _cast_for(dy, dy_ptr, ROUND_BF16), mask=mask)
+        tl.store(dy_ptr + (b * L + rows64)[:, None] * D + cols[None, :], cast_for(dy, dy_ptr, ROUND_BF16), mask=mask)
     tl.store(dgate_part_ptr + (b * n_chunks + chunk) * D + cols, tl.sum(acc_dgate, axis=0), mask=cmask)
 
 
@@ -291,12 +276,12 @@ def _gated_residual_adaln_fwd_kernel(
     scale = tl.load(scale_ptr + b * scale_sb + cols, mask=cmask, other=0.0).to(COMPUTE)
 
     # h is normalized from x_out as stored (rounded to x's dtype), as the unfused model does.
-    xo = _cast_for(x + gate[None, :] * y, xo_ptr, ROUND_BF16)
+    xo = cast_for(x + gate[None, :] * y, xo_ptr, ROUND_BF16)
     h, mean, rstd = _layer_norm_modulate(xo.to(COMPUTE), mask, shift, scale, D, eps)
 
     row_idx = b * L + rows64
     tl.store(xo_ptr + row_idx[:, None] * D + cols[None, :], xo, mask=mask)
-    tl.store(h_ptr + row_idx[:, None] * D + cols[None, :], _cast_for(h, h_ptr, ROUND_BF16), mask=mask)
+    tl.store(h_ptr + row_idx[:, None] * D + cols[None, :], cast_for(h, h_ptr, ROUND_BF16), mask=mask)
     tl.store(mean_ptr + row_idx, mean, mask=rmask)
     tl.store(rstd_ptr + row_idx, rstd, mask=rmask)
 
@@ -343,8 +328,8 @@ def _gated_residual_adaln_bwd_kernel(
         y = tl.load(y_ptr + b * y_sb + rows64[:, None] * y_sl + cols[None, :], mask=mask, other=0.0).to(COMPUTE)
         acc_dgate += total * y
         out_off = row_idx[:, None] * D + cols[None, :]
-        tl.store(dx_ptr + out_off, _cast_for(total, dx_ptr, ROUND_BF16), mask=mask)
-        tl.store(dy_ptr + out_off, _cast_for(total * gate[None, :], dy_ptr, ROUND_BF16), mask=mask)
+        tl.store(dx_ptr + out_off, cast_for(total, dx_ptr, ROUND_BF16), mask=mask)
+        tl.store(dy_ptr + out_off, cast_for(total * gate[None, :], dy_ptr, ROUND_BF16), mask=mask)
     part = (b * n_chunks + chunk) * D + cols
     tl.store(dgate_part_ptr + part, tl.sum(acc_dgate, axis=0), mask=cmask)
     tl.store(dshift_part_ptr + part, tl.sum(acc_dshift, axis=0), mask=cmask)
@@ -360,7 +345,7 @@ def _sum_chunks_kernel(part_ptr, out_ptr, n_chunks, D, BLOCK_D: tl.constexpr, RO
     acc = tl.load(part_ptr + b * n_chunks * D + cols, mask=cmask, other=0.0)
     for c in range(1, n_chunks):
         acc += tl.load(part_ptr + (b * n_chunks + c) * D + cols, mask=cmask, other=0.0)
-    tl.store(out_ptr + b * D + cols, _cast_for(acc, out_ptr, ROUND_BF16), mask=cmask)
+    tl.store(out_ptr + b * D + cols, cast_for(acc, out_ptr, ROUND_BF16), mask=cmask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -378,7 +363,7 @@ def _finish(part: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     out = _empty((B, D), dtype, part.device)
     block_d = min(triton.next_power_of_2(D), 1024)
     _sum_chunks_kernel[(B, triton.cdiv(D, block_d))](
-        part, out, n_chunks, D, BLOCK_D=block_d, ROUND_BF16=_interpreted(), num_warps=4,
+        part, out, n_chunks, D, BLOCK_D=block_d, ROUND_BF16=interpreting(), num_warps=4,
     )
     return out
 
@@ -400,7 +385,7 @@ def adaln_modulate_fwd(x, shift, scale, eps: float, h_dtype=None):
         L, D, n_blocks,
         *_rows_strides(x), shift.stride(0), scale.stride(0),
         eps,
-        BLOCK_R=block_r, BLOCK_D=block_d, COMPUTE=_tl(ct), ROUND_BF16=_interpreted(), num_warps=num_warps,
+        BLOCK_R=block_r, BLOCK_D=block_d, COMPUTE=_tl(ct), ROUND_BF16=interpreting(), num_warps=num_warps,
     )
     return h, mean, rstd
 
@@ -422,7 +407,7 @@ def adaln_modulate_bwd(dh, x, scale, mean, rstd, shift_dtype: torch.dtype):
         dh, x, scale, mean, rstd, dx, dshift_part, dscale_part,
         L, D, n_chunks, chunk_rows,
         *_rows_strides(dh), *_rows_strides(x), scale.stride(0),
-        BLOCK_R=block_r, BLOCK_D=block_d, COMPUTE=_tl(ct), ROUND_BF16=_interpreted(), num_warps=num_warps,
+        BLOCK_R=block_r, BLOCK_D=block_d, COMPUTE=_tl(ct), ROUND_BF16=interpreting(), num_warps=num_warps,
     )
     return dx, _finish(dshift_part, shift_dtype), _finish(dscale_part, scale.dtype)
 
@@ -440,7 +425,7 @@ def gated_residual_fwd(x, y, gate):
         x, y, gate, out,
         L, D, n_blocks,
         *_rows_strides(x), *_rows_strides(y), gate.stride(0),
-        BLOCK_R=block_r, BLOCK_D=block_d, COMPUTE=_tl(compute_dtype(x, y, gate)), ROUND_BF16=_interpreted(), num_warps=num_warps,
+        BLOCK_R=block_r, BLOCK_D=block_d, COMPUTE=_tl(compute_dtype(x, y, gate)), ROUND_BF16=interpreting(), num_warps=num_warps,
     )
     return out
 
@@ -460,7 +445,7 @@ def gated_residual_bwd(dout, y, gate):
         dout, y, gate, dy, dgate_part,
         L, D, n_chunks, chunk_rows,
         *_rows_strides(dout), *_rows_strides(y), gate.stride(0),
-        BLOCK_R=block_r, BLOCK_D=block_d, COMPUTE=_tl(ct), ROUND_BF16=_interpreted(), num_warps=num_warps,
+        BLOCK_R=block_r, BLOCK_D=block_d, COMPUTE=_tl(ct), ROUND_BF16=interpreting(), num_warps=num_warps,
     )
     return dy, _finish(dgate_part, gate.dtype)
 
@@ -484,7 +469,7 @@ def gated_residual_adaln_fwd(x, y, gate, shift, scale, eps: float, h_dtype=None)
         L, D, n_blocks,
         *_rows_strides(x), *_rows_strides(y), gate.stride(0), shift.stride(0), scale.stride(0),
         eps,
-        BLOCK_R=block_r, BLOCK_D=block_d, COMPUTE=_tl(ct), ROUND_BF16=_interpreted(), num_warps=num_warps,
+        BLOCK_R=block_r, BLOCK_D=block_d, COMPUTE=_tl(ct), ROUND_BF16=interpreting(), num_warps=num_warps,
     )
     return x_out, h, mean, rstd
 
@@ -522,6 +507,6 @@ def gated_residual_adaln_bwd(dx_out, dh, x_out, y, gate, scale, mean, rstd, shif
         *_rows_strides(dxo_arg), *_rows_strides(dh_arg), *_rows_strides(x_out), *_rows_strides(y),
         gate.stride(0), scale.stride(0),
         HAS_DXO=dx_out is not None, HAS_DH=dh is not None,
-        BLOCK_R=block_r, BLOCK_D=block_d, COMPUTE=_tl(ct), ROUND_BF16=_interpreted(), num_warps=num_warps,
+        BLOCK_R=block_r, BLOCK_D=block_d, COMPUTE=_tl(ct), ROUND_BF16=interpreting(), num_warps=num_warps,
     )
     return dx, dy, _finish(dgate_part, gate.dtype), _finish(dshift_part, shift_dtype), _finish(dscale_part, scale.dtype)

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .patch_embed import cast_for, dot_acc, interpreting
+from .common import cast_for, dot_acc, interpreting
 
 
 @triton.jit

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .patch_embed import cast_for, interpreting
+from .common import cast_for, interpreting
 
 BLOCK = 1024
 

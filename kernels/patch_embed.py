@@ -13,41 +13,11 @@ d(x) = d(out) @ W (a [M, D] x [D, K] GEMM) is unpatchified back to NCHW by a per
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-
-def interpreting() -> bool:
-    """Whether Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1), which needs two fixes below."""
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-# Shared by the kernels of patch_embed, final_layer and gelu.
-@triton.jit
-def dot_acc(a, b, INTERPRET: tl.constexpr):
-    """a @ b with a float32 result and exact float32 products ("ieee": no TF32 for float32 operands).
-    The interpreter (triton 3.9) returns garbage for bfloat16 dots; products of bf16/fp16 values are exact
-    in float32, so feeding it float32 gives the same result."""
-    if INTERPRET:
-        c = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    else:
-        c = tl.dot(a, b, input_precision="ieee")
-    return c
-
-
-@triton.jit
-def cast_for(v, ptr, INTERPRET: tl.constexpr):
-    """float32 v cast to ptr's element type. The interpreter truncates float32 -> bfloat16 where GPUs
-    round to nearest even; under it the rounding is done by hand first so both agree."""
-    if INTERPRET:
-        if ptr.dtype.element_ty == tl.bfloat16:
-            bits = v.to(tl.float32).to(tl.int32, bitcast=True)
-            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
-            v = bits.to(tl.float32, bitcast=True)
-    return v.to(ptr.dtype.element_ty)
+from .common import cast_for, dot_acc, interpreting
 
 
 @triton.jit
