@@ -97,7 +97,7 @@ def load_checkpoint(
         )
     if missing or unexpected:
         warnings.warn(
-            f"load_checkpoint(strict=False) left some keys alone:\n" + format_key_problems(missing, unexpected, []),
+            "load_checkpoint(strict=False) left some keys alone:\n" + format_key_problems(missing, unexpected, []),
             stacklevel=2,
         )
     on_meta = any(t.is_meta for t in expected.values())

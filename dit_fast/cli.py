@@ -94,7 +94,7 @@ class Run:
 
             shape = replace(shape, input_size=args.input_size)
         self.shape = shape
-        self.dtypes = [parse_dtype(d) for d in (_csv([args.dtype]) or ["bf16" if gpu else "fp32"])]
+        self.dtypes = [parse_dtype(d) for d in (_csv([args.dtype] if args.dtype else []) or ["bf16" if gpu else "fp32"])]
         if len(self.dtypes) > 1 and args.command != "kernels":
             raise SystemExit(f"--dtype takes one dtype for {args.command} (a comma list only for kernels), got {args.dtype!r}")
         self.dtype = self.dtypes[0]

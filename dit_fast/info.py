@@ -19,7 +19,7 @@ def _attention_lines(device_type: str, dtype: torch.dtype, head_dim: int) -> lis
 
     report = getattr(attention, "attention_report", None)
     if report is None:
-        return [f"  attention (auto): sdpa (torch.nn.functional.scaled_dot_product_attention; 'math' on request)"]
+        return ["  attention (auto): sdpa (torch.nn.functional.scaled_dot_product_attention; 'math' on request)"]
     try:
         rows = report(device_type, dtype, head_dim)
     except Exception as e:

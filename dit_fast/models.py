@@ -21,10 +21,9 @@ from . import ops
 from .attention import attention
 from .backends import check_backend_name
 from .reference import (
-    CONFIGS,
     LabelEmbedder,
     TimestepEmbedder,
-    _config_factory,
+    config_table,
     forward_with_cfg,
     initialize_dit_weights,
 )
@@ -356,4 +355,4 @@ def from_reference(model: nn.Module, share_weights: bool = False, **kwargs) -> D
     return fast
 
 
-DiT_models = {name: _config_factory(DiT, name) for name in CONFIGS}
+DiT_models = config_table(DiT)

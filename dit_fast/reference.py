@@ -10,7 +10,6 @@ import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 __all__ = [
     "DiT",
@@ -291,4 +290,15 @@ def _config_factory(cls, name: str):
     return build
 
 
-DiT_models = {name: _config_factory(DiT, name) for name in CONFIGS}
+class ConfigTable(dict):
+    """name -> constructor, like the published DiT_models dict; an unknown name says which exist."""
+
+    def __missing__(self, name):
+        raise KeyError(f"unknown DiT config {name!r}; known configs: {', '.join(self)}")
+
+
+def config_table(cls) -> ConfigTable:
+    return ConfigTable({name: _config_factory(cls, name) for name in CONFIGS})
+
+
+DiT_models = config_table(DiT)

@@ -228,7 +228,7 @@ def test_bad_inputs_give_clear_errors():
         model.forward_with_cfg(torch.randn(3, 4, 16, 16), torch.rand(3), torch.tensor([1, 2, 1000]), 4.0)
     with pytest.raises(ValueError, match="backend must be one of"):
         dit_fast.DiT(depth=1, backend="cuda-magic")
-    with pytest.raises(KeyError):
+    with pytest.raises(KeyError, match="unknown DiT config 'DiT-XXL/2'; known configs: DiT-XL/2, "):
         dit_fast.DiT_models["DiT-XXL/2"]
 
 

@@ -10,14 +10,17 @@ import os
 import torch
 
 from .triton_adaln import adaln_modulate, gated_residual, gated_residual_adaln
+from .triton_embed import final_layer, linear_gelu_tanh, patch_embed
 
-try:
-    from .triton_embed import final_layer, linear_gelu_tanh, patch_embed
-except ModuleNotFoundError as e:
-    # Only a missing triton_embed module means "no such kernels yet" (ops then fall back to
-    # torch with a warning); any other import failure is a bug and must surface.
-    if e.name != f"{__package__}.triton_embed":
-        raise
+__all__ = [
+    "available",
+    "adaln_modulate",
+    "gated_residual",
+    "gated_residual_adaln",
+    "patch_embed",
+    "final_layer",
+    "linear_gelu_tanh",
+]
 
 
 def available(device_type: str) -> tuple[bool, str]:
