@@ -98,6 +98,11 @@ else
     export TORCH_CUDA_ARCH_LIST
   fi
   stage install "$t_install" "$PY" -m pip install --no-build-isolation --no-deps --no-index -e .
+  # dit_fast.kernels exists only through the editable install (package_dir): a failed or timed-out
+  # CUDA extension build must not take the Triton backend down with it. Reinstall without the extension.
+  if ! "$PY" -c "import dit_fast.kernels" >/dev/null 2>&1; then
+    stage install_noext 60 env DIT_FAST_SKIP_EXT=1 "$PY" -m pip install --no-build-isolation --no-deps --no-index -e .
+  fi
 fi
 
 stage info "$t_info" "$PY" -m dit_fast.info
@@ -107,7 +112,11 @@ PYTEST_OK5='"$0" -m pytest "$@"; rc=$?; [ $rc -eq 5 ] && exit 0; exit $rc'
 if [ "$DRY" = "1" ]; then
   stage gpu_tests "$t_gpu_tests" bash -c "$PYTEST_OK5" "$PY" -m gpu --collect-only -q -p no:cacheprovider tests/test_flops.py
 else
-  stage gpu_tests "$t_gpu_tests" bash -c "$PYTEST_OK5" "$PY" -m gpu -q -p no:cacheprovider tests
+  # Most of this stage is Triton compiling kernel variants: spread it over 4 processes when xdist is there.
+  XDIST=()
+  "$PY" -c "import xdist" >/dev/null 2>&1 && XDIST=(-n 4)
+  stage gpu_tests "$t_gpu_tests" bash -c "$PYTEST_OK5" "$PY" -m gpu -q -p no:cacheprovider "${XDIST[@]}" \
+    --junitxml="$DET/gpu_tests.xml" tests
 fi
 
 stage parity "$t_parity" "$PY" -m dit_fast parity "${COMMON[@]}" "${PARITY_ARGS[@]}" --out "$DET"

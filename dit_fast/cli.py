@@ -268,6 +268,7 @@ def cmd_profile(run: Run, record: dict) -> None:
     modes = [m for m in run.modes if m != "cfg"] or ["fwd"]
     batch = run.args.batch or (32 if run.device.type == "cuda" else 2)
     record["profile"] = []
+    save = run.checkpoint(record, "profile")
     base = stem(run.out, record["env"], "profile")
     for c in contenders:
         for target in targets:
@@ -288,6 +289,7 @@ def cmd_profile(run: Run, record: dict) -> None:
                     os.remove(trace)
                     res["trace"] = os.path.basename(trace) + ".gz"
                 record["profile"].append(res)
+                save(res)
                 print(f"\n{c.name} {target} {mode}:" + (f" ERROR {res['error']}" if res.get("error") else ""))
                 if res["kernels"]:
                     print(md_table(res["kernels"][:10], PROFILE_KERNEL_COLS))

@@ -99,5 +99,9 @@ def test_gpu_check_dry_run(tmp_path):
     record = _check_files(str(tmp_path / json_name[:-5]), {"parity", "throughput", "kernels", "profile"})
     assert record["kernels"][0]["fwd_bytes"] > 0
     assert any(p["ranges"] for p in record["profile"]), "no block ranges recorded"
+    # A stage catches a contender's exception and records it as a row: such rows must not pass silently.
+    for section in ("throughput", "kernels", "profile"):
+        errors = [row["error"] for row in record[section] if row.get("error")]
+        assert not errors, f"{section}: {errors}"
     assert (tmp_path / "details.tar.gz").stat().st_size > 0
     assert not (tmp_path / "details").exists()

@@ -177,7 +177,7 @@ def _block_step(block: nn.Module, shape, batch: int, device, dtype, train: bool)
     def run():
         with torch.set_grad_enabled(train), autocast_ctx(torch.device(device), dtype):
             if fast:  # the self-contained block: SiLU(c) is the model's, computed once for all blocks
-                out = block(x, torch.nn.functional.silu(c), block_h_dtype(device, dtype))
+                out = block(x, torch.nn.functional.silu(c), h_dtype=block_h_dtype(device, dtype))
             else:
                 out = block(x, c)
         if train:
