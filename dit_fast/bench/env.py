@@ -102,6 +102,13 @@ def environment(device: torch.device) -> dict:
     return env
 
 
+def _copy_gb_per_s(nbytes: int, device) -> float:
+    src = torch.randn(nbytes // 4, device=device, dtype=torch.float32)
+    dst = torch.empty_like(src)
+    t_copy = time_fn(lambda: dst.copy_(src), device, warmup=3, iters=20)["median_ms"]
+    return 2 * nbytes / (t_copy * 1e-3) / 1e9  # bytes read + bytes written
+
+
 def measure_ceilings(device: torch.device, copy_mib: int = 1024, gemm_n: int = 8192) -> dict:
     """Device-to-device copy bandwidth (bytes read + written / time) and bf16 GEMM rate, measured now.
 
@@ -110,11 +117,7 @@ def measure_ceilings(device: torch.device, copy_mib: int = 1024, gemm_n: int = 8
     if device.type != "cuda":
         copy_mib, gemm_n = min(copy_mib, 64), min(gemm_n, 1024)
     dtype = torch.bfloat16
-    src = torch.randn(copy_mib * 2**20 // 4, device=device, dtype=torch.float32)
-    dst = torch.empty_like(src)
-    t_copy = time_fn(lambda: dst.copy_(src), device, warmup=3, iters=20)["median_ms"]
-    copy_gbs = 2 * src.numel() * src.element_size() / (t_copy * 1e-3) / 1e9
-    del src, dst
+    copy_gbs = _copy_gb_per_s(copy_mib * 2**20, device)
     a = torch.randn(gemm_n, gemm_n, device=device, dtype=dtype)
     b = torch.randn(gemm_n, gemm_n, device=device, dtype=dtype)
     t_gemm = time_fn(lambda: a @ b, device, warmup=3, iters=20)["median_ms"]
