@@ -107,6 +107,24 @@ def _chunking(B: int, L: int, block_r: int, device: torch.device) -> tuple[int, 
 
 
 @triton.jit
+def _load_rows(base_ptr, rows64, row_stride, cols, mask, COMPUTE: tl.constexpr):
+    """A [BLOCK_R, BLOCK_D] tile of rows of a [B, L, D] tensor (base_ptr: its batch element), in COMPUTE."""
+    return tl.load(base_ptr + rows64[:, None] * row_stride + cols[None, :], mask=mask, other=0.0).to(COMPUTE)
+
+
+@triton.jit
+def _load_vec(base_ptr, cols, cmask, COMPUTE: tl.constexpr):
+    """One batch element's [D] modulation vector (shift, scale or gate), in COMPUTE."""
+    return tl.load(base_ptr + cols, mask=cmask, other=0.0).to(COMPUTE)
+
+
+@triton.jit
+def _store_rows(ptr, row_idx, D, cols, v, mask, ROUND_BF16: tl.constexpr):
+    """Store a tile into rows row_idx of a contiguous [B*L, D] output, rounded to its dtype."""
+    tl.store(ptr + row_idx[:, None] * D + cols[None, :], cast_for(v, ptr, ROUND_BF16), mask=mask)
+
+
+@triton.jit
 def _centre(v, mask, mean, D):
     """v - mean, refined by the mean of the residual: one rounded mean of rows far from zero
     (mean 1e4, std 1) is off by ~1e-4 std in float32, the refined centring by ~1e-7."""
@@ -159,13 +177,13 @@ def _adaln_modulate_fwd_kernel(
     mask = rmask[:, None] & cmask[None, :]
     rows64 = rows.to(tl.int64)
 
-    x = tl.load(x_ptr + b * x_sb + rows64[:, None] * x_sl + cols[None, :], mask=mask, other=0.0).to(COMPUTE)
-    shift = tl.load(shift_ptr + b * shift_sb + cols, mask=cmask, other=0.0).to(COMPUTE)
-    scale = tl.load(scale_ptr + b * scale_sb + cols, mask=cmask, other=0.0).to(COMPUTE)
+    x = _load_rows(x_ptr + b * x_sb, rows64, x_sl, cols, mask, COMPUTE)
+    shift = _load_vec(shift_ptr + b * shift_sb, cols, cmask, COMPUTE)
+    scale = _load_vec(scale_ptr + b * scale_sb, cols, cmask, COMPUTE)
     h, mean, rstd = _layer_norm_modulate(x, mask, shift, scale, D, eps)
 
     row_idx = b * L + rows64  # h, mean, rstd are contiguous
-    tl.store(h_ptr + row_idx[:, None] * D + cols[None, :], cast_for(h, h_ptr, ROUND_BF16), mask=mask)
+    _store_rows(h_ptr, row_idx, D, cols, h, mask, ROUND_BF16)
     tl.store(mean_ptr + row_idx, mean, mask=rmask)
     tl.store(rstd_ptr + row_idx, rstd, mask=rmask)
 
@@ -182,7 +200,7 @@ def _adaln_modulate_bwd_kernel(
     chunk = pid % n_chunks
     cols = tl.arange(0, BLOCK_D)
     cmask = cols < D
-    scale = tl.load(scale_ptr + b * scale_sb + cols, mask=cmask, other=0.0).to(COMPUTE)
+    scale = _load_vec(scale_ptr + b * scale_sb, cols, cmask, COMPUTE)
     acc_dshift = tl.zeros([BLOCK_R, BLOCK_D], dtype=COMPUTE)
     acc_dscale = tl.zeros([BLOCK_R, BLOCK_D], dtype=COMPUTE)
     for r in range(0, chunk_rows, BLOCK_R):
@@ -190,8 +208,8 @@ def _adaln_modulate_bwd_kernel(
         rmask = rows < L
         mask = rmask[:, None] & cmask[None, :]
         rows64 = rows.to(tl.int64)
-        dh = tl.load(dh_ptr + b * dh_sb + rows64[:, None] * dh_sl + cols[None, :], mask=mask, other=0.0).to(COMPUTE)
-        x = tl.load(x_ptr + b * x_sb + rows64[:, None] * x_sl + cols[None, :], mask=mask, other=0.0).to(COMPUTE)
+        dh = _load_rows(dh_ptr + b * dh_sb, rows64, dh_sl, cols, mask, COMPUTE)
+        x = _load_rows(x_ptr + b * x_sb, rows64, x_sl, cols, mask, COMPUTE)
         row_idx = b * L + rows64
         mean = tl.load(mean_ptr + row_idx, mask=rmask, other=0.0)
         rstd = tl.load(rstd_ptr + row_idx, mask=rmask, other=0.0)
@@ -199,7 +217,7 @@ def _adaln_modulate_bwd_kernel(
         acc_dshift += dh
         acc_dscale += dh * xhat
         dx = _layer_norm_modulate_bwd(dh, xhat, rstd, scale, D)
-        tl.store(dx_ptr + row_idx[:, None] * D + cols[None, :], cast_for(dx, dx_ptr, ROUND_BF16), mask=mask)
+        _store_rows(dx_ptr, row_idx, D, cols, dx, mask, ROUND_BF16)
     part = (b * n_chunks + chunk) * D + cols
     tl.store(dshift_part_ptr + part, tl.sum(acc_dshift, axis=0), mask=cmask)
     tl.store(dscale_part_ptr + part, tl.sum(acc_dscale, axis=0), mask=cmask)
@@ -219,11 +237,11 @@ def _gated_residual_fwd_kernel(
     cmask = cols < D
     mask = (rows < L)[:, None] & cmask[None, :]
     rows64 = rows.to(tl.int64)
-    x = tl.load(x_ptr + b * x_sb + rows64[:, None] * x_sl + cols[None, :], mask=mask, other=0.0).to(COMPUTE)
-    y = tl.load(y_ptr + b * y_sb + rows64[:, None] * y_sl + cols[None, :], mask=mask, other=0.0).to(COMPUTE)
-    gate = tl.load(gate_ptr + b * gate_sb + cols, mask=cmask, other=0.0).to(COMPUTE)
+    x = _load_rows(x_ptr + b * x_sb, rows64, x_sl, cols, mask, COMPUTE)
+    y = _load_rows(y_ptr + b * y_sb, rows64, y_sl, cols, mask, COMPUTE)
+    gate = _load_vec(gate_ptr + b * gate_sb, cols, cmask, COMPUTE)
     out = x + gate[None, :] * y
-    tl.store(out_ptr + (b * L + rows64)[:, None] * D + cols[None, :], cast_for(out, out_ptr, ROUND_BF16), mask=mask)
+    _store_rows(out_ptr, b * L + rows64, D, cols, out, mask, ROUND_BF16)
 
 
 @triton.jit
@@ -238,18 +256,17 @@ def _gated_residual_bwd_kernel(
     chunk = pid % n_chunks
     cols = tl.arange(0, BLOCK_D)
     cmask = cols < D
-    gate = tl.load(gate_ptr + b * gate_sb + cols, mask=cmask, other=0.0).to(COMPUTE)
+    gate = _load_vec(gate_ptr + b * gate_sb, cols, cmask, COMPUTE)
     acc_dgate = tl.zeros([BLOCK_R, BLOCK_D], dtype=COMPUTE)
     for r in range(0, chunk_rows, BLOCK_R):
         rows = chunk * chunk_rows + r + tl.arange(0, BLOCK_R)
         mask = (rows < L)[:, None] & cmask[None, :]
         rows64 = rows.to(tl.int64)
-        dout = tl.load(dout_ptr + b * dout_sb + rows64[:, None] * dout_sl + cols[None, :], mask=mask, other=0.0)
-        dout = dout.to(COMPUTE)
-        y = tl.load(y_ptr + b * y_sb + rows64[:, None] * y_sl + cols[None, :], mask=mask, other=0.0).to(COMPUTE)
+        dout = _load_rows(dout_ptr + b * dout_sb, rows64, dout_sl, cols, mask, COMPUTE)
+        y = _load_rows(y_ptr + b * y_sb, rows64, y_sl, cols, mask, COMPUTE)
         acc_dgate += dout * y
         dy = dout * gate[None, :]
-        tl.store(dy_ptr + (b * L + rows64)[:, None] * D + cols[None, :], cast_for(dy, dy_ptr, ROUND_BF16), mask=mask)
+        _store_rows(dy_ptr, b * L + rows64, D, cols, dy, mask, ROUND_BF16)
     tl.store(dgate_part_ptr + (b * n_chunks + chunk) * D + cols, tl.sum(acc_dgate, axis=0), mask=cmask)
 
 
@@ -269,11 +286,11 @@ def _gated_residual_adaln_fwd_kernel(
     cmask = cols < D
     mask = rmask[:, None] & cmask[None, :]
     rows64 = rows.to(tl.int64)
-    x = tl.load(x_ptr + b * x_sb + rows64[:, None] * x_sl + cols[None, :], mask=mask, other=0.0).to(COMPUTE)
-    y = tl.load(y_ptr + b * y_sb + rows64[:, None] * y_sl + cols[None, :], mask=mask, other=0.0).to(COMPUTE)
-    gate = tl.load(gate_ptr + b * gate_sb + cols, mask=cmask, other=0.0).to(COMPUTE)
-    shift = tl.load(shift_ptr + b * shift_sb + cols, mask=cmask, other=0.0).to(COMPUTE)
-    scale = tl.load(scale_ptr + b * scale_sb + cols, mask=cmask, other=0.0).to(COMPUTE)
+    x = _load_rows(x_ptr + b * x_sb, rows64, x_sl, cols, mask, COMPUTE)
+    y = _load_rows(y_ptr + b * y_sb, rows64, y_sl, cols, mask, COMPUTE)
+    gate = _load_vec(gate_ptr + b * gate_sb, cols, cmask, COMPUTE)
+    shift = _load_vec(shift_ptr + b * shift_sb, cols, cmask, COMPUTE)
+    scale = _load_vec(scale_ptr + b * scale_sb, cols, cmask, COMPUTE)
 
     # h is normalized from x_out as stored (rounded to x's dtype), as the unfused model does.
     xo = cast_for(x + gate[None, :] * y, xo_ptr, ROUND_BF16)
@@ -281,7 +298,7 @@ def _gated_residual_adaln_fwd_kernel(
 
     row_idx = b * L + rows64
     tl.store(xo_ptr + row_idx[:, None] * D + cols[None, :], xo, mask=mask)
-    tl.store(h_ptr + row_idx[:, None] * D + cols[None, :], cast_for(h, h_ptr, ROUND_BF16), mask=mask)
+    _store_rows(h_ptr, row_idx, D, cols, h, mask, ROUND_BF16)
     tl.store(mean_ptr + row_idx, mean, mask=rmask)
     tl.store(rstd_ptr + row_idx, rstd, mask=rmask)
 
@@ -300,8 +317,8 @@ def _gated_residual_adaln_bwd_kernel(
     chunk = pid % n_chunks
     cols = tl.arange(0, BLOCK_D)
     cmask = cols < D
-    gate = tl.load(gate_ptr + b * gate_sb + cols, mask=cmask, other=0.0).to(COMPUTE)
-    scale = tl.load(scale_ptr + b * scale_sb + cols, mask=cmask, other=0.0).to(COMPUTE)
+    gate = _load_vec(gate_ptr + b * gate_sb, cols, cmask, COMPUTE)
+    scale = _load_vec(scale_ptr + b * scale_sb, cols, cmask, COMPUTE)
     acc_dgate = tl.zeros([BLOCK_R, BLOCK_D], dtype=COMPUTE)
     acc_dshift = tl.zeros([BLOCK_R, BLOCK_D], dtype=COMPUTE)
     acc_dscale = tl.zeros([BLOCK_R, BLOCK_D], dtype=COMPUTE)
@@ -313,23 +330,21 @@ def _gated_residual_adaln_bwd_kernel(
         row_idx = b * L + rows64
         total = tl.zeros([BLOCK_R, BLOCK_D], dtype=COMPUTE)
         if HAS_DXO:
-            dxo = tl.load(dxo_ptr + b * dxo_sb + rows64[:, None] * dxo_sl + cols[None, :], mask=mask, other=0.0)
-            total += dxo.to(COMPUTE)
+            dxo = _load_rows(dxo_ptr + b * dxo_sb, rows64, dxo_sl, cols, mask, COMPUTE)
+            total += dxo
         if HAS_DH:
-            dh = tl.load(dh_ptr + b * dh_sb + rows64[:, None] * dh_sl + cols[None, :], mask=mask, other=0.0)
-            dh = dh.to(COMPUTE)
-            xo = tl.load(xo_ptr + b * xo_sb + rows64[:, None] * xo_sl + cols[None, :], mask=mask, other=0.0)
+            dh = _load_rows(dh_ptr + b * dh_sb, rows64, dh_sl, cols, mask, COMPUTE)
+            xo = _load_rows(xo_ptr + b * xo_sb, rows64, xo_sl, cols, mask, COMPUTE)
             mean = tl.load(mean_ptr + row_idx, mask=rmask, other=0.0)
             rstd = tl.load(rstd_ptr + row_idx, mask=rmask, other=0.0)
-            xhat = _normalized(xo.to(COMPUTE), mask, mean, rstd, D)
+            xhat = _normalized(xo, mask, mean, rstd, D)
             acc_dshift += dh
             acc_dscale += dh * xhat
             total += _layer_norm_modulate_bwd(dh, xhat, rstd, scale, D)
-        y = tl.load(y_ptr + b * y_sb + rows64[:, None] * y_sl + cols[None, :], mask=mask, other=0.0).to(COMPUTE)
+        y = _load_rows(y_ptr + b * y_sb, rows64, y_sl, cols, mask, COMPUTE)
         acc_dgate += total * y
-        out_off = row_idx[:, None] * D + cols[None, :]
-        tl.store(dx_ptr + out_off, cast_for(total, dx_ptr, ROUND_BF16), mask=mask)
-        tl.store(dy_ptr + out_off, cast_for(total * gate[None, :], dy_ptr, ROUND_BF16), mask=mask)
+        _store_rows(dx_ptr, row_idx, D, cols, total, mask, ROUND_BF16)
+        _store_rows(dy_ptr, row_idx, D, cols, total * gate[None, :], mask, ROUND_BF16)
     part = (b * n_chunks + chunk) * D + cols
     tl.store(dgate_part_ptr + part, tl.sum(acc_dgate, axis=0), mask=cmask)
     tl.store(dshift_part_ptr + part, tl.sum(acc_dshift, axis=0), mask=cmask)
