@@ -9,18 +9,9 @@ import os
 
 import torch
 
-from .triton_adaln import adaln_modulate, gated_residual, gated_residual_adaln
-from .triton_embed import final_layer, linear_gelu_tanh, patch_embed
-
-__all__ = [
-    "available",
-    "adaln_modulate",
-    "gated_residual",
-    "gated_residual_adaln",
-    "patch_embed",
-    "final_layer",
-    "linear_gelu_tanh",
-]
+# The backend's ops (dit_fast.backends looks them up on this module by name).
+from .triton_adaln import adaln_modulate, gated_residual, gated_residual_adaln  # noqa: F401
+from .triton_embed import final_layer, linear_gelu_tanh, patch_embed  # noqa: F401
 
 
 def available(device_type: str) -> tuple[bool, str]:
