@@ -23,6 +23,7 @@ from .backends import check_backend_name
 from .reference import (
     LabelEmbedder,
     TimestepEmbedder,
+    check_config,
     config_table,
     forward_with_cfg,
     initialize_dit_weights,
@@ -31,22 +32,121 @@ from .reference import (
 __all__ = ["DiT", "DiT_models", "from_reference"]
 
 
+# -- hooks -------------------------------------------------------------------------------------
+
+def _has_hooks(*modules: nn.Module) -> bool:
+    """True when any forward/backward hook (module-level or global) could see or change these calls.
+
+    The fast path bypasses some submodules (norms, fc1 + act, the adaLN SiLU): where a hook is
+    registered on one of them, the published computation runs instead, so the hook fires as it would
+    on the published model.
+    """
+    if _hook_dicts.global_forward_hooks or _hook_dicts.global_forward_pre_hooks:
+        return True
+    if _hook_dicts.global_backward_hooks or _hook_dicts.global_backward_pre_hooks:
+        return True
+    return any(
+        m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks for m in modules
+    )
+
+
+class _GlobalHookDicts:
+    # torch keeps the global module hooks in module-level dicts that it mutates in place.
+    def __init__(self):
+        from torch.nn.modules import module as m
+
+        self.global_forward_hooks = m._global_forward_hooks
+        self.global_forward_pre_hooks = m._global_forward_pre_hooks
+        self.global_backward_hooks = m._global_backward_hooks
+        self.global_backward_pre_hooks = getattr(m, "_global_backward_pre_hooks", {})
+
+
+_hook_dicts = _GlobalHookDicts()
+
+
+def _h_dtype(x: torch.Tensor):
+    # Under autocast the next GEMM would cast h anyway: writing it in the autocast dtype saves that pass.
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return None
+
+
+def _version(t: torch.Tensor):
+    # Inference tensors keep no version counter: None means "cannot tell whether it changed".
+    return None if t.is_inference() else t._version
+
+
+class _Carry:
+    """What the model hands a block besides (x, c) on the fast path, and what the block hands back.
+
+    In: h = modulate(norm1(x)) already computed from ``src`` (by the previous block's fused
+    residual + norm), this block's modulation vectors, and the next consumer's (shift, scale) or
+    None. Out: the block's output tensor and h_next = modulate(norm(out)) under the next (shift,
+    scale). The block returns only its output tensor, as the published block does, so hooks see and
+    may replace exactly what they see on the published model; a replaced or modified tensor is
+    detected (identity, and the version counter where hooks are registered) and h is then computed
+    from the tensor actually passed on.
+    """
+
+    __slots__ = ("c", "h", "src", "src_version", "mods", "next_mod", "out", "out_version", "h_next")
+
+    def __init__(self, c, h, src, mods, next_mod, check_version: bool):
+        self.c, self.h, self.src, self.mods, self.next_mod = c, h, src, mods, next_mod
+        self.src_version = _version(src) if check_version and h is not None else None
+        self.out = self.h_next = self.out_version = None
+
+    def h_for(self, x: torch.Tensor, hooked: bool):
+        """The carried h if it was computed from this very x (unchanged), else None."""
+        if self.h is None or x is not self.src:
+            return None
+        if hooked and (torch.compiler.is_compiling() or self.src_version is None or _version(x) != self.src_version):
+            return None  # a pre-hook may have changed x in place
+        return self.h
+
+    def set_output(self, out: torch.Tensor, h_next, hooked: bool):
+        self.out, self.h_next = out, h_next
+        if hooked and not torch.compiler.is_compiling():
+            self.out_version = _version(out)
+
+    def h_next_for(self, out: torch.Tensor, hooked: bool):
+        """h_next if `out` is what the block returned, unchanged by a forward hook."""
+        if self.h_next is None or out is not self.out:
+            return None
+        if hooked and (torch.compiler.is_compiling() or self.out_version is None or _version(out) != self.out_version):
+            return None
+        return self.h_next
+
+
+# -- modules -----------------------------------------------------------------------------------
+
+
 class PatchEmbed(nn.Module):
-    """Holds the patch projection as the published Conv2d (same state_dict keys); runs it as a GEMM."""
+    """The published patch embedding (timm's PatchEmbed attributes, same state_dict keys).
+
+    Called directly it returns the tokens [N, T, D] without pos_embed, as published; the model's
+    fast path runs the projection as one GEMM with bias and pos_embed fused (ops.patch_embed).
+    """
 
     def __init__(self, img_size: int, patch_size: int, in_chans: int, embed_dim: int):
         super().__init__()
-        self.img_size = img_size
-        self.patch_size = patch_size
-        self.grid_size = img_size // patch_size
-        self.num_patches = self.grid_size**2
+        self.img_size = (img_size, img_size)
+        self.patch_size = (patch_size, patch_size)
+        self.grid_size = (img_size // patch_size, img_size // patch_size)
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        self.flatten = True
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size, bias=True)
+        self.norm = nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.proj(x).flatten(2).transpose(1, 2))
 
 
 class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
         self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim**-0.5
         self.qkv = nn.Linear(dim, dim * 3, bias=True)
         self.proj = nn.Linear(dim, dim)
         self.backend = "auto"
@@ -59,62 +159,84 @@ class Mlp(nn.Module):
     def __init__(self, dim: int, hidden: int):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU(approximate="tanh")
         self.fc2 = nn.Linear(hidden, dim)
         self.backend = "auto"
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
+        if _has_hooks(self.fc1, self.act):
+            return self.fc2(self.act(self.fc1(h)))
         return self.fc2(ops.linear_gelu_tanh(h, self.fc1.weight, self.fc1.bias, backend=self.backend))
 
 
 class DiTBlock(nn.Module):
-    """One transformer block, called in one of two ways (always through the module, so hooks,
-    wrappers and FSDP see every call):
+    """The published block: ``block(x, c) -> x`` with c = t_emb + y_emb (SiLU inside adaLN_modulation).
 
-    carried, the fast path: ``block(x, carried=(h, gate_msa, shift_mlp, scale_mlp, gate_mlp,
-    next_shift, next_scale)) -> (x, h_next)``. h = modulate(norm1(x)) was produced by the previous
-    op, and h_next is the next consumer's modulate(norm(x)) under (next_shift, next_scale): the norm
-    of the next sub-layer rides on this block's last residual. next_shift=None ends the chain
-    (h_next is None).
-
-    self-contained: ``block(x, silu_c) -> x`` computes the block's own modulations. The model uses
-    it when blocks are sharded (FSDP2 fully_shard per block), since then only a block's own forward
-    may touch its weights.
+    The model calls it as ``block(x, c, carry=...)`` (always through the module, so hooks, wrappers and
+    FSDP see every call): then the block uses the modulations the model computed for all blocks at
+    once and the h = modulate(norm1(x)) carried from the previous block, and leaves in the carry the
+    next consumer's h, computed in the same pass as its last gated residual (see _Carry).
     """
 
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0):
         super().__init__()
+        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(hidden_size, num_heads)
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
-        # SiLU stays in the Sequential so the Linear keeps its published key "adaLN_modulation.1";
-        # the model applies SiLU(c) once for all blocks and calls only the Linear.
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
         self.backend = "auto"
 
-    def modulation(self, silu_c: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return self.adaLN_modulation[1](silu_c).chunk(6, dim=1)
-
-    def forward(self, x: torch.Tensor, silu_c: torch.Tensor | None = None, *, carried=None, h_dtype=None):
-        if carried is None:
-            shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.modulation(silu_c)
-            h = ops.adaln_modulate(x, shift_msa, scale_msa, h_dtype=h_dtype, backend=self.backend)
-            return self._run(x, h, gate_msa, shift_mlp, scale_mlp, gate_mlp, None, None, h_dtype)[0]
-        return self._run(x, *carried, h_dtype)
-
-    def _run(self, x, h, gate_msa, shift_mlp, scale_mlp, gate_mlp, next_shift, next_scale, h_dtype):
-        x, h = ops.gated_residual_adaln(
-            x, self.attn(h), gate_msa, shift_mlp, scale_mlp, h_dtype=h_dtype, backend=self.backend
-        )
+    def forward(self, x: torch.Tensor, c: torch.Tensor, *, carry: _Carry | None = None) -> torch.Tensor:
+        h_dtype = _h_dtype(x)
+        if carry is None or c is not carry.c or _has_hooks(self.norm1, self.norm2):
+            if carry is not None:
+                carry.set_output(None, None, False)
+            carry = None
+            mods = self.adaLN_modulation(c).chunk(6, dim=1)
+            h, next_mod = None, None
+        else:
+            mods, next_mod = carry.mods, carry.next_mod
+            h = carry.h_for(x, _has_hooks(self))
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods
+        if h is None:
+            h = _norm_modulate(self.norm1, x, shift_msa, scale_msa, h_dtype, self.backend)
+        a = self.attn(h)
+        if _has_hooks(self.norm2):
+            x = ops.gated_residual(x, a, gate_msa, backend=self.backend)
+            h = _norm_modulate(self.norm2, x, shift_mlp, scale_mlp, h_dtype, self.backend)
+        else:
+            x, h = ops.gated_residual_adaln(
+                x, a, gate_msa, shift_mlp, scale_mlp, self.norm2.eps, h_dtype=h_dtype, backend=self.backend
+            )
         m = self.mlp(h)
-        if next_shift is None:
-            return ops.gated_residual(x, m, gate_mlp, backend=self.backend), None
-        return ops.gated_residual_adaln(x, m, gate_mlp, next_shift, next_scale, h_dtype=h_dtype, backend=self.backend)
+        if next_mod is None:
+            return ops.gated_residual(x, m, gate_mlp, backend=self.backend)
+        x, h_next = ops.gated_residual_adaln(x, m, gate_mlp, *next_mod, h_dtype=h_dtype, backend=self.backend)
+        carry.set_output(x, h_next, _has_hooks(self))
+        return x
+
+
+def _norm_modulate(norm: nn.LayerNorm, x, shift, scale, h_dtype, backend):
+    if _has_hooks(norm):  # the published order of calls, so the norm's hooks fire
+        h = norm(x) * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+        return h if h_dtype is None else h.to(h_dtype)
+    return ops.adaln_modulate(x, shift, scale, norm.eps, h_dtype=h_dtype, backend=backend)
 
 
 class FinalLayer(nn.Module):
+    """The published final layer: ``final_layer(x, c) -> [N, T, p*p*C]`` tokens (unpatchified by the model)."""
+
     def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
         super().__init__()
+        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels, bias=True)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=True))
+        self.backend = "auto"
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(_norm_modulate(self.norm_final, x, shift, scale, _h_dtype(x), self.backend))
 
 
 class DiT(nn.Module):
@@ -124,8 +246,10 @@ class DiT(nn.Module):
       backend: "auto" | "triton" | "ext" | "torch" for the fused ops (env DIT_FAST_BACKEND overrides "auto");
       attn_backend: attention kernel ("auto", "sdpa", "math", flash-attn when installed);
       checkpoint_every: recompute every k-th block's activations in backward (0 = off, 1 = all blocks);
-      batch_adaln: without autograd, run all adaLN projections as one GEMM on a cached concatenation
-        of their weights (costs that copy's memory: a third of the weights; off = one GEMM per block).
+      batch_adaln: store all adaLN projection weights in one tensor (each block's weight a view of it),
+        so that without autograd they run as one GEMM. Costs nothing in memory, but the state_dict's
+        adaLN tensors then share one storage (safetensors' save_file refuses that; save_checkpoint and
+        torch.save handle it). Off by default.
     """
 
     def __init__(
@@ -144,15 +268,16 @@ class DiT(nn.Module):
         backend: str = "auto",
         attn_backend: str = "auto",
         checkpoint_every: int = 0,
-        batch_adaln: bool = True,
+        batch_adaln: bool = False,
     ):
         super().__init__()
-        if hidden_size % num_heads:
-            raise ValueError(f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads})")
-        if input_size % patch_size:
-            raise ValueError(f"input_size ({input_size}) must be a multiple of patch_size ({patch_size})")
-        if checkpoint_every < 0:
-            raise ValueError(f"checkpoint_every must be >= 0, got {checkpoint_every}")
+        check_config(
+            input_size=input_size, patch_size=patch_size, in_channels=in_channels, hidden_size=hidden_size,
+            depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, class_dropout_prob=class_dropout_prob,
+            num_classes=num_classes,
+        )
+        if not isinstance(checkpoint_every, int) or checkpoint_every < 0:
+            raise ValueError(f"checkpoint_every must be an int >= 0, got {checkpoint_every!r}")
         self.learn_sigma = learn_sigma
         self.in_channels = in_channels
         self.out_channels = in_channels * 2 if learn_sigma else in_channels
@@ -161,8 +286,6 @@ class DiT(nn.Module):
         self.input_size = input_size
         self.num_classes = num_classes
         self.checkpoint_every = checkpoint_every
-        self.batch_adaln = batch_adaln
-        self._adaln_cache = None
 
         self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
@@ -172,6 +295,9 @@ class DiT(nn.Module):
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
         self.set_backend(backend, attn_backend)
         initialize_dit_weights(self)
+        self._adaln_fused = None
+        self.batch_adaln = batch_adaln
+        self.register_load_state_dict_post_hook(_fuse_after_load)
 
     def set_backend(self, backend: str | None = None, attn_backend: str | None = None) -> "DiT":
         """Switch the kernel family of the fused ops and/or the attention kernel (no weights change)."""
@@ -182,10 +308,92 @@ class DiT(nn.Module):
         for block in self.blocks:
             block.backend = block.mlp.backend = self.backend
             block.attn.backend = self.attn_backend
+        self.final_layer.backend = self.backend
         return self
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         return ops.unpatchify(x, self.patch_size, self.out_channels)
+
+    # -- the batched adaLN projection ----------------------------------------------------------
+
+    @property
+    def batch_adaln(self) -> bool:
+        return self._batch_adaln
+
+    @batch_adaln.setter
+    def batch_adaln(self, on: bool) -> None:
+        self._batch_adaln = bool(on)
+        if on:
+            self.fuse_adaln_weights()
+        else:
+            self._adaln_fused = None
+
+    def _adaln_linears(self) -> list[nn.Linear]:
+        return [b.adaLN_modulation[1] for b in self.blocks] + [self.final_layer.adaLN_modulation[1]]
+
+    @torch.no_grad()
+    def fuse_adaln_weights(self) -> None:
+        """Move every adaLN projection's weight and bias into one tensor each, as views of it.
+
+        Whatever then changes a weight in place (optimizer steps, EMA updates through .data,
+        load_state_dict) changes the fused tensor itself, so the batched GEMM can never read stale
+        weights. Anything that gives a Parameter new storage (p.data = ..., assign=True loads, sharding,
+        functional_call) breaks the view; the per-call check then routes to one GEMM per block.
+        """
+        linears = self._adaln_linears()
+        ws = [l.weight for l in linears]
+        bs = [l.bias for l in linears]
+        if any(_is_sharded(p) or p.is_meta for p in ws + bs) or len({(p.dtype, p.device) for p in ws + bs}) != 1:
+            self._adaln_fused = None
+            return
+        weight, bias = torch.cat([w.detach() for w in ws]), torch.cat([b.detach() for b in bs])
+        if any(p.is_inference() for p in ws + bs):
+            # Parameters created under inference_mode cannot take views of new storage; keep them as they are.
+            self._adaln_fused = None
+            return
+        rows = 0
+        for l, w, b in zip(linears, ws, bs):
+            n = w.shape[0]
+            w.data = weight[rows : rows + n]
+            b.data = bias[rows : rows + n]
+            rows += n
+        self._adaln_fused = (weight, bias)
+
+    def _fused_adaln_intact(self) -> bool:
+        fused = self._adaln_fused
+        if fused is None:
+            return False
+        weight, bias = fused
+        w_base, b_base = weight.data_ptr(), bias.data_ptr()
+        w_row, b_elem = weight.stride(0) * weight.element_size(), bias.element_size()
+        rows = 0
+        for l in self._adaln_linears():
+            w, b = l.weight, l.bias
+            if (
+                w.data_ptr() != w_base + rows * w_row
+                or b.data_ptr() != b_base + rows * b_elem
+                or w.dtype != weight.dtype
+                or b.dtype != bias.dtype
+                or w.device != weight.device
+                or w.stride() != weight.stride()
+                or b.stride() != (1,)
+            ):
+                return False
+            rows += w.shape[0]
+        return rows == weight.shape[0]
+
+    def __setstate__(self, state):
+        # deepcopy (an EMA copy) and unpickling clone each Parameter on its own: fuse the copies again.
+        super().__setstate__(state)
+        if getattr(self, "_batch_adaln", False):
+            self.fuse_adaln_weights()
+
+    def _apply(self, fn, recurse=True):
+        # .to() / .half() / .cuda() give parameters new storage: fuse again on the new one.
+        super()._apply(fn, recurse)
+        if getattr(self, "_batch_adaln", False):
+            self.fuse_adaln_weights()
+        return self
 
     # -- forward -------------------------------------------------------------------------------
 
@@ -200,8 +408,12 @@ class DiT(nn.Module):
                 f"input_size={s}), got {list(x.shape)}"
             )
         n = x.shape[0]
-        if not isinstance(t, torch.Tensor) or t.shape != (n,):
-            raise ValueError(f"t must be a tensor of shape [{n}] (one timestep per image), got {_desc(t)}")
+        if not isinstance(t, torch.Tensor) or t.shape not in ((n,), (1,)):
+            raise ValueError(
+                f"t must be a tensor of shape [{n}] (one timestep per image) or [1] (one for all), got {_desc(t)}"
+            )
+        if t.dtype == torch.bool or t.is_complex():
+            raise TypeError(f"t must hold integer or real timesteps, got dtype {t.dtype}")
         if not isinstance(y, torch.Tensor) or y.shape != (n,) or y.is_floating_point() or y.dtype == torch.bool:
             raise ValueError(f"y must be an integer tensor of shape [{n}] (one class label per image), got {_desc(y)}")
         n_labels = self.y_embedder.embedding_table.num_embeddings
@@ -216,73 +428,72 @@ class DiT(nn.Module):
             # No host synchronization on the GPU: the check runs on the device, in order with the work.
             torch._assert_async(((y >= 0) & (y < n_labels)).all(), "y holds a class label out of range")
 
-    def _h_dtype(self, x: torch.Tensor):
-        # Under autocast the next GEMM would cast h anyway: writing it in the autocast dtype saves that pass.
-        if torch.is_autocast_enabled(x.device.type):
-            return torch.get_autocast_dtype(x.device.type)
-        return None
-
     def _checkpointed(self, i: int) -> bool:
         return bool(self.checkpoint_every) and self.training and i % self.checkpoint_every == 0 and torch.is_grad_enabled()
 
-    def _adaln_linears(self) -> list[nn.Linear]:
-        return [b.adaLN_modulation[1] for b in self.blocks] + [self.final_layer.adaLN_modulation[1]]
-
-    def _modulations(self, silu_c: torch.Tensor) -> list[torch.Tensor]:
+    def _modulations(self, c: torch.Tensor, silu_c: torch.Tensor) -> list[torch.Tensor]:
         """Every adaLN projection of the model: [B, 6D] per block, then the final layer's [B, 2D].
 
-        Without autograd they run as one GEMM on a cached concatenation of the weights (rebuilt when a
-        weight changes: in-place updates bump the tensors' versions). Under autograd each runs on its own
-        weight: concatenating every step would copy a third of the model's weights.
+        One GEMM over the fused weights when they are intact and no gradient is wanted; else one per
+        layer. A projection with hooks on it runs as published, SiLU module included.
         """
-        linears = self._adaln_linears()
-        if not self.batch_adaln or torch.compiler.is_compiling() or (
-            torch.is_grad_enabled() and any(l.weight.requires_grad or l.bias.requires_grad for l in linears)
+        owners = [*self.blocks, self.final_layer]
+        hooked = [_has_hooks(*o.adaLN_modulation.modules()) for o in owners]
+        if (
+            self._adaln_fused is not None
+            and not any(hooked)
+            and not torch.compiler.is_compiling()
+            and not (torch.is_grad_enabled() and any(p.requires_grad for p in self._adaln_fused_params()))
+            and self._fused_adaln_intact()
         ):
-            return [l(silu_c) for l in linears]
-        weight, bias = self._batched_adaln_weight(linears, silu_c)
-        return list(F.linear(silu_c, weight, bias).split([l.out_features for l in linears], dim=1))
+            weight, bias = self._adaln_fused
+            return list(F.linear(silu_c, weight, bias).split([o.adaLN_modulation[1].out_features for o in owners], 1))
+        return [o.adaLN_modulation(c) if hk else o.adaLN_modulation[1](silu_c) for o, hk in zip(owners, hooked)]
 
-    def _batched_adaln_weight(self, linears, silu_c):
-        dtype = torch.get_autocast_dtype(silu_c.device.type) if torch.is_autocast_enabled(silu_c.device.type) else None
-        key = (dtype, tuple((t.data_ptr(), t._version) for l in linears for t in (l.weight, l.bias)))
-        if self._adaln_cache is None or self._adaln_cache[0] != key:
-            weight = torch.cat([l.weight.detach() for l in linears])
-            bias = torch.cat([l.bias.detach() for l in linears])
-            if dtype is not None:  # store what autocast would cast to, once
-                weight, bias = weight.to(dtype), bias.to(dtype)
-            self._adaln_cache = (key, weight, bias)
-        return self._adaln_cache[1], self._adaln_cache[2]
+    def _adaln_fused_params(self):
+        for l in self._adaln_linears():
+            yield l.weight
+            yield l.bias
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, force_drop_ids=None) -> torch.Tensor:
         self._check_inputs(x, t, y)
         p = self.patch_size
-        x = ops.patch_embed(x, self.x_embedder.proj.weight, self.x_embedder.proj.bias, self.pos_embed, p, backend=self.backend)
-        c = self.t_embedder(t) + self.y_embedder(y, self.training, force_drop_ids)
-        silu_c = F.silu(c)
-        h_dtype = self._h_dtype(x)
+        if _has_hooks(*self.x_embedder.modules()):
+            x = self.x_embedder(x) + self.pos_embed
+        else:
+            proj = self.x_embedder.proj
+            x = ops.patch_embed(x, proj.weight, proj.bias, self.pos_embed, p, backend=self.backend)
+        c = self.t_embedder(t) + self.y_embedder(y, self.training, force_drop_ids)  # a t of shape [1] broadcasts
 
         if _is_sharded(self.blocks[0].adaLN_modulation[1].weight):
+            # FSDP2 (fully_shard per block): a block's weights exist only inside its own forward.
             for i, block in enumerate(self.blocks):
-                if self._checkpointed(i):
-                    x = checkpoint(block, x, silu_c, h_dtype=h_dtype, use_reentrant=False)
-                else:
-                    x = block(x, silu_c, h_dtype=h_dtype)
-            final_shift, final_scale = self.final_layer.adaLN_modulation[1](silu_c).chunk(2, dim=1)
-        else:
-            *mods, final_mod = self._modulations(silu_c)
-            mods = [m.chunk(6, dim=1) for m in mods]
-            final_shift, final_scale = final_mod.chunk(2, dim=1)
-            h = ops.adaln_modulate(x, mods[0][0], mods[0][1], h_dtype=h_dtype, backend=self.backend)
-            for i, block in enumerate(self.blocks):
-                nxt = mods[i + 1][:2] if i + 1 < len(self.blocks) else (None, None)
-                carried = (h, *mods[i][2:], *nxt)
-                if self._checkpointed(i):
-                    x, h = checkpoint(block, x, carried=carried, h_dtype=h_dtype, use_reentrant=False)
-                else:
-                    x, h = block(x, carried=carried, h_dtype=h_dtype)
+                x = self._call_block(i, block, x, c)
+            return self.unpatchify(self.final_layer(x, c))
+
+        silu_c = F.silu(c)
+        *mods, final_mod = self._modulations(c, silu_c)
+        mods = [m.chunk(6, dim=1) for m in mods]
+        h = None
+        for i, block in enumerate(self.blocks):
+            # The last block ends with a plain gated residual: ops.final_layer reads x once for norm,
+            # modulate, linear and unpatchify.
+            next_mod = mods[i + 1][:2] if i + 1 < len(self.blocks) else None
+            hooked = _has_hooks(block)
+            carry = _Carry(c, h, x, mods[i], next_mod, hooked)
+            out = self._call_block(i, block, x, c, carry)
+            h = carry.h_next_for(out, hooked)
+            x = out
+        if _has_hooks(*self.final_layer.modules()):
+            return self.unpatchify(self.final_layer(x, c))
+        final_shift, final_scale = final_mod.chunk(2, dim=1)
         fl = self.final_layer.linear
         return ops.final_layer(x, final_shift, final_scale, fl.weight, fl.bias, p, self.out_channels, backend=self.backend)
+
+    def _call_block(self, i, block, x, c, carry=None):
+        if self._checkpointed(i):
+            return checkpoint(block, x, c, carry=carry, use_reentrant=False)
+        return block(x, c, carry=carry)
 
     def forward_with_cfg(self, x, t, y, cfg_scale, guide_all_channels: bool = False):
         """Classifier-free guidance, as published (see dit_fast.reference.forward_with_cfg)."""
@@ -292,6 +503,12 @@ class DiT(nn.Module):
                 f"got x of shape {_desc(x)}"
             )
         return forward_with_cfg(self, x, t, y, cfg_scale, guide_all_channels)
+
+
+def _fuse_after_load(model: "DiT", _incompatible) -> None:
+    # load_state_dict(assign=True) replaces Parameters: fuse again so the batched GEMM stays usable.
+    if model.batch_adaln and not model._fused_adaln_intact():
+        model.fuse_adaln_weights()
 
 
 def _is_sharded(param: torch.Tensor) -> bool:

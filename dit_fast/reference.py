@@ -58,16 +58,20 @@ def get_2d_sincos_pos_embed(dim: int, grid_size: int) -> torch.Tensor:
 
 
 class PatchEmbed(nn.Module):
+    """Image to patch tokens; the attributes of timm's PatchEmbed, which the published model uses."""
+
     def __init__(self, img_size: int, patch_size: int, in_chans: int, embed_dim: int):
         super().__init__()
-        self.img_size = img_size
-        self.patch_size = patch_size
-        self.grid_size = img_size // patch_size
-        self.num_patches = self.grid_size**2
+        self.img_size = (img_size, img_size)
+        self.patch_size = (patch_size, patch_size)
+        self.grid_size = (img_size // patch_size, img_size // patch_size)
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        self.flatten = True
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size, bias=True)
+        self.norm = nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x).flatten(2).transpose(1, 2)
+        return self.norm(self.proj(x).flatten(2).transpose(1, 2))
 
 
 class TimestepEmbedder(nn.Module):
@@ -79,6 +83,8 @@ class TimestepEmbedder(nn.Module):
             nn.Linear(hidden_size, hidden_size, bias=True),
         )
         self.frequency_embedding_size = frequency_embedding_size
+
+    timestep_embedding = staticmethod(timestep_embedding)
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         t_freq = timestep_embedding(t, self.frequency_embedding_size)
@@ -114,13 +120,14 @@ class Attention(nn.Module):
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
+        self.scale = self.head_dim**-0.5
         self.qkv = nn.Linear(dim, dim * 3, bias=True)
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, L, D = x.shape
         q, k, v = self.qkv(x).reshape(B, L, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        attn = (q * self.head_dim**-0.5) @ k.transpose(-2, -1)
+        attn = (q * self.scale) @ k.transpose(-2, -1)
         out = attn.softmax(dim=-1) @ v
         return self.proj(out.transpose(1, 2).reshape(B, L, D))
 
@@ -181,6 +188,11 @@ class DiT(nn.Module):
         learn_sigma: bool = True,
     ):
         super().__init__()
+        check_config(
+            input_size=input_size, patch_size=patch_size, in_channels=in_channels, hidden_size=hidden_size,
+            depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, class_dropout_prob=class_dropout_prob,
+            num_classes=num_classes,
+        )
         self.learn_sigma = learn_sigma
         self.in_channels = in_channels
         self.out_channels = in_channels * 2 if learn_sigma else in_channels
@@ -204,7 +216,7 @@ class DiT(nn.Module):
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         """[N, T, p*p*C] -> [N, C, H, W]."""
-        c, p = self.out_channels, self.x_embedder.patch_size
+        c, p = self.out_channels, self.x_embedder.patch_size[0]
         h = w = int(x.shape[1] ** 0.5)
         x = x.reshape(x.shape[0], h, w, p, p, c)
         x = torch.einsum("nhwpqc->nchpwq", x)
@@ -220,6 +232,25 @@ class DiT(nn.Module):
 
     def forward_with_cfg(self, x, t, y, cfg_scale, guide_all_channels: bool = False):
         return forward_with_cfg(self, x, t, y, cfg_scale, guide_all_channels)
+
+
+def check_config(**config) -> None:
+    """Refuse a DiT configuration the model cannot compute, naming the argument (shared by both models)."""
+    for name in ("input_size", "patch_size", "in_channels", "hidden_size", "depth", "num_heads", "num_classes"):
+        v = config[name]
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+    ratio, p_drop = config["mlp_ratio"], config["class_dropout_prob"]
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not ratio > 0 or int(config["hidden_size"] * ratio) < 1:
+        raise ValueError(f"mlp_ratio must be a number > 0 giving at least one hidden unit, got {ratio!r}")
+    if isinstance(p_drop, bool) or not isinstance(p_drop, (int, float)) or not 0 <= p_drop <= 1:
+        raise ValueError(f"class_dropout_prob must be a number in [0, 1], got {p_drop!r}")
+    if config["hidden_size"] % config["num_heads"]:
+        raise ValueError(f"hidden_size ({config['hidden_size']}) must be divisible by num_heads ({config['num_heads']})")
+    if config["input_size"] % config["patch_size"]:
+        raise ValueError(
+            f"input_size ({config['input_size']}) must be a multiple of patch_size ({config['patch_size']})"
+        )
 
 
 def forward_with_cfg(model: nn.Module, x, t, y, cfg_scale, guide_all_channels: bool = False):
