@@ -4,11 +4,13 @@
     model = DiT_models["DiT-XL/2"](input_size=32)
     load_checkpoint(model, "DiT-XL-2-256x256.pt")
 """
-from . import convert_diffusers, ops, reference
+from . import convert_diffusers, diffusion, ops, reference
 from .checkpoint import load_checkpoint, save_checkpoint
 from .convert_diffusers import dit_from_diffusers, dit_to_diffusers
+from .diffusion import create_diffusion
 from .models import DiT, DiT_models, from_reference
 from .reference import get_2d_sincos_pos_embed
+from .sampling import sample
 
 __version__ = "0.1.0"
 __all__ = [
@@ -23,4 +25,7 @@ __all__ = [
     "ops",
     "reference",
     "get_2d_sincos_pos_embed",
+    "diffusion",
+    "create_diffusion",
+    "sample",
 ]

@@ -1,0 +1,223 @@
+"""dit_fast.sample: the published DiT sampling loop, fast.
+
+Per step it makes one model call on the doubled CFG batch and one fused update kernel
+(dit_fast.ops.sampler_step); everything a step needs that changes from step to step (timestep, the
+diffusion coefficients) lives in device tensors indexed by a step counter that the step itself
+advances on the device. Shapes are static and nothing waits on the host, so on CUDA the whole step
+(model + update + counter) is captured once as a CUDA graph and replayed num_steps times.
+
+Noise: the initial latents are one randn [n, C, H, W] and every step draws one randn shaped like the
+published loop's x ([2n, C, H, W] with CFG), from `generator` (the global RNG if None), so with the same
+seed the result equals
+
+    create_diffusion(str(num_steps)).p_sample_loop(model.forward_with_cfg, z2.shape, z2,
+        clip_denoised=False, model_kwargs=dict(y=y2, cfg_scale=cfg_scale))[:n]
+
+(z2 = cat([z, z]), y2 = cat([y, null labels])) to float32 rounding. The per-step draw goes into a
+static buffer right before each graph replay (a separate, tiny launch): the random stream is then
+exactly the eager one, with any generator.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .diffusion import ModelVarType, create_diffusion
+from .ops.sampler_step import NUM_COLS, sampler_step_
+
+__all__ = ["sample", "build_step_table", "SAMPLERS"]
+
+SAMPLERS = ("ddpm", "ddim")
+
+
+def build_step_table(diffusion, sampler: str = "ddpm", eta: float = 0.0, dtype=torch.float32, device="cpu"):
+    """(table [S, NUM_COLS], model timesteps [S]) in loop order (row 0 is t = S-1).
+
+    Coefficients are gathered in float64 and cast to `dtype` as the published code does; the DDIM
+    coefficients are then derived in `dtype` in the published order of operations.
+    """
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+    d = diffusion
+    ts = np.arange(d.num_timesteps)[::-1].copy()
+
+    def col(arr):
+        return torch.from_numpy(np.asarray(arr, dtype=np.float64)[ts]).to(dtype)
+
+    if d.model_var_type == ModelVarType.FIXED_LARGE:
+        min_log = np.log(np.append(d.posterior_variance[1], d.betas[1:]))
+    else:  # FIXED_SMALL, and the lower end of LEARNED_RANGE
+        min_log = d.posterior_log_variance_clipped
+    abar, abar_prev = col(d.alphas_cumprod), col(d.alphas_cumprod_prev)
+    sigma = eta * torch.sqrt((1 - abar_prev) / (1 - abar)) * torch.sqrt(1 - abar / abar_prev)
+    cols = [
+        col(d.sqrt_recip_alphas_cumprod),
+        col(d.sqrt_recipm1_alphas_cumprod),
+        col(d.posterior_mean_coef1),
+        col(d.posterior_mean_coef2),
+        col(min_log),
+        col(np.log(d.betas)),
+        torch.from_numpy((ts != 0).astype(np.float64)).to(dtype),
+        torch.sqrt(abar_prev),
+        torch.sqrt(1 - abar_prev - sigma**2),
+        sigma,
+    ]
+    assert len(cols) == NUM_COLS
+    table = torch.stack(cols, dim=1).to(device)
+    timestep_map = getattr(d, "timestep_map", list(range(d.num_timesteps)))
+    model_t = torch.tensor([timestep_map[i] for i in ts], dtype=torch.long, device=device)
+    return table, model_t
+
+
+def _labels(class_labels, num_classes: int, device) -> torch.Tensor:
+    if isinstance(class_labels, torch.Tensor):
+        y = class_labels.reshape(-1)
+    elif isinstance(class_labels, (list, tuple)):
+        y = torch.tensor(list(class_labels), dtype=torch.long)
+    else:
+        raise TypeError(f"class_labels must be a list of ints or an integer tensor, got {type(class_labels).__name__}")
+    if y.is_floating_point() or y.dtype == torch.bool or y.numel() == 0:
+        raise ValueError(f"class_labels must be a non-empty list of integer labels, got {y.dtype} of {y.numel()}")
+    if y.device.type == "cpu" and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+        raise ValueError(f"class_labels must lie in [0, {num_classes - 1}], got values in [{int(y.min())}, {int(y.max())}]")
+    return y.to(device=device, dtype=torch.long)
+
+
+def _attr(model, name):
+    value = getattr(model, name, None)
+    if value is None:
+        raise TypeError(f"model must be a DiT (dit_fast.DiT or the reference); it has no attribute {name!r}")
+    return value
+
+
+def _is_compiled(model) -> bool:
+    return hasattr(model, "_orig_mod") and type(model).__name__ == "OptimizedModule"
+
+
+@torch.no_grad()
+def sample(
+    model,
+    class_labels: Sequence[int] | torch.Tensor,
+    num_steps: int = 250,
+    cfg_scale: float = 4.0,
+    sampler: str = "ddpm",
+    generator: torch.Generator | None = None,
+    cuda_graph: bool = True,
+    *,
+    eta: float = 0.0,
+    timestep_respacing: str | None = None,
+    guide_all_channels: bool = False,
+    clip_denoised: bool = False,
+    noise: torch.Tensor | None = None,
+    backend: str = "auto",
+    progress: bool = False,
+) -> torch.Tensor:
+    """Latents [n, C, H, W] for n = len(class_labels), sampled as the published DiT sample.py does.
+
+    cfg_scale > 1 runs classifier-free guidance on the first 3 channels (all with
+    guide_all_channels=True); cfg_scale <= 1 samples conditionally without the null batch. sampler
+    "ddpm" (ancestral, learned variance) or "ddim" (eta); the process is respaced to num_steps
+    evenly spaced steps (timestep_respacing overrides, e.g. "ddim50"). noise: initial latents
+    (default: one randn from `generator`). cuda_graph: on CUDA, capture model + update as one graph
+    (skipped for a torch.compile'd model, which makes its own with mode="reduce-overhead"); on the
+    CPU the same loop runs eagerly.
+    """
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+    if not isinstance(num_steps, int) or num_steps < 1:
+        raise ValueError(f"num_steps must be a positive int, got {num_steps!r}")
+    C, size = _attr(model, "in_channels"), _attr(model, "input_size")
+    num_classes = _attr(model, "num_classes")
+    learn_sigma = bool(getattr(model, "learn_sigma", True))
+    if getattr(model, "training", False):
+        warnings.warn("dit_fast.sample: the model is in training mode (label dropout is on, and it draws random "
+                      "numbers); call model.eval() first, as the published sample.py does", stacklevel=2)
+    param = next(iter(model.parameters()), None)
+    device = param.device if param is not None else torch.device("cpu")
+    if generator is not None and generator.device.type != device.type:
+        raise ValueError(f"generator must be on the model's device {device}, got one on {generator.device}")
+
+    y = _labels(class_labels, num_classes, device)
+    n = y.numel()
+    cfg = cfg_scale > 1.0
+    diffusion = create_diffusion(timestep_respacing or str(num_steps), learn_sigma=learn_sigma)
+    table, model_t = build_step_table(diffusion, sampler, eta, torch.float32, device)
+
+    if noise is None:
+        x = torch.randn(n, C, size, size, device=device, generator=generator)
+    else:
+        if tuple(noise.shape) != (n, C, size, size):
+            raise ValueError(f"noise must have shape {[n, C, size, size]}, got {list(noise.shape)}")
+        x = noise.to(device=device, dtype=torch.float32).clone(memory_format=torch.contiguous_format)
+    B = 2 * n if cfg else n
+    y_in = torch.cat([y, torch.full_like(y, num_classes)]) if cfg else y
+    noise_buf = torch.empty(B, C, size, size, device=device)
+    step = torch.zeros(1, dtype=torch.long, device=device)
+    t_full = torch.empty(B, dtype=torch.long, device=device)
+    update = dict(cfg_scale=float(cfg_scale), guided_channels=C if guide_all_channels else 3, cfg=cfg,
+                  learn_sigma=learn_sigma, clip=clip_denoised, ddim=sampler == "ddim", backend=backend)
+    compiled = _is_compiled(model)
+
+    def one_step():
+        t_full.copy_(model_t.index_select(0, step).expand(B))
+        x_in = torch.cat([x, x]) if cfg else x
+        out = model(x_in, t_full, y_in)
+        sampler_step_(x, out, noise_buf, table, step, **update)
+        step.add_(1)
+
+    def draw_noise():
+        torch.randn(noise_buf.shape, generator=generator, device=device, out=noise_buf)
+
+    steps = range(diffusion.num_timesteps)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(steps), desc="sampling", leave=False)
+
+    use_graph = cuda_graph and device.type == "cuda"
+    if use_graph and compiled:
+        warnings.warn("dit_fast.sample: the model is torch.compile'd; its own CUDA graphs (mode='reduce-overhead') "
+                      "are used instead of capturing one here", stacklevel=2)
+        use_graph = False
+    if use_graph:
+        graph = _capture(one_step, x, step)
+        for _ in steps:
+            draw_noise()
+            graph.replay()
+            if bar is not None:
+                bar.update()
+    else:
+        for _ in steps:
+            draw_noise()
+            if compiled and device.type == "cuda":
+                torch.compiler.cudagraph_mark_step_begin()
+            one_step()
+            if bar is not None:
+                bar.update()
+    if bar is not None:
+        bar.close()
+    return x
+
+
+def _capture(one_step, x: torch.Tensor, step: torch.Tensor) -> "torch.cuda.CUDAGraph":
+    """Warm up on a side stream (lazy inits, cuBLAS workspaces, Triton compiles), restore the state the
+    warm-up advanced, then capture one step."""
+    x0 = x.clone()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            step.zero_()  # stay on row 0: a 1-step table has no row 1
+            one_step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        one_step()
+    # Capturing records kernels without running them; the warm-up did run: undo it.
+    x.copy_(x0)
+    step.zero_()
+    return graph
