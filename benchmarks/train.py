@@ -1,10 +1,10 @@
 """Train a fast DiT with the published recipe, on synthetic or pre-extracted VAE latents.
 
 Recipe (Peebles & Xie): AdamW, lr 1e-4, weight decay 0, global batch 256, EMA of the weights
-with decay 0.9999 updated every step; here with bf16 autocast. The loss is the DDPM
-noise-prediction MSE (linear betas 1e-4..0.02 over 1000 steps). The published run also trains the
-learned variance with a variational-bound term from its diffusion library; that term is left out,
-so the sigma half of the output channels gets no gradient.
+with decay 0.9999 updated every step; here with bf16 autocast. The loss is the published hybrid
+loss (dit_fast.diffusion, linear betas 1e-4..0.02 over 1000 steps): the noise-prediction MSE plus
+the variational-bound term that trains the learned variance (the sigma half of the output
+channels), computed in fp32 from the model's output (see training_loss).
 
     python benchmarks/train.py --model DiT-XL/2                       # one GPU (or CPU), synthetic latents
     torchrun --nproc_per_node=8 benchmarks/train.py --data /latents   # DDP, global batch split over ranks
@@ -12,27 +12,43 @@ so the sigma half of the output channels gets no gradient.
 --data: a directory of latent shards, used as-is (scale them as the sampler expects, e.g. x0.18215):
   *.pt   dicts {"latents": [N, C, H, W], "labels": [N]} (read with torch.load(weights_only=True));
   *.npy  latents [N, C, H, W] with labels in a sibling NAME.labels.npy (memory-mapped).
+Every shard is validated when opened (dit_fast.data): per-shard counts, integer labels in
+[0, num_classes), the model's latent shape, finite values on a sample of rows (--check-data all:
+every row).
+
 Checkpoints ({"model", "ema", "opt", "args", "step"}, all weights_only-loadable) go to
-RESULTS/checkpoints/STEP.pt every --ckpt-every steps and at the end; --resume PATH continues one;
-dit_fast.checkpoint.load_checkpoint(model, PATH) reads its EMA weights.
+RESULTS/checkpoints/STEP.pt every --ckpt-every steps and at the end, written atomically: a kill or
+a full disk mid-save leaves the previous checkpoints as they were. --resume takes a checkpoint
+file, a directory of them, or "auto" (RESULTS/checkpoints; a fresh start when there is none) and
+continues from the newest one that loads, saying which it skipped and why. --lr / --weight-decay
+given with --resume replace the restored optimizer's values; without them the checkpoint's stay.
+A non-finite loss or gradient stops training before the weights (and the EMA) are touched; the
+last checkpoint written stays the last good one.
+dit_fast.checkpoint.load_checkpoint(model, PATH) reads a checkpoint's EMA weights.
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import math
 import os
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from dit_fast import DiT_models
+from dit_fast.checkpoint import (
+    UnsafeCheckpointError, load_training_checkpoint, newest_training_checkpoint, torch_save_atomic,
+)
+from dit_fast.data import CHECK_MODES, InvalidShardError, LatentShards
+from dit_fast.diffusion import create_diffusion
 
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+# The published optimizer settings; --lr / --weight-decay override them (on --resume: the checkpoint's).
+RECIPE_OPTIMIZER = {"lr": 1e-4, "weight_decay": 0.0}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -44,9 +60,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--hidden-size", type=int, default=None, help="override the config's hidden size")
     p.add_argument("--num-heads", type=int, default=None, help="override the config's number of heads")
     p.add_argument("--data", default=None, help="directory of latent shards (default: synthetic latents)")
+    p.add_argument("--check-data", choices=CHECK_MODES, default="sample",
+                   help="finite-value check of --data when opening: a sample of rows per shard, or all rows")
     p.add_argument("--global-batch-size", type=int, default=256)
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--lr", type=float, default=None, help="default 1e-4; on --resume: the checkpoint's")
+    p.add_argument("--weight-decay", type=float, default=None, help="default 0; on --resume: the checkpoint's")
     p.add_argument("--ema-decay", type=float, default=0.9999)
     p.add_argument("--max-steps", type=int, default=400_000)
     p.add_argument("--precision", choices=sorted(AUTOCAST), default="bf16", help="autocast dtype (weights stay fp32)")
@@ -57,32 +75,35 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--results-dir", default="results")
     p.add_argument("--ckpt-every", type=int, default=50_000)
     p.add_argument("--log-every", type=int, default=100)
-    p.add_argument("--resume", default=None, help="checkpoint .pt to continue from")
+    p.add_argument("--resume", default=None,
+                   help="a checkpoint .pt, a directory of them (the newest that loads), or 'auto' (RESULTS/checkpoints)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for name in ("lr", "weight_decay"):
+        value = getattr(args, name)
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            p.error(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
+    return args
 
 
-# -- diffusion -------------------------------------------------------------------------------------
+# -- the loss --------------------------------------------------------------------------------------
 
 
-class LinearDDPM:
-    """The DDPM forward process with linear betas; the training target is the added noise."""
+def training_loss(model, diffusion, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """The loss of one batch of latents x [N, C, H, W] with labels y [N]: the published hybrid loss
+    (MSE on the noise + variational bound on the variance), averaged over the batch.
 
-    def __init__(self, num_steps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02, device="cpu"):
-        betas = torch.linspace(beta_start, beta_end, num_steps, dtype=torch.float64)
-        alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
-        self.num_steps = num_steps
-        self.sqrt_ac = alphas_cumprod.sqrt().float().to(device)
-        self.sqrt_1m_ac = (1.0 - alphas_cumprod).sqrt().float().to(device)
+    t and the noise are drawn from `generator`, so a step's draws are a function of (seed, step, rank).
+    """
+    t = torch.randint(0, diffusion.num_timesteps, (x.shape[0],), device=x.device, generator=generator)
+    noise = torch.randn(x.shape, device=x.device, generator=generator)
 
-    def loss(self, model, x0: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        t = torch.randint(0, self.num_steps, (x0.shape[0],), device=x0.device, generator=generator)
-        noise = torch.randn(x0.shape, device=x0.device, generator=generator)
-        x_t = self.sqrt_ac[t].view(-1, 1, 1, 1) * x0 + self.sqrt_1m_ac[t].view(-1, 1, 1, 1) * noise
-        eps = model(x_t, t, y)[:, : x0.shape[1]]  # learn_sigma: the first C channels are the noise
-        return F.mse_loss(eps.float(), noise)
+    def fp32_output(x_t, t, **kwargs):  # the model runs under autocast; the loss terms in fp32
+        return model(x_t, t, **kwargs).float()
+
+    return diffusion.training_losses(fp32_output, x, t, dict(y=y), noise=noise)["loss"].mean()
 
 
 # -- data ------------------------------------------------------------------------------------------
@@ -101,43 +122,57 @@ class SyntheticLatents:
         return x, y
 
 
-class LatentShards:
-    """Pre-extracted latents from a directory of .pt / .npy shards (see the module docstring)."""
+def open_data(args, model) -> SyntheticLatents | LatentShards:
+    if not args.data:
+        return SyntheticLatents(model.in_channels, model.input_size, model.num_classes)
+    try:
+        return LatentShards(args.data, latent_shape=(model.in_channels, model.input_size, model.input_size),
+                            num_classes=model.num_classes, check=args.check_data)
+    except (InvalidShardError, FileNotFoundError) as e:
+        raise SystemExit(f"--data: {e}") from None
 
-    def __init__(self, directory: str):
-        root = Path(directory)
-        latents, labels = [], []
-        for path in sorted(root.glob("*.pt")):
-            shard = torch.load(path, map_location="cpu", weights_only=True)
-            latents.append(np.asarray(shard["latents"].float()))
-            labels.append(np.asarray(shard["labels"].long()))
-        for path in sorted(p for p in root.glob("*.npy") if not p.name.endswith(".labels.npy")):
-            label_path = path.with_name(path.stem + ".labels.npy")
-            if not label_path.exists():
-                raise FileNotFoundError(f"{path} has no labels file {label_path.name}")
-            latents.append(np.load(path, mmap_mode="r"))
-            labels.append(np.load(label_path))
-        if not latents:
-            raise FileNotFoundError(f"--data {directory}: no *.pt or *.npy latent shards found")
-        self.shards = latents
-        self.labels = np.concatenate(labels).astype(np.int64)
-        self.offsets = np.cumsum([0] + [len(s) for s in latents])
-        self.shape = tuple(latents[0].shape[1:])
-        if any(tuple(s.shape[1:]) != self.shape for s in latents):
-            raise ValueError(f"--data {directory}: latent shards have different shapes")
-        if len(self.labels) != self.offsets[-1]:
-            raise ValueError(f"--data {directory}: {self.offsets[-1]} latents but {len(self.labels)} labels")
 
-    def __len__(self) -> int:
-        return int(self.offsets[-1])
+# -- checkpoints -----------------------------------------------------------------------------------
 
-    def batch_at(self, indices: np.ndarray, device):
-        rows = []
-        for i in indices:
-            s = int(np.searchsorted(self.offsets, i, side="right") - 1)
-            rows.append(np.asarray(self.shards[s][i - self.offsets[s]], dtype=np.float32))
-        x = torch.from_numpy(np.stack(rows)).to(device)
-        return x, torch.from_numpy(self.labels[indices]).to(device)
+
+def find_resume_checkpoint(spec: str, ckpt_dir: Path, device, say) -> tuple[Path, dict] | None:
+    """The checkpoint --resume names: a file, or the newest that loads in a directory ("auto": ckpt_dir)."""
+    path = ckpt_dir if spec == "auto" else Path(spec)
+    if path.is_file():
+        try:
+            return path, load_training_checkpoint(path, map_location=device)
+        except (ValueError, UnsafeCheckpointError) as e:
+            raise SystemExit(f"--resume: {e}") from None
+    if not path.is_dir():
+        if spec == "auto":
+            say(f"--resume auto: no checkpoints in {ckpt_dir} yet, starting from step 0")
+            return None
+        raise SystemExit(f"--resume: {spec} is neither a checkpoint file nor a directory")
+    if not any(path.glob("*.pt")) and (path / "checkpoints").is_dir():
+        path = path / "checkpoints"  # a results directory
+    found, ckpt, skipped = newest_training_checkpoint(path, map_location=device)
+    for bad, why in skipped:
+        say(f"--resume: skipping {bad}: {why}")
+    if found is not None:
+        return found, ckpt
+    if spec == "auto":
+        say(f"--resume auto: no loadable checkpoint in {path}, starting from step 0")
+        return None
+    raise SystemExit(f"--resume: no loadable checkpoint (STEP.pt) in {path}")
+
+
+def apply_optimizer_settings(opt: torch.optim.Optimizer, settings: dict) -> list[str]:
+    """Set each given (not None) hyperparameter on every param group; the changes, as text."""
+    changes = []
+    for name, value in settings.items():
+        if value is None:
+            continue
+        before = sorted({group[name] for group in opt.param_groups})
+        for group in opt.param_groups:
+            group[name] = value
+        if before != [value]:
+            changes.append(f"{name} {', '.join(map(str, before))} -> {value}")
+    return changes
 
 
 # -- training --------------------------------------------------------------------------------------
@@ -148,6 +183,14 @@ def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
     ema_params = list(ema.parameters())
     params = [p.detach() for p in model.parameters()]
     torch._foreach_lerp_(ema_params, params, 1.0 - decay)
+
+
+def grad_norm(model: torch.nn.Module) -> torch.Tensor:
+    """The L2 norm of all gradients: non-finite when any gradient is (one fused pass, no host sync)."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    return torch.linalg.vector_norm(torch.stack([n.float() for n in torch._foreach_norm(grads)]))
 
 
 def plain_args(args: argparse.Namespace) -> dict:
@@ -179,6 +222,7 @@ def main(argv=None) -> dict:
         raise SystemExit(f"--image-size must be a multiple of 8 (the VAE's factor), got {args.image_size}")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
+    say = print if rank == 0 else (lambda *a, **k: None)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if world > 1:
         if device.type == "cuda":
@@ -194,35 +238,41 @@ def main(argv=None) -> dict:
 
     torch.manual_seed(args.seed)  # the same initial weights on every rank
     model = build_model(args, device)
+    data = open_data(args, model)  # validated before any training or resuming
     ema = copy.deepcopy(model).requires_grad_(False).eval()
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    optimizer_settings = {name: getattr(args, name) for name in RECIPE_OPTIMIZER}
+    opt = torch.optim.AdamW(model.parameters(), **{k: v if v is not None else RECIPE_OPTIMIZER[k]
+                                                   for k, v in optimizer_settings.items()})
+    ckpt_dir = Path(args.results_dir) / "checkpoints"
     step = 0
-    if args.resume:
-        ckpt = torch.load(args.resume, map_location=device, weights_only=True)
+    resumed = find_resume_checkpoint(args.resume, ckpt_dir, device, say) if args.resume else None
+    if resumed is not None:
+        path, ckpt = resumed
         model.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])
-        opt.load_state_dict(ckpt["opt"])
+        opt.load_state_dict(ckpt["opt"])  # restores the checkpoint's lr / weight decay ...
         step = int(ckpt["step"])
+        say(f"resuming from {path} (step {step})")
+        for change in apply_optimizer_settings(opt, optimizer_settings):  # ... unless given on the command line
+            say(f"--resume: optimizer {change} (from the command line)")
+    for name in RECIPE_OPTIMIZER:  # the checkpoints record the values in use
+        setattr(args, name, opt.param_groups[0][name])
 
     train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
     if args.compile:
         train_model = torch.compile(train_model)
-    diffusion = LinearDDPM(device=device)
-    data = LatentShards(args.data) if args.data else SyntheticLatents(4, args.image_size // 8, args.num_classes)
-    if args.data and data.shape != (4, args.image_size // 8, args.image_size // 8):
-        raise SystemExit(f"--data latents have shape {data.shape}, the model expects {(4, args.image_size // 8, args.image_size // 8)}")
+    diffusion = create_diffusion(timestep_respacing="")  # all 1000 steps, as trained
     amp_dtype = AUTOCAST[args.precision]
-    ckpt_dir = Path(args.results_dir) / "checkpoints"
     if rank == 0:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        print(f"{args.model}: {n_params / 1e6:.1f}M params, {world} rank(s) x batch {local_batch}, {device}, {args.precision}")
+        say(f"{args.model}: {n_params / 1e6:.1f}M params, {world} rank(s) x batch {local_batch}, {device}, {args.precision}")
 
     def save(step: int) -> Path:
         path = ckpt_dir / f"{step:07d}.pt"
         state = {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
                  "args": plain_args(args), "step": step}
-        torch.save(state, path)
+        torch_save_atomic(state, path)  # the previous checkpoints stay whole until this one is
         return path
 
     progress = None
@@ -233,46 +283,60 @@ def main(argv=None) -> dict:
     losses: list[float] = []
     running, t0, images = 0.0, time.perf_counter(), 0
     train_model.train()
-    saved = None
-    while step < args.max_steps:
-        # Every random draw of a step is a function of (seed, step, rank): a resumed run repeats it exactly.
-        gen = torch.Generator(device).manual_seed(args.seed * 1_000_003 + step * world + rank)
-        torch.manual_seed(args.seed * 1_000_003 + step * world + rank)  # label dropout inside the model
-        if args.data:
-            order = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
-            idx = torch.randint(0, len(data), (args.global_batch_size,), generator=order).numpy()
-            x, y = data.batch_at(idx[rank * local_batch : (rank + 1) * local_batch], device)
-        else:
-            x, y = data.batch(local_batch, gen, device)
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            loss = diffusion.loss(train_model, x, y, gen)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        update_ema(ema, model, args.ema_decay)
-        step += 1
-        images += args.global_batch_size
-        loss_value = loss.detach()
-        if world > 1:
-            dist.all_reduce(loss_value)
-            loss_value /= world
-        losses.append(float(loss_value))
-        running += losses[-1]
-        if progress is not None:
-            elapsed = time.perf_counter() - t0
-            progress.update(1)
-            progress.set_postfix(loss=f"{losses[-1]:.4f}", img_s=f"{images / max(elapsed, 1e-9):.1f}")
-        if step % args.log_every == 0 and rank == 0 and progress is None:
-            elapsed = time.perf_counter() - t0
-            print(f"step {step}: loss {running / args.log_every:.4f}, {images / elapsed:.1f} images/s")
-            running = 0.0
-        if step % args.ckpt_every == 0 or step == args.max_steps:
-            if rank == 0:
-                saved = save(step)
+    saved = None  # the checkpoint this run wrote last
+    last_good = resumed[0] if resumed is not None else "none (no checkpoint written or resumed)"
+    try:
+        while step < args.max_steps:
+            # Every random draw of a step is a function of (seed, step, rank): a resumed run repeats it exactly.
+            gen = torch.Generator(device).manual_seed(args.seed * 1_000_003 + step * world + rank)
+            torch.manual_seed(args.seed * 1_000_003 + step * world + rank)  # label dropout inside the model
+            if args.data:
+                order = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
+                idx = torch.randint(0, len(data), (args.global_batch_size,), generator=order).numpy()
+                try:
+                    x, y = data.batch_at(idx[rank * local_batch : (rank + 1) * local_batch], device)
+                except InvalidShardError as e:
+                    raise SystemExit(f"step {step + 1}: --data: {e}; the last good checkpoint is {last_good}") from None
+            else:
+                x, y = data.batch(local_batch, gen, device)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                loss = training_loss(train_model, diffusion, x, y, gen)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            # One host sync per step: the loss to log and the check that nothing non-finite reaches the weights.
+            health = torch.stack([loss.detach().float(), grad_norm(model).to(loss.device)])
             if world > 1:
-                dist.barrier()
-    if progress is not None:
-        progress.close()
+                dist.all_reduce(health)
+                health /= world
+            loss_value, norm_value = health.tolist()
+            if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
+                raise SystemExit(
+                    f"step {step + 1}: the loss is {loss_value} and the gradient norm {norm_value}; stopped before "
+                    f"updating the weights and the EMA. The last good checkpoint is {last_good}. Likely causes: "
+                    "non-finite latents (--check-data all), a learning rate too high, fp16 overflow (--precision bf16)."
+                )
+            opt.step()
+            update_ema(ema, model, args.ema_decay)
+            step += 1
+            images += args.global_batch_size
+            losses.append(loss_value)
+            running += loss_value
+            if progress is not None:
+                elapsed = time.perf_counter() - t0
+                progress.update(1)
+                progress.set_postfix(loss=f"{loss_value:.4f}", img_s=f"{images / max(elapsed, 1e-9):.1f}")
+            if step % args.log_every == 0 and rank == 0 and progress is None:
+                elapsed = time.perf_counter() - t0
+                say(f"step {step}: loss {running / args.log_every:.4f}, {images / elapsed:.1f} images/s")
+                running = 0.0
+            if step % args.ckpt_every == 0 or step == args.max_steps:
+                if rank == 0:
+                    saved = last_good = save(step)
+                if world > 1:
+                    dist.barrier()
+    finally:
+        if progress is not None:
+            progress.close()
     if world > 1:
         dist.barrier()  # gloo ranks can abort at exit without it
         dist.destroy_process_group()

@@ -5,6 +5,10 @@ which only rebuilds tensors and plain containers (plus ``argparse.Namespace``, w
 train.py stores under "args": a bag of attributes, no code runs to rebuild it). A file that needs
 anything else is refused with :class:`UnsafeCheckpointError`.
 
+Saving is atomic (dit_fast.atomic): the data goes to a temporary file in the same directory, is
+fsynced, then renamed over the destination; a full disk or a kill mid-save leaves the previous file
+as it was and no temporary file behind.
+
 Works for ``dit_fast.reference.DiT`` and ``dit_fast.DiT`` alike (same state_dict keys).
 """
 from __future__ import annotations
@@ -15,17 +19,25 @@ import os
 import pickle
 import warnings
 from collections.abc import Mapping
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-__all__ = ["load_checkpoint", "save_checkpoint", "read_state_dict", "UnsafeCheckpointError", "StateDictMismatchError"]
+from dit_fast.atomic import atomic_save, atomic_write
+
+__all__ = [
+    "load_checkpoint", "save_checkpoint", "read_state_dict", "UnsafeCheckpointError", "StateDictMismatchError",
+    "torch_save_atomic", "load_training_checkpoint", "newest_training_checkpoint", "TRAINING_CHECKPOINT_KEYS",
+]
 
 # Prefixes that wrappers add to every key: DistributedDataParallel, torch.compile.
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 # In a training checkpoint, the weights to sample with are the EMA ones.
 WRAPPED_WEIGHT_KEYS = ("ema", "model")
 MAX_LISTED_KEYS = 10
+# What benchmarks/train.py writes (and needs back to resume); "args" is there too but not needed.
+TRAINING_CHECKPOINT_KEYS = ("model", "ema", "opt", "step")
 
 
 class UnsafeCheckpointError(pickle.UnpicklingError):
@@ -114,11 +126,64 @@ def save_checkpoint(model: nn.Module, path) -> None:
     if path.endswith(".safetensors"):
         from safetensors.torch import save_file
 
-        save_file(_standalone_tensors(state_dict), path, metadata={"format": "pt"})
+        tensors = _standalone_tensors(state_dict)
+        atomic_save(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     elif path.endswith((".pt", ".pth")):
-        torch.save({k: v.detach().cpu() for k, v in state_dict.items()}, path)
+        torch_save_atomic({k: v.detach().cpu() for k, v in state_dict.items()}, path)
     else:
         raise ValueError(f"path must end in .safetensors, .pt or .pth, got {path!r}")
+
+
+def torch_save_atomic(obj, path) -> None:
+    """torch.save(obj, path), atomically: path holds either its previous content or all of obj."""
+    with atomic_write(path, "wb") as f:
+        torch.save(obj, f)
+
+
+def load_training_checkpoint(path, *, map_location="cpu") -> dict:
+    """A training checkpoint (benchmarks/train.py's {"model", "ema", "opt", "args", "step"}), read weights_only.
+
+    Raises FileNotFoundError, UnsafeCheckpointError, or ValueError naming the file when it is
+    truncated, unreadable or lacks one of TRAINING_CHECKPOINT_KEYS.
+    """
+    path = os.fspath(path)
+    try:
+        obj = _read_file(path, map_location)
+    except (UnsafeCheckpointError, FileNotFoundError):
+        raise
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as e:
+        raise ValueError(f"{path!r} is not a readable checkpoint (truncated or corrupt?): {_first_line(e)}") from None
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"{path!r} holds a {type(obj).__name__}, expected a training checkpoint dict")
+    missing = [k for k in TRAINING_CHECKPOINT_KEYS if k not in obj]
+    if missing:
+        raise ValueError(
+            f"{path!r} is not a training checkpoint: it lacks {', '.join(missing)} "
+            f"(its top-level keys are {_listing([str(k) for k in obj], MAX_LISTED_KEYS)})"
+        )
+    return dict(obj)
+
+
+def newest_training_checkpoint(
+    directory, *, map_location="cpu"
+) -> tuple[Path | None, dict | None, list[tuple[Path, str]]]:
+    """The newest checkpoint in `directory` that loads: (path, checkpoint, skipped).
+
+    Candidates are train.py's STEP.pt files, newest (highest step) first; each one that does not
+    load (truncated by a kill or a full disk before saves were atomic, not a training checkpoint,
+    refused as unsafe) is skipped and listed in `skipped` as (path, why). (None, None, skipped) when
+    none loads.
+    """
+    candidates = sorted(
+        (p for p in Path(directory).glob("*.pt") if p.stem.isdigit()), key=lambda p: int(p.stem), reverse=True
+    )
+    skipped = []
+    for path in candidates:
+        try:
+            return path, load_training_checkpoint(path, map_location=map_location), skipped
+        except (ValueError, UnsafeCheckpointError) as e:
+            skipped.append((path, str(e)))
+    return None, None, skipped
 
 
 def format_key_problems(missing, unexpected, mismatched, limit: int = MAX_LISTED_KEYS) -> str:
@@ -230,6 +295,11 @@ def _standalone_tensors(state_dict: Mapping) -> dict:
         seen.add(v.untyped_storage().data_ptr())
         out[k] = v
     return out
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
 
 
 def _listing(items, limit: int) -> str:

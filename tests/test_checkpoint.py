@@ -1,5 +1,7 @@
-"""load_checkpoint / save_checkpoint: formats, wrappers, prefixes, strictness, refusing unsafe pickles."""
+"""load_checkpoint / save_checkpoint: formats, wrappers, prefixes, strictness, refusing unsafe pickles,
+atomic saves (full disk, kill mid-save) and finding the newest training checkpoint that loads."""
 import argparse
+import errno
 
 import pytest
 import torch
@@ -287,3 +289,81 @@ def test_official_512_checkpoint_into_256_model_names_the_shapes():
         model = dit_fast.DiT_models["DiT-XL/2"](input_size=32)
     with pytest.raises(StateDictMismatchError, match=r"pos_embed \(expected \[1, 256, 1152\], got \[1, 1024, 1152\]\)"):
         load_checkpoint(model, official_512)
+
+
+# -- atomic saves ----------------------------------------------------------------------------------
+
+
+def _writer_that_fails_midway(error):
+    """Stands in for torch.save / safetensors' save_file: writes part of a file, then fails."""
+
+    def write(obj, f, *args, **kwargs):
+        if hasattr(f, "write"):
+            f.write(b"\x00" * 4096)
+        else:
+            with open(f, "wb") as out:
+                out.write(b"\x00" * 4096)
+        raise error
+
+    return write
+
+
+@pytest.mark.parametrize("fmt", ["pt", "safetensors"])
+@pytest.mark.parametrize("error", [OSError(errno.ENOSPC, "No space left on device"), KeyboardInterrupt()],
+                         ids=["disk_full", "killed"])
+def test_a_failed_save_leaves_the_previous_file_and_no_temp_file(tmp_path, monkeypatch, fmt, error):
+    import safetensors.torch
+
+    old = _small_ref()
+    path = tmp_path / f"w.{fmt}"
+    save_checkpoint(old, path)
+    if fmt == "pt":
+        monkeypatch.setattr(torch, "save", _writer_that_fails_midway(error))
+    else:
+        monkeypatch.setattr(safetensors.torch, "save_file", _writer_that_fails_midway(error))
+    with pytest.raises(type(error)) as e:
+        save_checkpoint(_small_ref(), path)
+    assert e.value is error, "the writer's own error surfaces"
+    monkeypatch.undo()
+    assert [p.name for p in tmp_path.iterdir()] == [path.name], "no temporary file is left behind"
+    _assert_same_weights(old, load_checkpoint(reference.DiT(**SMALL), path))
+
+
+def test_save_writes_in_the_destination_directory_then_renames(tmp_path, monkeypatch):
+    # The temporary file must be on the destination's filesystem for os.replace to be atomic.
+    import os
+
+    replaced = []
+    real_replace = os.replace
+    monkeypatch.setattr(os, "replace", lambda src, dst: (replaced.append((src, dst)), real_replace(src, dst)))
+    save_checkpoint(_small_ref(), tmp_path / "w.pt")
+    [(src, dst)] = replaced
+    assert os.path.dirname(src) == str(tmp_path) and dst == str(tmp_path / "w.pt")
+
+
+# -- training checkpoints --------------------------------------------------------------------------
+
+
+def test_newest_training_checkpoint_skips_the_ones_that_do_not_load(tmp_path):
+    from dit_fast.checkpoint import newest_training_checkpoint
+
+    ckpt, _, _ = _training_checkpoint()
+    ckpt = {**ckpt, "args": {"lr": 1e-4}, "step": 0}
+    for step in (100, 200, 300, 400, 1000):
+        torch.save({**ckpt, "step": step}, tmp_path / f"{step:07d}.pt")
+    full = (tmp_path / "0001000.pt").read_bytes()
+    (tmp_path / "0001000.pt").write_bytes(full[: len(full) // 3])  # truncated by a kill
+    (tmp_path / "0000400.pt").write_bytes(b"")  # a full disk
+    torch.save({"model": ckpt["model"]}, tmp_path / "0000300.pt")  # weights only: not resumable
+    (tmp_path / "notes.pt").write_bytes(b"not a checkpoint name")  # ignored: not STEP.pt
+    path, found, skipped = newest_training_checkpoint(tmp_path)
+    assert path == tmp_path / "0000200.pt" and found["step"] == 200
+    assert [(p.name, why.split(":")[0]) for p, why in skipped] == [
+        ("0001000.pt", f"{str(tmp_path / '0001000.pt')!r} is not a readable checkpoint (truncated or corrupt?)"),
+        ("0000400.pt", f"{str(tmp_path / '0000400.pt')!r} is not a readable checkpoint (truncated or corrupt?)"),
+        ("0000300.pt", f"{str(tmp_path / '0000300.pt')!r} is not a training checkpoint"),
+    ]
+    assert "lacks ema, opt, step" in skipped[2][1]
+    for p in tmp_path.glob("0*.pt"):
+        p.unlink()
+    assert newest_training_checkpoint(tmp_path) == (None, None, [])

@@ -1,9 +1,8 @@
 """The fast DiT as a training backbone, on the CPU: autocast, torch.compile, activation
-checkpointing, a short training run against the reference, and the training example script.
+checkpointing, a short training run against the reference (the training example script:
+test_train_script.py).
 """
 import copy
-import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,8 +12,6 @@ from dit_fast import reference
 from dit_fast.models import from_reference
 from dit_fast.testing import randomize_weights_
 from tolerances import assert_close
-
-ROOT = Path(__file__).resolve().parents[1]
 
 # DiT-S/2 widths (hidden 384, 6 heads of 64) at depth 2 on an 8x8 latent (16 tokens).
 SMALL = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=384, depth=2, num_heads=6,
@@ -214,70 +211,6 @@ def test_training_loss_curve_matches_reference():
     assert fast_losses[-20:].mean() < 0.5 * fast_losses[:20].mean(), f"loss did not go down: {fast_losses}"
     rel = ((fast_losses - ref_losses).abs() / ref_losses).max().item()
     assert rel < 1e-5, f"loss curves differ by up to {rel:.2e} (relative)"
-
-
-# -- the training example -------------------------------------------------------------------------
-
-
-def _load_train_script():
-    spec = importlib.util.spec_from_file_location("dit_fast_train_example", ROOT / "benchmarks" / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_train_example_saves_and_resumes(tmp_path):
-    train = _load_train_script()
-    common = ["--model", "DiT-S/2", "--depth", "1", "--hidden-size", "64", "--num-heads", "2",
-              "--image-size", "64", "--num-classes", "10", "--global-batch-size", "4", "--device", "cpu",
-              "--ckpt-every", "2", "--no-progress", "--lr", "1e-3"]
-    straight = train.main(common + ["--max-steps", "3", "--results-dir", str(tmp_path / "a")])
-    assert straight["step"] == 3 and len(straight["losses"]) == 3
-    first = tmp_path / "a" / "checkpoints" / "0000002.pt"
-    resumed = train.main(common + ["--max-steps", "3", "--results-dir", str(tmp_path / "b"), "--resume", str(first)])
-    assert resumed["step"] == 3 and len(resumed["losses"]) == 1
-    assert resumed["losses"][0] == straight["losses"][2], "a resumed run repeats the uninterrupted one"
-
-    a = torch.load(tmp_path / "a" / "checkpoints" / "0000003.pt", weights_only=True)
-    b = torch.load(resumed["checkpoint"], weights_only=True)
-    assert set(a) == {"model", "ema", "opt", "args", "step"} and a["step"] == 3
-    assert a["args"]["lr"] == 1e-3 and a["args"]["model"] == "DiT-S/2"
-    for key in ("model", "ema"):
-        for name, tensor in a[key].items():
-            torch.testing.assert_close(b[key][name], tensor, rtol=0, atol=0, msg=f"{key}.{name}")
-    # EMA moved away from the initial weights, by less than the model did (decay 0.9999).
-    first_state = torch.load(first, weights_only=True)
-    w = "blocks.0.attn.qkv.weight"
-    assert not torch.equal(a["ema"][w], first_state["ema"][w])
-    assert (a["ema"][w] - first_state["ema"][w]).abs().max() < (a["model"][w] - first_state["model"][w]).abs().max()
-
-    checkpoint = pytest.importorskip("dit_fast.checkpoint")
-    model = train.build_model(train.parse_args(common), "cpu")
-    checkpoint.load_checkpoint(model, tmp_path / "a" / "checkpoints" / "0000003.pt", key="ema")
-    torch.testing.assert_close(model.state_dict()[w], a["ema"][w], rtol=0, atol=0)
-
-
-def test_train_example_reads_latent_shards(tmp_path):
-    import numpy as np
-
-    train = _load_train_script()
-    data = tmp_path / "latents"
-    data.mkdir()
-    np.save(data / "a.npy", np.random.randn(5, 4, 8, 8).astype(np.float16))
-    np.save(data / "a.labels.npy", np.arange(5) % 10)
-    torch.save({"latents": torch.randn(3, 4, 8, 8), "labels": torch.tensor([1, 2, 3])}, data / "b.pt")
-    shards = train.LatentShards(str(data))
-    assert len(shards) == 8 and shards.shape == (4, 8, 8)
-    x, y = shards.batch_at(np.array([0, 6]), "cpu")
-    assert x.shape == (2, 4, 8, 8) and y.tolist() == [1, 3]  # .pt shards come first, then .npy
-    result = train.main(["--model", "DiT-S/8", "--depth", "1", "--hidden-size", "32", "--num-heads", "2",
-                         "--image-size", "64", "--num-classes", "10", "--global-batch-size", "4",
-                         "--max-steps", "2", "--device", "cpu", "--no-progress", "--precision", "fp32",
-                         "--data", str(data), "--results-dir", str(tmp_path / "run")])
-    assert result["step"] == 2 and all(np.isfinite(result["losses"]))
-    with pytest.raises(SystemExit, match="expects"):
-        train.main(["--model", "DiT-S/8", "--depth", "1", "--image-size", "128", "--data", str(data),
-                    "--device", "cpu", "--max-steps", "1", "--results-dir", str(tmp_path / "bad")])
 
 
 # -- on a GPU --------------------------------------------------------------------------------------
