@@ -13,15 +13,20 @@
 #   gpu_tests   pytest -m gpu
 #   parity      dit_fast vs the reference, fp32 and bf16, every backend (DiT-XL/2, random weights)
 #   throughput  DiT-XL/2 256px fwd/cfg/train: reference eager, dit_fast per backend, torch.compile(reference)
+#   sampling    one 256px image, CFG, 25 steps: the published loop on the reference vs dit_fast.sample with and
+#               without CUDA graphs (ms per step; x10 for the published 250 steps)
 #   kernels     per-op table (eager, torch.compile, triton, ext), B=256 L=256 D=1152 bf16
 #   profile     per-kernel tables + Chrome traces, one block and the whole model, fwd and train
+#   roofline    the predicted DiT-XL/2 B=256 budget from the ceilings measured now (dit-fast roofline --measure),
+#               written to OUTDIR beside the measured results; summary.md puts predicted next to measured
 #   report      one merged <date>-<gpu>.{json,md,png}
-# OUTDIR then holds: summary.md, <date>-<gpu>.{json,md,png}, details.tar.gz (stage logs, per-stage results,
+# OUTDIR then holds: summary.md, <date>-<gpu>.{json,md,png}, <date>-<gpu>-predicted-roofline.{json,md}, details.tar.gz (stage logs, per-stage results,
 # traces) -- few files, so that a device tool returning a handful of files gets all of it. Set
 # GPU_CHECK_KEEP=1 to keep the details/ tree unpacked too. Stage limits: GPU_CHECK_T_<STAGE>=seconds;
 # GPU_CHECK_SKIP=gpu_tests,profile skips stages. The throughput stage runs eager contenders first and
 # torch.compile(reference) last (compiling DiT-XL/2 is the slow part): if its limit cuts it, every eager
-# number is already saved (the JSON is rewritten after each measurement).
+# number is already saved (<name>-partial.json is rewritten after every round; a stage cut by its limit
+# is merged from it and marked incomplete).
 set -u
 
 DRY="${DIT_FAST_DRY_RUN:-0}"
@@ -48,25 +53,33 @@ t_install=${GPU_CHECK_T_INSTALL:-105}
 t_info=${GPU_CHECK_T_INFO:-15}
 t_gpu_tests=${GPU_CHECK_T_GPU_TESTS:-55}
 t_parity=${GPU_CHECK_T_PARITY:-35}
-t_throughput=${GPU_CHECK_T_THROUGHPUT:-170}
+t_throughput=${GPU_CHECK_T_THROUGHPUT:-140}
+t_sampling=${GPU_CHECK_T_SAMPLING:-20}
 t_kernels=${GPU_CHECK_T_KERNELS:-45}
 t_profile=${GPU_CHECK_T_PROFILE:-30}
-t_report=${GPU_CHECK_T_REPORT:-25}
+t_roofline=${GPU_CHECK_T_ROOFLINE:-15}
+t_report=${GPU_CHECK_T_REPORT:-20}
 
 if [ "$DRY" = "1" ]; then
   # Tiny model on the CPU: every stage runs its real command path, in seconds.
   COMMON=(--device cpu --model DiT-S/2 --input-size 8 --depth 1 --warmup 0 --iters 1 --no-progress)
   PARITY_ARGS=(--parity-dtypes fp32)
   THROUGHPUT_ARGS=(--mode fwd,train)
+  SAMPLING_ARGS=(--sample-steps 2 --batch 1)
+  t_sampling=${GPU_CHECK_T_SAMPLING:-90}  # a busy 2-core CI machine: imports alone take seconds
   KERNEL_ARGS=(--op gated_residual_adaln --batch 2)
   PROFILE_ARGS=(--target block --mode fwd)
+  ROOFLINE_ARGS=(--device h100)  # no GPU to measure on: the spec ceilings
   export CUDA_VISIBLE_DEVICES=""
 else
   COMMON=(--no-progress)
   PARITY_ARGS=(--parity-dtypes fp32,bf16)
   THROUGHPUT_ARGS=(--mode fwd,cfg,train --compile --warmup 3 --iters 10)
+  # one 256px image with CFG, 25 steps (x10 for the published 250): reference loop vs dit_fast with/without graphs
+  SAMPLING_ARGS=(--sample-steps 25 --batch 1 --iters 2)
   KERNEL_ARGS=(--compile --batch 256)
   PROFILE_ARGS=(--target block,model --mode fwd,train --batch 32)
+  ROOFLINE_ARGS=(--measure)
 fi
 
 SUMMARY=()
@@ -121,12 +134,20 @@ fi
 
 stage parity "$t_parity" "$PY" -m dit_fast parity "${COMMON[@]}" "${PARITY_ARGS[@]}" --out "$DET"
 stage throughput "$t_throughput" "$PY" -m dit_fast throughput "${COMMON[@]}" "${THROUGHPUT_ARGS[@]}" --out "$DET"
+stage sampling "$t_sampling" "$PY" -m dit_fast throughput --mode sample "${COMMON[@]}" "${SAMPLING_ARGS[@]}" --out "$DET/sampling"
 stage kernels "$t_kernels" "$PY" -m dit_fast kernels "${COMMON[@]}" --no-ceilings "${KERNEL_ARGS[@]}" --out "$DET"
 stage profile "$t_profile" "$PY" -m dit_fast profile "${COMMON[@]}" "${PROFILE_ARGS[@]}" --out "$DET"
+# the budget the throughput stage is measured against: DiT-XL/2 256px, B=256, forward and training step
+stage roofline "$t_roofline" "$PY" -m dit_fast roofline --model DiT-XL/2 --batch 256 "${ROOFLINE_ARGS[@]}" --out "$OUTDIR"
 
 # -- report: one merged results file (re-rendered from JSON, so stages cut by their timeout count too)
 shopt -s nullglob
-JSONS=("$DET"/*-parity.json "$DET"/*-throughput.json "$DET"/*-kernels.json "$DET"/*-profile.json)
+# a stage cut by its limit left only its -partial.json (a finished stage removes it)
+JSONS=()
+for what in parity throughput kernels profile; do
+  for f in "$DET"/*-"$what".json "$DET"/*-"$what"-partial.json; do JSONS+=("$f"); done
+done
+for f in "$DET"/sampling/*-throughput.json "$DET"/sampling/*-throughput-partial.json; do JSONS+=("$f"); done
 if [ ${#JSONS[@]} -gt 0 ]; then
   stage report "$t_report" "$PY" -m dit_fast report "${JSONS[@]}" --merge "$OUTDIR"
 else
@@ -146,8 +167,12 @@ TOTAL=$(( $(date +%s) - T0 ))
     [ "$(basename "$md")" = "summary.md" ] && continue
     echo
     echo "Results: $(basename "$md")"
-    # the headline tables: parity verdict and throughput
-    grep -E '^(## Parity|\| (fwd|cfg|train) )' "$md" | head -n 40
+    case "$md" in
+      *-roofline.md)  # predicted step per plan, to read beside the measured throughput
+        grep -E '^(- ceilings|\| mode \| plan|\|---\|---\|---\|---\|---\|---\|---\|---\|---\|---\|---\|---\||\| (forward|train) \| (eager|inductor|dit_fast) \|)' "$md" ;;
+      *)  # the headline tables: parity verdict and throughput
+        grep -E '^(## Parity|\| (fwd|cfg|train) )' "$md" | head -n 40 ;;
+    esac
   done
 } >"$OUTDIR/summary.md"
 

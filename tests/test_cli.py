@@ -78,11 +78,119 @@ def test_info_runs(capsys):
     assert "torch" in out and "adaln_modulate" in out and "Attention on cpu" in out
 
 
-def test_bad_arguments_are_named():
+@pytest.mark.parametrize("command, extra, flag", [
+    ("bench", ["--mode", "sample"], "--mode"),
+    ("bench", ["--dtype", "int8"], "--dtype"),
+    ("throughput", ["--iters", "0"], "--iters"),
+    ("throughput", ["--iters", "-2"], "--iters"),
+    ("throughput", ["--batch", "0"], "--batch"),
+    ("throughput", ["--batch", "-4"], "--batch"),
+    ("throughput", ["--input-size", "0"], "--input-size"),
+    ("throughput", ["--input-size", "7"], "--input-size"),  # not a multiple of the patch size
+    ("throughput", ["--model", ""], "--model"),
+    ("throughput", ["--depth", "0"], "--depth"),
+    ("throughput", ["--warmup", "-1"], "--warmup"),
+    ("throughput", ["--backend", "cuda"], "--backend"),
+    ("throughput", ["--attn", "bogus"], "--attn"),
+    ("throughput", ["--dtype", "fp32,bf16"], "--dtype"),  # one dtype only outside kernels
+    ("kernels", ["--op", "softmax"], "--op"),
+    ("kernels", ["--rounds", "0"], "--rounds"),
+    ("profile", ["--target", "bogus"], "--target"),
+])
+def test_bad_arguments_are_usage_errors(command, extra, flag, tmp_path, capsys):
+    argv = [command, *TINY, "--out", str(tmp_path)]
+    if "--model" in extra:
+        argv = [a for a in argv if a != "DiT-S/2" and a != "--model"]
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv + extra)
+    err = capsys.readouterr().err
+    assert e.value.code == 2, err
+    assert f"argument {flag}" in err and "expected" in err and "Traceback" not in err, err
+    if flag == "--target":
+        assert "block, model" in err
+    assert os.listdir(tmp_path) == []  # nothing measured, nothing written
+
+
+def test_unwritable_out_is_a_usage_error_before_measuring(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    with pytest.raises(SystemExit) as e:
+        cli.main(["bench", *TINY, "--out", str(blocker / "results")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "argument --out" in err and "results" in err
+
+
+@pytest.mark.parametrize("content, expected", [
+    ("{not json", "not valid JSON"),
+    ("[1, 2]", "got a JSON list"),
+    ('{"kind": "bench", "throughput": []}', "'env'"),
+    ('{"env": {"date": "2026-12-03"}, "kernels": {"op": 1}}', "'kernels' to be a list"),
+    ('{"env": {"date": "2026-12-03"}}', "at least one non-empty section"),
+])
+def test_report_names_a_malformed_input(tmp_path, capsys, content, expected):
+    bad = tmp_path / "bad.json"
+    bad.write_text(content)
+    with pytest.raises(SystemExit) as e:
+        cli.main(["report", str(bad), "--no-png"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and str(bad) in err and expected in err, err
     with pytest.raises(SystemExit):
-        cli.main(["bench", *TINY, "--mode", "sample"])
-    with pytest.raises(ValueError, match="dtype"):
-        cli.main(["bench", *TINY, "--dtype", "int8"])
+        cli.main(["report", str(tmp_path / "missing.json")])
+    assert "cannot be read" in capsys.readouterr().err
+
+
+def _fake_throughput(monkeypatch, *, interrupt: bool, check=None):
+    """run_throughput that reports one row, then is interrupted (Ctrl-C) or finishes."""
+    import dit_fast.bench.throughput as tp
+
+    def fake(shape, *, on_update=None, **kwargs):
+        row = {"contender": "reference", "mode": "fwd", "batch": 2, "ms_per_iter": 5.0, "ms_rounds": [5.0]}
+        on_update([row])
+        if check:
+            check()
+        if interrupt:
+            raise KeyboardInterrupt
+        return [row]
+
+    monkeypatch.setattr(tp, "run_throughput", fake)
+
+
+def _earlier_complete(tmp_path) -> tuple:
+    import datetime
+
+    today = datetime.datetime.now(datetime.timezone.utc).date().isoformat()
+    final = tmp_path / f"{today}-cpu-throughput.json"
+    final.write_text(json.dumps({"status": "complete", "marker": "earlier run"}))
+    return final, tmp_path / f"{today}-cpu-throughput-partial.json"
+
+
+def test_ctrl_c_writes_incomplete_markdown_and_keeps_the_earlier_result(tmp_path, monkeypatch):
+    final, partial = _earlier_complete(tmp_path)
+    before = final.read_bytes()
+    _fake_throughput(monkeypatch, interrupt=True)
+    rc = cli.main(["throughput", *TINY, "--mode", "fwd", "--no-ceilings", "--out", str(tmp_path)])
+    assert rc == 130
+    assert final.read_bytes() == before  # the complete result of the earlier run is intact
+    record = json.loads(partial.read_text())
+    assert record["status"].startswith("incomplete") and record["throughput"][0]["ms_per_iter"] == 5.0
+    md = partial.with_suffix(".md").read_text()
+    assert "INCOMPLETE" in md and "| fwd | reference |" in md
+    assert not final.with_suffix(".md").exists()
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+
+
+def test_checkpoints_go_to_a_partial_file_and_the_final_name_only_at_the_end(tmp_path, monkeypatch):
+    final, partial = _earlier_complete(tmp_path)
+
+    def while_running():
+        assert json.loads(final.read_text())["marker"] == "earlier run"
+        assert json.loads(partial.read_text())["status"] == "partial"
+
+    _fake_throughput(monkeypatch, interrupt=False, check=while_running)
+    assert cli.main(["throughput", *TINY, "--mode", "fwd", "--no-ceilings", "--no-png", "--out", str(tmp_path)]) == 0
+    record = json.loads(final.read_text())
+    assert record["status"] == "complete" and record["throughput"][0]["contender"] == "reference"
+    assert not partial.exists() and final.with_suffix(".md").exists()
 
 
 @pytest.mark.slow
@@ -93,9 +201,11 @@ def test_gpu_check_dry_run(tmp_path):
                           env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
     summary = (tmp_path / "summary.md").read_text()
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
-    for stage in ("install", "info", "gpu_tests", "parity", "throughput", "kernels", "profile", "report"):
+    for stage in ("install", "info", "gpu_tests", "parity", "throughput", "kernels", "profile", "roofline", "report"):
         assert f"| {stage} | ok |" in summary, summary
-    (json_name,) = [p for p in os.listdir(tmp_path) if p.endswith(".json")]
+    (roofline_name,) = [p for p in os.listdir(tmp_path) if p.endswith("-predicted-roofline.json")]
+    assert "| train | dit_fast |" in summary and "| fwd | reference |" in summary  # predicted beside measured
+    (json_name,) = [p for p in os.listdir(tmp_path) if p.endswith(".json") and p != roofline_name]
     record = _check_files(str(tmp_path / json_name[:-5]), {"parity", "throughput", "kernels", "profile"})
     assert record["kernels"][0]["fwd_bytes"] > 0
     assert any(p["ranges"] for p in record["profile"]), "no block ranges recorded"
@@ -105,3 +215,19 @@ def test_gpu_check_dry_run(tmp_path):
         assert not errors, f"{section}: {errors}"
     assert (tmp_path / "details.tar.gz").stat().st_size > 0
     assert not (tmp_path / "details").exists()
+
+
+def test_bench_mode_sample_and_sample_command(tmp_path):
+    """`bench --mode sample` writes the sampling table; `sample` is reachable from the dit-fast entry point."""
+    rc = cli.main(["bench", "--no-parity", "--mode", "sample", "--model", "DiT-S/4", "--depth", "1", "--input-size", "8",
+                   "--batch", "1", "--sample-steps", "2", "--iters", "1", "--no-ceilings", "--no-png",
+                   "--backend", "torch", "--out", str(tmp_path / "b")])
+    assert rc == 0
+    (path,) = [p for p in (tmp_path / "b").iterdir() if p.suffix == ".json"]
+    rows = json.loads(path.read_text())["sampling"]
+    assert {r["contender"] for r in rows} >= {"reference", "dit_fast"}
+    assert all(r["error"] is None and r["median_ms"] > 0 for r in rows), rows
+    rc = cli.main(["sample", "--model", "DiT-S/4", "--random-init", "--image-size", "64", "--num-steps", "2",
+                   "--num-samples", "2", "--vae", "none", "--out", str(tmp_path / "s")])
+    assert rc == 0
+    assert any(p.suffix == ".npz" for p in (tmp_path / "s").iterdir())

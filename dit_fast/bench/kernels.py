@@ -40,7 +40,8 @@ import torch
 
 from ..backends import OPS, implements, module_for, probe
 from .contenders import autocast_ctx
-from .timing import time_kernel
+from .rounds import ratio_stats, run_rounds, spread
+from .timing import sample_kernel, timer_name, warm_up
 
 CONTENDERS = ("eager", "compile", "triton", "ext")
 PASSES = ("fwd", "fwd+bwd")
@@ -65,9 +66,14 @@ def _t(shape, dtype, device, grad=False, scale=1.0):
     return (torch.randn(shape, device=device, dtype=torch.float32) * scale).to(dtype).requires_grad_(grad)
 
 
-def make_case(op: str, B: int, L: int, D: int, dtype: torch.dtype, device, patch: int = 2, channels: int = 4) -> OpCase:
-    """Inputs of `op` at a DiT shape: B images, L tokens, hidden D."""
-    res = torch.float32  # residual stream and weights under autocast
+def make_case(op: str, B: int, L: int, D: int, dtype: torch.dtype, device, patch: int = 2, channels: int = 4,
+              residual_dtype: torch.dtype = torch.float32) -> OpCase:
+    """Inputs of `op` at a DiT shape: B images, L tokens, hidden D.
+
+    residual_dtype: the residual stream and weights (float32 under autocast; bf16 for a pure-bf16 model).
+    On the "meta" device the case costs no memory (the roofline's byte counts use that).
+    """
+    res = residual_dtype
     lp = dtype
     label = f"B={B} L={L} D={D}"
     if op == "adaln_modulate":  # backward: dh, x, scale -> dx, dshift, dscale
@@ -188,22 +194,45 @@ def make_pass(case: OpCase, fn: Callable, device, dtype, pass_: str) -> tuple[Ca
     return fwd_bwd, nbytes
 
 
-def bench_case(case: OpCase, fn: Callable, device, dtype, with_backward: bool, cpu_iters: int = 5) -> dict:
+def _error(e: BaseException) -> str:
+    return f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+
+
+def bench_interleaved(case: OpCase, fns: dict[str, Callable], device, dtype, with_backward: bool, rounds: int = 5,
+                      cpu_iters: int = 3, rep_ms: float = 20) -> dict[str, dict]:
+    """{contender: row fields} for one case: every pass timed in interleaved rounds (dit_fast.bench.rounds).
+
+    Per pass and contender: `<pass>_ms` (median over rounds of each round's sample), `_min_ms`,
+    `_max_ms`, `_spread_pct`, `_noisy`, `_ms_rounds`, and the bytes of the byte model. A contender
+    whose pass fails gets `error` and sits out the rest.
+    """
     dev = torch.device(device)
-    fwd, fwd_bytes = make_pass(case, fn, dev, dtype, "fwd")
-    row = {"fwd_bytes": fwd_bytes}
-    t = time_kernel(fwd, dev, cpu_iters=cpu_iters)
-    row["fwd_ms"] = t["median_ms"]
-    row["timer"] = t["timer"]
-    if t.get("min_ms") is not None:  # perf_counter / CUDA events: the spread shows a noisy (shared) machine
-        row["fwd_min_ms"] = t["min_ms"]
-    if with_backward:
-        fwd_bwd, row["fwd_bwd_bytes"] = make_pass(case, fn, dev, dtype, "fwd+bwd")
-        t = time_kernel(fwd_bwd, dev, cpu_iters=cpu_iters)
-        row["fwd_bwd_ms"] = t["median_ms"]
-        if t.get("min_ms") is not None:
-            row["fwd_bwd_min_ms"] = t["min_ms"]
-    return row
+    rows: dict[str, dict] = {name: {"timer": timer_name(dev)} for name in fns}
+    for pass_, pre in (("fwd", "fwd"), ("fwd+bwd", "fwd_bwd")):
+        if pass_ == "fwd+bwd" and not with_backward:
+            break
+        runs = {}
+        for name, fn in fns.items():
+            if rows[name].get("error"):
+                continue
+            try:
+                run, rows[name][f"{pre}_bytes"] = make_pass(case, fn, dev, dtype, pass_)
+                warm_up(run, dev)
+                runs[name] = run
+            except Exception as e:
+                rows[name]["error"] = f"{pass_}: {_error(e)}"
+        samplers = {name: (lambda run: lambda: sample_kernel(run, dev, rep_ms, cpu_iters))(run) for name, run in runs.items()}
+        times, errors = run_rounds(samplers, rounds)
+        for name in runs:
+            s = spread(times[name])
+            if s:
+                rows[name].update({f"{pre}_ms": s["median"], f"{pre}_min_ms": s["min"], f"{pre}_max_ms": s["max"],
+                                   f"{pre}_spread_pct": s["spread_pct"], f"{pre}_noisy": s["noisy"],
+                                   f"{pre}_ms_rounds": times[name]})
+            if name in errors:
+                rows[name]["error"] = f"{pass_}: {errors[name]}"
+        del runs, samplers
+    return rows
 
 
 def default_shapes(device_type: str, tokens: int, hidden: int, batches: list[int] | None) -> list[tuple[int, int, int]]:
@@ -229,11 +258,16 @@ def run_kernels(
     compile_: bool = False,
     with_backward: bool = True,
     copy_gb_per_s: float | None = None,
-    cpu_iters: int = 5,
+    rounds: int = 5,
+    cpu_iters: int = 3,
     progress: bool = True,
     on_result: Callable[[dict], None] | None = None,
 ) -> list[dict]:
-    """One row per (dtype, op, shape, contender); dtype may be a list (e.g. float32 and bfloat16)."""
+    """One row per (dtype, op, shape, contender); dtype may be a list (e.g. float32 and bfloat16).
+
+    The contenders of one (dtype, op, shape) are timed in interleaved rounds; on_result(row) runs for
+    each of their rows once that case is done.
+    """
     dtypes = [dtype] if isinstance(dtype, torch.dtype) else list(dtype)
     contenders = kernel_contenders(device.type, compile_)
     ops = list(ops or OPS)
@@ -245,8 +279,7 @@ def run_kernels(
         try:
             from tqdm.auto import tqdm
 
-            total = len(dtypes) * len(ops) * len(shapes) * len(contenders)
-            bar = tqdm(total=total, desc="kernels", leave=False, dynamic_ncols=True)
+            bar = tqdm(total=len(dtypes) * len(ops) * len(shapes), desc="kernels", leave=False, dynamic_ncols=True)
         except ImportError:
             pass
     rows = []
@@ -255,23 +288,31 @@ def run_kernels(
             for B, L, D in shapes:
                 torch.manual_seed(0)
                 case = make_case(op, B, L, D, dt, device)
+                fns, case_rows = {}, {}
                 for name, get in contenders.items():
-                    row = {"op": op, "shape": case.label, "B": B, "L": L, "D": D, "backend": name,
-                           "dtype": _dtype_name(dt)}
+                    row = case_rows[name] = {"op": op, "shape": case.label, "B": B, "L": L, "D": D, "backend": name,
+                                             "dtype": _dtype_name(dt)}
                     try:
                         fn = get(op)
-                        if fn is None:
-                            row["skipped"] = f"{name} has no {op} kernel"
-                        else:
-                            row.update(bench_case(case, fn, device, dt, with_backward, cpu_iters))
-                            _derive(row, case, copy_gb_per_s)
                     except Exception as e:
-                        row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+                        row["error"] = _error(e)
+                        continue
+                    if fn is None:
+                        row["skipped"] = f"{name} has no {op} kernel"
+                    else:
+                        fns[name] = fn
+                timed = bench_interleaved(case, fns, device, dt, with_backward, rounds, cpu_iters)
+                for name, row in case_rows.items():
+                    row.update(timed.get(name, {}))
+                    if name in timed:
+                        _derive(row, case, copy_gb_per_s)
+                _add_speedups(list(case_rows.values()))
+                for row in case_rows.values():
                     rows.append(row)
                     if on_result:
                         on_result(row)
-                    if bar:
-                        bar.update()
+                if bar:
+                    bar.update()
                 del case
     if bar:
         bar.close()
@@ -294,13 +335,26 @@ def _derive(row: dict, case: OpCase, copy_gb_per_s: float | None) -> None:
 
 
 def _add_speedups(rows: list[dict]) -> None:
+    """`<pass>_speedup_vs_eager`: the median over rounds of eager ms / this row's ms in the same round, with
+    its spread (`_spread_pct`, `_min`, `_max`, `_noisy`); rows without per-round times (older files) get
+    the ratio of the medians."""
     def key(r):
         return r["op"], r["shape"], r.get("dtype")
 
     eager = {key(r): r for r in rows if r["backend"] == "eager" and r.get("fwd_ms")}
     for r in rows:
         e = eager.get(key(r))
-        if e and r.get("fwd_ms"):
-            r["fwd_speedup_vs_eager"] = e["fwd_ms"] / r["fwd_ms"]
-            if r.get("fwd_bwd_ms") and e.get("fwd_bwd_ms"):
-                r["fwd_bwd_speedup_vs_eager"] = e["fwd_bwd_ms"] / r["fwd_bwd_ms"]
+        if not e:
+            continue
+        for pre in ("fwd", "fwd_bwd"):
+            if not (r.get(f"{pre}_ms") and e.get(f"{pre}_ms")):
+                continue
+            name = f"{pre}_speedup_vs_eager"
+            mine, theirs = r.get(f"{pre}_ms_rounds"), e.get(f"{pre}_ms_rounds")
+            s = ratio_stats(theirs, mine) if mine and theirs and len(mine) == len(theirs) else None
+            if s:
+                r[name] = s["median"]
+                r[f"{name}_min"], r[f"{name}_max"] = s["min"], s["max"]
+                r[f"{name}_spread_pct"], r[f"{name}_noisy"] = s["spread_pct"], s["noisy"]
+            else:
+                r[name] = e[f"{pre}_ms"] / r[f"{pre}_ms"]

@@ -16,6 +16,7 @@ import os
 import torch
 import torch.nn as nn
 
+from ..models import DiTBlock as FastBlock
 from .contenders import autocast_ctx, instantiate, make_inputs, make_step
 
 
@@ -28,13 +29,15 @@ class BlockRanges:
         self.stack: list = []  # open block ranges: (block index, record_function context)
         self.segment = None
         for i, block in enumerate(model.blocks):
-            # dit_fast fuses the gated residual with the next norm + modulate; the reference does not
-            after = "residual" if hasattr(block, "norm2") else "residual_norm"
+            # dit_fast fuses the gated residual with the next norm + modulate; the reference does not.
+            # Its norms are never hooked: a hook there would switch the block to the unfused computation.
+            fast = isinstance(block, FastBlock)
+            after = "residual_norm" if fast else "residual"
             self._hook(block, pre=lambda i=i: self._enter_block(i), post=lambda i=i: self._exit_block(i))
             self._hook(block.attn.qkv, pre=lambda: self._switch("qkv"), post=lambda: self._switch("attention"))
             self._hook(block.attn.proj, pre=lambda: self._switch("proj"), post=lambda a=after: self._switch(a))
             self._hook(block.mlp, pre=lambda: self._switch("mlp"), post=lambda a=after: self._switch(a))
-            if hasattr(block, "norm1"):  # the reference: norms are modules, modulate follows them
+            if not fast:  # the reference: norms are modules, modulate follows them
                 self._hook(block.norm1, pre=lambda: self._switch("norm_modulate"))
                 self._hook(block.norm2, pre=lambda: self._switch("norm_modulate"))
             self._hook(block.adaLN_modulation[-1], pre=lambda: self._switch("adaLN"), post=self._end_segment)
@@ -171,24 +174,18 @@ def _block_step(block: nn.Module, shape, batch: int, device, dtype, train: bool)
     L, D = shape.tokens, shape.hidden_size
     x = torch.randn(batch, L, D, device=device, requires_grad=train)
     c = torch.randn(batch, D, device=device)
-    fast = not hasattr(block, "norm1")
     block.train(train)
 
     def run():
+        # A block called on its own computes its own adaLN projection and first norm (the published call);
+        # inside the model those come batched / carried from the previous block.
         with torch.set_grad_enabled(train), autocast_ctx(torch.device(device), dtype):
-            if fast:  # the self-contained block: SiLU(c) is the model's, computed once for all blocks
-                out = block(x, torch.nn.functional.silu(c), h_dtype=block_h_dtype(device, dtype))
-            else:
-                out = block(x, c)
+            out = block(x, c)
         if train:
             out.float().sum().backward()
         return out
 
     return run
-
-
-def block_h_dtype(device, dtype):
-    return dtype if dtype != torch.float32 else None
 
 
 def profile_model(

@@ -1,14 +1,23 @@
 """Results files: JSON (everything), Markdown tables, PNG charts.
 
 Names: <out>/<date>-<device>[-<what>].{json,md,png}, e.g. 2026-11-26-h100-80gb-hbm3.json (bench)
-or 2026-11-26-cpu-kernels.md. matplotlib is imported lazily with the Agg backend; without it the
-PNG is skipped with a note.
+or 2026-11-26-cpu-kernels.md. A run in progress checkpoints to <name>-partial.json (status "partial")
+and writes the final name only when it completes, then removes its partial file: a killed or
+interrupted run never replaces the complete result of an earlier one. Every file is written
+atomically (dit_fast.atomic). matplotlib is imported lazily with the Agg backend; without it the
+PNG is skipped.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+
+from ..atomic import atomic_write, write_text
+
+PARTIAL = "-partial"
+SECTION_KEYS = ("parity", "throughput", "sampling", "kernels", "overhead", "profile", "roofline")
 
 
 def stem(out_dir: str, env: dict, what: str = "") -> str:
@@ -17,12 +26,46 @@ def stem(out_dir: str, env: dict, what: str = "") -> str:
 
 
 def write_json(path: str, record: dict) -> str:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+    with atomic_write(path, "w") as f:
         json.dump(record, f, indent=1, default=_jsonable, allow_nan=True)
-    os.replace(tmp, path)  # a killed run leaves the previous complete file, never half of one
     return path
+
+
+def remove_partial(out_dir: str, env: dict, what: str = "") -> None:
+    """Drop this run's -partial checkpoint files once the complete result is written."""
+    base = stem(out_dir, env, what) + PARTIAL
+    for ext in (".json", ".md"):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(base + ext)
+
+
+def read_record(path: str) -> dict:
+    """A results JSON, checked for the structure the writers need; ValueError naming the file otherwise."""
+    try:
+        with open(path) as f:
+            record = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    except OSError as e:
+        raise ValueError(f"{path}: cannot be read ({e.strerror or e})") from None
+    if not isinstance(record, dict):
+        raise ValueError(f"{path}: expected a dit_fast results object (JSON object), got a JSON {type(record).__name__}")
+    env = record.get("env")
+    if not isinstance(env, dict) or not isinstance(env.get("date"), str):
+        raise ValueError(f"{path}: expected an 'env' object with a 'date' string (a dit_fast results file), "
+                         f"got {type(env).__name__ if env is not None else 'no env'}")
+    if not any(record.get(k) for k in SECTION_KEYS):
+        raise ValueError(f"{path}: expected at least one non-empty section of {', '.join(SECTION_KEYS)}, found none")
+    for key in SECTION_KEYS:
+        rows = record.get(key)
+        if rows is None:
+            continue
+        if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+            raise ValueError(f"{path}: expected '{key}' to be a list of objects, got {type(rows).__name__}")
+    for key in ("notes",):
+        if key in record and not isinstance(record[key], list):
+            raise ValueError(f"{path}: expected '{key}' to be a list, got {type(record[key]).__name__}")
+    return record
 
 
 def _jsonable(v):
@@ -64,7 +107,10 @@ def env_lines(env: dict, ceilings: dict | None) -> str:
         f"flash-attn {env.get('flash_attn')}, dit_fast._C built: {env.get('ext_built')}",
         f"- commit {env.get('git_commit', 'unknown')[:12]}{' (dirty)' if env.get('git_dirty') else ''}, {env.get('date')}",
     ]
-    if ceilings:
+    if ceilings and ceilings.get("source"):
+        lines.append(f"- ceilings: copy {ceilings.get('copy_gb_per_s')} GB/s, bf16 GEMM {ceilings.get('gemm_tflops')} "
+                     f"TFLOP/s ({ceilings['source']})")
+    elif ceilings:
         lines.append(
             f"- measured ceilings: copy {ceilings.get('copy_gb_per_s')} GB/s (read+write), "
             f"bf16 GEMM {ceilings.get('gemm_tflops')} TFLOP/s ({ceilings.get('gemm_n')}^3)"
@@ -73,10 +119,37 @@ def env_lines(env: dict, ceilings: dict | None) -> str:
 
 
 THROUGHPUT_COLS = [
-    ("mode", "mode"), ("contender", "contender"), ("batch", "batch"), ("ms_per_iter", "ms/iter"),
+    ("mode", "mode"), ("contender", "contender"), ("batch", "batch"), ("ms_per_iter", "ms/iter"), ("spread_pct", "spread %"),
     ("images_per_s", "img/s"), ("tflops", "TFLOP/s"), ("mfu", "MFU"), ("peak_mem_gib", "peak GiB"),
-    ("speedup_vs_eager", "x eager"), ("speedup_vs_compile", "x compile"), ("error", "error"),
+    ("speedup_vs_eager", "x eager"), ("speedup_vs_eager_spread_pct", "spread %"),
+    ("speedup_vs_compile", "x compile"), ("speedup_vs_compile_spread_pct", "spread %"), ("noise", "noise"), ("error", "error"),
 ]
+# (flag key, what it is about) per table: a row is marked NOISY when any of them is set
+THROUGHPUT_NOISE = (("noisy", "time"), ("speedup_vs_eager_noisy", "x eager"), ("speedup_vs_compile_noisy", "x compile"))
+KERNEL_NOISE = (("fwd_noisy", "fwd"), ("fwd_bwd_noisy", "fwd+bwd"), ("fwd_speedup_vs_eager_noisy", "fwd x eager"),
+                ("fwd_bwd_speedup_vs_eager_noisy", "fwd+bwd x eager"))
+OVERHEAD_COLS = [
+    ("op", "op"), ("backend", "backend"), ("grad", "autograd"), ("us_per_call", "µs/call"), ("us_min", "min µs"),
+    ("spread_pct", "spread %"),
+    ("launcher", "launcher"), ("noise", "noise"), ("na", "n/a"), ("error", "error"),
+]
+OVERHEAD_INTRO = ("Host time per call of each public op wrapper (dit_fast.ops, input checks and backend dispatch "
+                  "included) on tiny tensors (B=1 L=4 D=8), eager; autograd = inputs require grad (forward only, "
+                  "the graph is built). Median over interleaved rounds. Kernel time on these sizes is small but "
+                  "not zero on the CPU; see the notes for triton.")
+
+
+def with_noise(row: dict, flags) -> dict:
+    noisy = [what for key, what in flags if row.get(key)]
+    return row | {"noise": ("NOISY: " + ", ".join(noisy)) if noisy else None}
+
+
+def noise_lines(rows: list[dict]) -> list[str]:
+    n = sum(1 for r in rows if r.get("noise"))
+    if not n:
+        return []
+    return [f"**{n} of {len(rows)} rows are NOISY** (spread over 10% of the median across rounds): the machine was "
+            "not quiet; compare their medians only where the difference exceeds the spread."]
 PARITY_COLS = [
     ("backend", "backend"), ("dtype", "dtype"), ("quantity", "quantity"), ("rel_err_vs_fp64", "rel err vs fp64"),
     ("ref_rel_err_vs_fp64", "reference's"), ("bound", "bound"), ("rel_err_vs_ref", "rel err vs ref"),
@@ -85,8 +158,15 @@ PARITY_COLS = [
 KERNEL_COLS = [
     ("op", "op"), ("shape", "shape"), ("dtype", "dtype"), ("backend", "backend"), ("fwd_ms", "fwd ms"), ("fwd_gb_per_s", "fwd GB/s"),
     ("fwd_pct_copy", "fwd % copy"), ("fwd_bwd_ms", "fwd+bwd ms"), ("fwd_bwd_gb_per_s", "fwd+bwd GB/s"),
-    ("fwd_bwd_pct_copy", "fwd+bwd % copy"), ("fwd_tflops", "fwd TFLOP/s"), ("fwd_speedup_vs_eager", "fwd x eager"),
-    ("fwd_bwd_speedup_vs_eager", "fwd+bwd x eager"), ("skipped", "skipped"), ("error", "error"),
+    ("fwd_bwd_pct_copy", "fwd+bwd % copy"), ("fwd_tflops", "fwd TFLOP/s"), ("fwd_spread_pct", "fwd spread %"),
+    ("fwd_bwd_spread_pct", "fwd+bwd spread %"), ("fwd_speedup_vs_eager", "fwd x eager"),
+    ("fwd_speedup_vs_eager_spread_pct", "spread %"), ("fwd_bwd_speedup_vs_eager", "fwd+bwd x eager"),
+    ("fwd_bwd_speedup_vs_eager_spread_pct", "spread %"), ("noise", "noise"), ("skipped", "skipped"), ("error", "error"),
+]
+SAMPLING_COLS = [
+    ("contender", "contender"), ("batch", "batch"), ("num_steps", "steps"), ("median_ms", "ms per call"),
+    ("spread_pct", "spread %"), ("ms_per_step", "ms per step"), ("images_per_s", "images/s"),
+    ("speedup_vs_reference", "x reference"), ("noisy", "noisy"), ("error", "error"),
 ]
 PROFILE_KERNEL_COLS = [("name", "kernel / op"), ("calls", "calls"), ("total_us", "total µs"), ("mean_us", "mean µs"), ("pct", "% of step (kernel time)")]
 PROFILE_RANGE_COLS = [("range", "range"), ("calls", "calls"), ("total_us", "total µs"), ("mean_us", "mean µs"), ("pct", "%")]
@@ -98,7 +178,9 @@ def _clip_name(rows: list[dict], n: int = 90) -> list[dict]:
 
 def markdown(record: dict) -> str:
     cfg = record.get("config", {})
-    parts = [f"# dit_fast {record.get('kind', 'results')}: {cfg.get('model', '')} {cfg.get('image_size', '')}px",
+    status = record.get("status", "complete")
+    parts = [f"# dit_fast {record.get('kind', 'results')}: {cfg.get('model', '')} {cfg.get('image_size', '')}px"
+             + ("" if status == "complete" else f" (INCOMPLETE: {status})"),
              "", env_lines(record["env"], record.get("ceilings")), ""]
     if cfg:
         parts += ["Config: " + ", ".join(f"{k}={v}" for k, v in cfg.items()), ""]
@@ -110,10 +192,21 @@ def markdown(record: dict) -> str:
         ok = all(r["pass"] for r in record["parity"])
         parts += [f"## Parity against the reference ({'PASS' if ok else 'FAIL'})", "", md_table(record["parity"], PARITY_COLS), ""]
     if record.get("throughput"):
-        parts += ["## Throughput", "", md_table(record["throughput"], THROUGHPUT_COLS), ""]
+        rows = [with_noise(r, THROUGHPUT_NOISE) for r in record["throughput"]]
+        parts += ["## Throughput", "", md_table(rows, THROUGHPUT_COLS), "", *noise_lines(rows), ""]
+    if record.get("sampling"):
+        parts += ["## Sampling (CFG, one call = all steps)", "", md_table(record["sampling"], SAMPLING_COLS), ""]
     if record.get("kernels"):
+        rows = [with_noise(r, KERNEL_NOISE) for r in record["kernels"]]
         parts += ["## Kernels", "", "Bytes: each input read once + each output written once; backward: output grads read, "
-                  "what the backward needs read (per op), input grads written (dit_fast/bench/kernels.py).", "", md_table(record["kernels"], KERNEL_COLS), ""]
+                  "what the backward needs read (per op), input grads written (dit_fast/bench/kernels.py).", "",
+                  md_table(rows, KERNEL_COLS), "", *noise_lines(rows), ""]
+    if record.get("overhead"):
+        parts += ["## Host overhead per op call", "", OVERHEAD_INTRO, "", md_table(record["overhead"], OVERHEAD_COLS), ""]
+    if record.get("roofline"):
+        from .roofline import markdown_section
+
+        parts += markdown_section(record)
     for p in record.get("profile", []):
         parts += [f"## Profile: {p['contender']} {p['target']} {p['mode']} (batch {p['batch']}, {p['iters']} steps"
                   + (f", trace {p['trace']}" if p.get("trace") else "") + ")", "",
@@ -126,9 +219,7 @@ def markdown(record: dict) -> str:
 
 
 def write_markdown(path: str, record: dict) -> str:
-    with open(path, "w") as f:
-        f.write(markdown(record))
-    return path
+    return write_text(path, markdown(record))
 
 
 # -- charts ------------------------------------------------------------------------------------
@@ -164,8 +255,11 @@ def write_charts(path: str, record: dict) -> str | None:
     title = f"{record['env'].get('device_name', '')} - {record.get('config', {}).get('model', '')}"
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        with atomic_write(path, "wb") as f:
+            fig.savefig(f, format="png", dpi=110)
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -212,11 +306,11 @@ def _profile_panel(ax, record):
     ax.set_title(f"Top kernels: {p['contender']} {p['target']} {p['mode']}")
 
 
-def write_all(out_dir: str, record: dict, what: str = "") -> dict[str, str]:
-    """JSON + Markdown + PNG under out_dir; returns the paths written."""
-    base = stem(out_dir, record["env"], what)
+def write_all(out_dir: str, record: dict, what: str = "", png: bool = True, partial: bool = False) -> dict[str, str]:
+    """JSON + Markdown (+ PNG) under out_dir, under the -partial name when `partial`; returns the paths written."""
+    base = stem(out_dir, record["env"], what) + (PARTIAL if partial else "")
     paths = {"json": write_json(base + ".json", record), "md": write_markdown(base + ".md", record)}
-    png = write_charts(base + ".png", record)
-    if png:
-        paths["png"] = png
+    chart = write_charts(base + ".png", record) if png else None
+    if chart:
+        paths["png"] = chart
     return paths

@@ -71,3 +71,44 @@ def time_kernel(fn: Callable[[], object], device, warmup_ms: float = 25, rep_ms:
             return {"median_ms": float(ms), "repeats": None, "timer": "triton.do_bench"}
         return time_fn(fn, device, warmup=10, iters=50) | {"timer": "cuda_events"}
     return time_fn(fn, device, warmup=1, iters=cpu_iters) | {"timer": "perf_counter"}
+
+
+def sample_kernel(fn: Callable[[], object], device, rep_ms: float = 20, cpu_iters: int = 3) -> float:
+    """One sample (ms) of a microbenchmark for interleaved rounds: the median of a short burst.
+
+    CUDA: do_bench over ~rep_ms (L2 flushed before each call), or CUDA events without triton; the CPU:
+    perf_counter around cpu_iters calls. The caller warms fn up once before the rounds (warm_up).
+    """
+    import torch
+
+    if torch.device(device).type == "cuda":
+        try:
+            from triton.testing import do_bench
+        except ImportError:
+            do_bench = None
+        if do_bench is not None:
+            return float(do_bench(fn, warmup=1, rep=rep_ms, return_mode="median"))
+        return time_fn(fn, device, warmup=0, iters=10)["median_ms"]
+    return time_fn(fn, device, warmup=0, iters=cpu_iters)["median_ms"]
+
+
+def timer_name(device) -> str:
+    import torch
+
+    if torch.device(device).type != "cuda":
+        return "perf_counter"
+    try:
+        import triton.testing  # noqa: F401
+    except ImportError:
+        return "cuda_events"
+    return "triton.do_bench"
+
+
+def warm_up(fn: Callable[[], object], device, n: int = 3) -> None:
+    """n untimed calls (compiles, autotunes, fills caches), then a device synchronize."""
+    import torch
+
+    for _ in range(n):
+        fn()
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
