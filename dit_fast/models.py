@@ -438,10 +438,12 @@ class DiT(nn.Module):
         layer. A projection with hooks on it runs as published, SiLU module included.
         """
         owners = [*self.blocks, self.final_layer]
-        hooked = [_has_hooks(*o.adaLN_modulation.modules()) for o in owners]
+        # Hooks on the Sequential or its SiLU need the published call; hooks on the Linear see the same
+        # input (SiLU(c)) and output either way, but rule out the batched GEMM, which bypasses it.
+        hooked = [_has_hooks(o.adaLN_modulation, o.adaLN_modulation[0]) for o in owners]
         if (
             self._adaln_fused is not None
-            and not any(hooked)
+            and not any(_has_hooks(*o.adaLN_modulation.modules()) for o in owners)
             and not torch.compiler.is_compiling()
             and not (torch.is_grad_enabled() and any(p.requires_grad for p in self._adaln_fused_params()))
             and self._fused_adaln_intact()
