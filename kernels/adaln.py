@@ -1,25 +1,36 @@
 """Fused adaLN kernels: LayerNorm (no affine) + modulate, gated residual, and both in one pass.
 
-Shapes: x, y, h, x_out: [B, L, D] with unit stride along D (any strides over B and L; the
-launchers copy a tensor only when its last dim is not contiguous); shift, scale, gate: [B, D]
-with unit stride along D (chunks of the model's [B, 6D] modulation tensor run without copies).
-Math is done in float32 (float64 when any input is float64) whatever the input dtypes; each
-output is stored in its own dtype (h: h_dtype or x.dtype, x_out: x.dtype, grads: their input's).
+One forward and one backward kernel serve the three ops, as csrc's CUDA kernels do with their Mode:
+MODE = MODULATE (adaln_modulate: h = LN(x) * (1 + scale) + shift), GATED (gated_residual:
+x_out = x + gate * y) or FUSED (gated_residual_adaln: both, h normalized from x_out as stored).
+Constexpr flags (NORM, GATE) select the code, so there is one place to tune.
 
-Row statistics are two-pass with a refinement (see _centre), accurate for rows far from zero;
-the backward recomputes that refinement from the saved mean, so saved float32 means lose nothing.
+Shapes: x, y, h, x_out: [B, L, D] with unit stride along D (any strides over B and L; the launchers
+copy a tensor only when its last dim is not contiguous); shift, scale, gate: [B, D] with unit stride
+along D (chunks of the model's [B, 6D] modulation tensor run without copies). Math is done in float32
+(float64 when any input is float64) whatever the input dtypes; each output is stored in its own dtype
+(h: h_dtype or x.dtype, x_out: x.dtype, grads: their input's).
 
-Forward kernels give each program a [BLOCK_R, BLOCK_D] tile: BLOCK_R rows of one batch element,
-BLOCK_D = next_power_of_2(D) columns, masked. Several rows per program keep small D efficient.
+Tiles: each program owns BLOCK_R rows of one batch element per step, BLOCK_D = next_power_of_2(D)
+columns (masked), and walks several such row blocks, the next block's loads (x, y; dh, x_out, dx_out,
+mean, rstd in backward) issued before the current block's reductions, so memory latency overlaps math.
 
-Backward kernels must reduce over L for dshift/dscale/dgate ([B, D] each). They do it
-DETERMINISTICALLY, without atomics: each program walks a fixed chunk of rows of one batch
-element, accumulates in registers, and writes its partial sums to a [B, n_chunks, D] buffer
-in the compute dtype; _sum_chunks_kernel then adds the chunks in a fixed order and casts.
-Two backward runs therefore give bitwise identical results (on any grid size the launcher picks
-for a given shape and GPU).
+Statistics (forward): centred on a per-row pivot (the row's first element of x), so x - pivot is
+exact for rows far from zero; two reductions (mean, then the variance of the centred row). The saved
+mean is pivot + mu in the compute dtype.
+Backward: the saved mean is used as is. Its rounding (up to half an ulp of the mean: 5e-4 at mean 1e4)
+is corrected algebraically inside the ONE reduction round the backward has: the sums of
+xc = x - mean, of g = dh * (1 + scale) and of g * xc go through one tuple reduction, then
+xhat = (xc - mean(xc)) * rstd and mean(g * xhat) = rstd * (mean(g * xc) - mean(xc) * mean(g)).
 
-Launchers allocate every buffer through _empty(); inside `poison_outputs()` those buffers start
+Backward kernels reduce over L for dshift/dscale/dgate ([B, D] each) DETERMINISTICALLY, without
+atomics: each program walks a fixed chunk of rows of one batch element, accumulates in registers and
+writes its partial sums to one [B, n_chunks, K, D] buffer (K = 1..3 sums); common.sum_partials then
+adds the chunks in a fixed order for all K sums in one launch. The chunk count comes from the kernel's
+occupancy: registers per thread of the compiled kernel (CUDA) or a conservative table, fixed per
+(kernel variant, shape) before the first launch, so two runs give bitwise identical results.
+
+Launchers allocate every buffer through common.empty(); inside `poison_outputs()` those buffers start
 NaN-filled, so tests can prove every element is written.
 
 The Triton interpreter (TRITON_INTERPRET=1, CPU tensors) truncates float32 -> bfloat16 where
@@ -34,34 +45,33 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import cast_for, interpreting
+from . import common
+from .common import cast_for, interpreting, sum_partials
 
 # Elements per program tile: 8 per thread at 8 warps, one 16-byte load per bf16 tensor.
 _TILE_ELEMS = 2048
-# Backward: rows per program at most (longer chunks shrink the partial-sum buffers but cut
-# parallelism) and programs wanted per SM.
-_MAX_CHUNK_ROWS = 64
-_PROGRAMS_PER_SM = 8
+# Row blocks one forward program walks at most (more blocks: fewer programs, longer pipelines).
+_MAX_FWD_STEPS = 8
+# Backward: rows per program at most (longer chunks shrink the partial-sum buffers but cut parallelism).
+_MAX_CHUNK_ROWS = 256
+# Registers per thread assumed for a backward kernel when the compiled kernel cannot be asked (CPU,
+# interpreter, an old triton): the largest seen in scripts/check_triton_compile.py, rounded up.
+_CONSERVATIVE_REGS = 128
 
-_poison = False
+MODULATE, GATED, FUSED = 0, 1, 2
 
 
 @contextlib.contextmanager
 def poison_outputs():
-    """Test hook: buffers allocated by the launchers inside this block are NaN-filled first."""
-    global _poison
-    old, _poison = _poison, True
+    """Test hook: buffers allocated by the launchers (all kernels) inside this block are NaN-filled first."""
+    old = common.set_poison(True)
     try:
         yield
     finally:
-        _poison = old
+        common.set_poison(old)
 
 
-def _empty(shape, dtype, device) -> torch.Tensor:
-    t = torch.empty(shape, dtype=dtype, device=device)
-    if _poison and t.is_floating_point():
-        t.fill_(float("nan"))
-    return t
+_empty = common.empty
 
 
 def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
@@ -90,15 +100,56 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def _chunking(B: int, L: int, block_r: int, device: torch.device) -> tuple[int, int]:
-    """(rows per program, chunks per batch element) for the backward kernels; rows is a multiple of block_r."""
-    n_sm = _sm_count(device.index if device.index is not None else torch.cuda.current_device()) if device.type == "cuda" else 4
-    want = triton.cdiv(B * L, _PROGRAMS_PER_SM * n_sm)
-    rows = min(max(want, block_r), max(_MAX_CHUNK_ROWS, block_r))
+def _n_sm(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def _ctas_per_sm(regs: int, num_warps: int) -> int:
+    """Resident CTAs per SM for a kernel of `regs` registers per thread (64K registers, allocated per
+    warp in units of 256 = 8 per thread; at most 64 warps per SM), ignoring shared memory (a few KB here)."""
+    regs = max(8, -(-regs // 8) * 8)
+    return max(1, min(65536 // (regs * 32 * num_warps), 64 // num_warps))
+
+
+_REGS: dict = {}  # (kernel variant key) -> registers per thread, fixed at the first call
+
+
+def _regs_of(kernel, key, args, grid, kwargs) -> int:
+    """Registers per thread of the compiled backward kernel (compiled ahead of the launch by warmup);
+    the conservative table value where that is not available. Cached per variant: the chunking, and
+    so the order of the partial sums, never changes between calls."""
+    if key not in _REGS:
+        regs = _CONSERVATIVE_REGS
+        if not interpreting() and torch.cuda.is_available():
+            try:
+                compiled = kernel.warmup(*args, grid=grid, **kwargs)
+                compiled._init_handles()
+                regs = int(compiled.n_regs) or regs
+            except Exception:  # an API difference: the table is safe, only less tuned
+                pass
+        _REGS[key] = regs
+    return _REGS[key]
+
+
+def _chunking(B: int, L: int, block_r: int, num_warps: int, regs: int, device: torch.device) -> tuple[int, int]:
+    """(rows per program, chunks per batch element) for the backward kernels: one wave of programs at
+    the kernel's real occupancy; rows is a multiple of block_r."""
+    want_programs = _ctas_per_sm(regs, num_warps) * _n_sm(device)
+    rows = triton.cdiv(B * L, want_programs)
+    rows = min(max(rows, block_r), max(_MAX_CHUNK_ROWS, block_r))
     rows = triton.cdiv(rows, block_r) * block_r
     n_chunks = triton.cdiv(L, rows)
     rows = triton.cdiv(triton.cdiv(L, n_chunks), block_r) * block_r  # even out the last chunk
     return rows, n_chunks
+
+
+def _fwd_steps(B: int, L: int, block_r: int, device: torch.device) -> tuple[int, int]:
+    """(row blocks per forward program, programs per batch element): about 8 programs per SM."""
+    n_blocks = triton.cdiv(L, block_r)
+    steps = max(1, min(_MAX_FWD_STEPS, triton.cdiv(B * n_blocks, 8 * _n_sm(device))))
+    return steps, triton.cdiv(n_blocks, steps)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -125,242 +176,176 @@ def _store_rows(ptr, row_idx, D, cols, v, mask, ROUND_BF16: tl.constexpr):
 
 
 @triton.jit
-def _centre(v, mask, mean, D):
-    """v - mean, refined by the mean of the residual: one rounded mean of rows far from zero
-    (mean 1e4, std 1) is off by ~1e-4 std in float32, the refined centring by ~1e-7."""
-    vc = tl.where(mask, v - mean[:, None], 0.0)
-    correction = tl.sum(vc, axis=1) / D
-    return tl.where(mask, vc - correction[:, None], 0.0), correction
+def _add3(a0, b0, c0, a1, b1, c1):
+    return a0 + a1, b0 + b1, c0 + c1
 
 
 @triton.jit
-def _layer_norm_modulate(v, mask, shift, scale, D, eps):
-    """Rows of v (masked elements 0) -> (h, mean, rstd); statistics in v's dtype."""
-    mean = tl.sum(v, axis=1) / D
-    vc, correction = _centre(v, mask, mean, D)
-    var = tl.sum(vc * vc, axis=1) / D
-    rstd = 1.0 / tl.sqrt(var + eps)
-    h = vc * rstd[:, None] * (1.0 + scale[None, :]) + shift[None, :]
-    return h, mean + correction, rstd
-
-
-@triton.jit
-def _normalized(v, mask, mean, rstd, D):
-    """xhat from the saved (rounded) mean and rstd, centred as precisely as in the forward."""
-    vc, _ = _centre(v, mask, mean, D)
-    return vc * rstd[:, None]
-
-
-@triton.jit
-def _layer_norm_modulate_bwd(dh, xhat, rstd, scale, D):
-    """dx of h = xhat * (1 + scale) + shift through the normalization, given dh (masked elements 0)."""
-    g = dh * (1.0 + scale[None, :])
-    mean_g = tl.sum(g, axis=1) / D
-    mean_gx = tl.sum(g * xhat, axis=1) / D
-    return rstd[:, None] * (g - mean_g[:, None] - xhat * mean_gx[:, None])
-
-
-@triton.jit
-def _adaln_modulate_fwd_kernel(
-    x_ptr, shift_ptr, scale_ptr, h_ptr, mean_ptr, rstd_ptr,
-    L, D, n_blocks,
-    x_sb, x_sl, shift_sb, scale_sb,
-    eps,
-    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, COMPUTE: tl.constexpr, ROUND_BF16: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    b = (pid // n_blocks).to(tl.int64)
-    rows = (pid % n_blocks) * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tl.arange(0, BLOCK_D)
-    rmask = rows < L
-    cmask = cols < D
-    mask = rmask[:, None] & cmask[None, :]
-    rows64 = rows.to(tl.int64)
-
-    x = _load_rows(x_ptr + b * x_sb, rows64, x_sl, cols, mask, COMPUTE)
-    shift = _load_vec(shift_ptr + b * shift_sb, cols, cmask, COMPUTE)
-    scale = _load_vec(scale_ptr + b * scale_sb, cols, cmask, COMPUTE)
-    h, mean, rstd = _layer_norm_modulate(x, mask, shift, scale, D, eps)
-
-    row_idx = b * L + rows64  # h, mean, rstd are contiguous
-    _store_rows(h_ptr, row_idx, D, cols, h, mask, ROUND_BF16)
-    tl.store(mean_ptr + row_idx, mean, mask=rmask)
-    tl.store(rstd_ptr + row_idx, rstd, mask=rmask)
-
-
-@triton.jit
-def _adaln_modulate_bwd_kernel(
-    dh_ptr, x_ptr, scale_ptr, mean_ptr, rstd_ptr, dx_ptr, dshift_part_ptr, dscale_part_ptr,
-    L, D, n_chunks, chunk_rows,
-    dh_sb, dh_sl, x_sb, x_sl, scale_sb,
-    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, COMPUTE: tl.constexpr, ROUND_BF16: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    b = (pid // n_chunks).to(tl.int64)
-    chunk = pid % n_chunks
-    cols = tl.arange(0, BLOCK_D)
-    cmask = cols < D
-    scale = _load_vec(scale_ptr + b * scale_sb, cols, cmask, COMPUTE)
-    acc_dshift = tl.zeros([BLOCK_R, BLOCK_D], dtype=COMPUTE)
-    acc_dscale = tl.zeros([BLOCK_R, BLOCK_D], dtype=COMPUTE)
-    for r in range(0, chunk_rows, BLOCK_R):
-        rows = chunk * chunk_rows + r + tl.arange(0, BLOCK_R)
-        rmask = rows < L
-        mask = rmask[:, None] & cmask[None, :]
-        rows64 = rows.to(tl.int64)
-        dh = _load_rows(dh_ptr + b * dh_sb, rows64, dh_sl, cols, mask, COMPUTE)
-        x = _load_rows(x_ptr + b * x_sb, rows64, x_sl, cols, mask, COMPUTE)
-        row_idx = b * L + rows64
-        mean = tl.load(mean_ptr + row_idx, mask=rmask, other=0.0)
-        rstd = tl.load(rstd_ptr + row_idx, mask=rmask, other=0.0)
-        xhat = _normalized(x, mask, mean, rstd, D)
-        acc_dshift += dh
-        acc_dscale += dh * xhat
-        dx = _layer_norm_modulate_bwd(dh, xhat, rstd, scale, D)
-        _store_rows(dx_ptr, row_idx, D, cols, dx, mask, ROUND_BF16)
-    part = (b * n_chunks + chunk) * D + cols
-    tl.store(dshift_part_ptr + part, tl.sum(acc_dshift, axis=0), mask=cmask)
-    tl.store(dscale_part_ptr + part, tl.sum(acc_dscale, axis=0), mask=cmask)
-
-
-@triton.jit
-def _gated_residual_fwd_kernel(
-    x_ptr, y_ptr, gate_ptr, out_ptr,
-    L, D, n_blocks,
-    x_sb, x_sl, y_sb, y_sl, gate_sb,
-    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, COMPUTE: tl.constexpr, ROUND_BF16: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    b = (pid // n_blocks).to(tl.int64)
-    rows = (pid % n_blocks) * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tl.arange(0, BLOCK_D)
-    cmask = cols < D
-    mask = (rows < L)[:, None] & cmask[None, :]
-    rows64 = rows.to(tl.int64)
-    x = _load_rows(x_ptr + b * x_sb, rows64, x_sl, cols, mask, COMPUTE)
-    y = _load_rows(y_ptr + b * y_sb, rows64, y_sl, cols, mask, COMPUTE)
-    gate = _load_vec(gate_ptr + b * gate_sb, cols, cmask, COMPUTE)
-    out = x + gate[None, :] * y
-    _store_rows(out_ptr, b * L + rows64, D, cols, out, mask, ROUND_BF16)
-
-
-@triton.jit
-def _gated_residual_bwd_kernel(
-    dout_ptr, y_ptr, gate_ptr, dy_ptr, dgate_part_ptr,
-    L, D, n_chunks, chunk_rows,
-    dout_sb, dout_sl, y_sb, y_sl, gate_sb,
-    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, COMPUTE: tl.constexpr, ROUND_BF16: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    b = (pid // n_chunks).to(tl.int64)
-    chunk = pid % n_chunks
-    cols = tl.arange(0, BLOCK_D)
-    cmask = cols < D
-    gate = _load_vec(gate_ptr + b * gate_sb, cols, cmask, COMPUTE)
-    acc_dgate = tl.zeros([BLOCK_R, BLOCK_D], dtype=COMPUTE)
-    for r in range(0, chunk_rows, BLOCK_R):
-        rows = chunk * chunk_rows + r + tl.arange(0, BLOCK_R)
-        mask = (rows < L)[:, None] & cmask[None, :]
-        rows64 = rows.to(tl.int64)
-        dout = _load_rows(dout_ptr + b * dout_sb, rows64, dout_sl, cols, mask, COMPUTE)
-        y = _load_rows(y_ptr + b * y_sb, rows64, y_sl, cols, mask, COMPUTE)
-        acc_dgate += dout * y
-        dy = dout * gate[None, :]
-        _store_rows(dy_ptr, b * L + rows64, D, cols, dy, mask, ROUND_BF16)
-    tl.store(dgate_part_ptr + (b * n_chunks + chunk) * D + cols, tl.sum(acc_dgate, axis=0), mask=cmask)
-
-
-@triton.jit
-def _gated_residual_adaln_fwd_kernel(
+def _adaln_fwd_kernel(
     x_ptr, y_ptr, gate_ptr, shift_ptr, scale_ptr, xo_ptr, h_ptr, mean_ptr, rstd_ptr,
-    L, D, n_blocks,
+    L, D, n_groups, steps,
     x_sb, x_sl, y_sb, y_sl, gate_sb, shift_sb, scale_sb,
     eps,
+    NORM: tl.constexpr, GATE: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, COMPUTE: tl.constexpr, ROUND_BF16: tl.constexpr,
 ):
+    """Program (batch element, group): row blocks group*steps .. +steps of that batch element."""
     pid = tl.program_id(0)
-    b = (pid // n_blocks).to(tl.int64)
-    rows = (pid % n_blocks) * BLOCK_R + tl.arange(0, BLOCK_R)
+    b = (pid // n_groups).to(tl.int64)
+    first = (pid % n_groups) * steps * BLOCK_R
     cols = tl.arange(0, BLOCK_D)
-    rmask = rows < L
     cmask = cols < D
+    x_base = x_ptr + b * x_sb
+    y_base = y_ptr + b * y_sb
+    if GATE:
+        gate = _load_vec(gate_ptr + b * gate_sb, cols, cmask, COMPUTE)
+    if NORM:
+        shift = _load_vec(shift_ptr + b * shift_sb, cols, cmask, COMPUTE)
+        scale1 = 1.0 + _load_vec(scale_ptr + b * scale_sb, cols, cmask, COMPUTE)
+
+    rows = first + tl.arange(0, BLOCK_R)
+    rmask = rows < L
     mask = rmask[:, None] & cmask[None, :]
-    rows64 = rows.to(tl.int64)
-    x = _load_rows(x_ptr + b * x_sb, rows64, x_sl, cols, mask, COMPUTE)
-    y = _load_rows(y_ptr + b * y_sb, rows64, y_sl, cols, mask, COMPUTE)
-    gate = _load_vec(gate_ptr + b * gate_sb, cols, cmask, COMPUTE)
-    shift = _load_vec(shift_ptr + b * shift_sb, cols, cmask, COMPUTE)
-    scale = _load_vec(scale_ptr + b * scale_sb, cols, cmask, COMPUTE)
+    x = _load_rows(x_base, rows.to(tl.int64), x_sl, cols, mask, COMPUTE)
+    y = x
+    if GATE:
+        y = _load_rows(y_base, rows.to(tl.int64), y_sl, cols, mask, COMPUTE)
+    pivot = tl.load(x_base + rows.to(tl.int64) * x_sl, mask=rmask, other=0.0).to(COMPUTE)
+    for _ in range(0, steps):
+        # the next block's loads go out before this block's reductions
+        nrows = rows + BLOCK_R
+        nrmask = (nrows < L) & (nrows < first + steps * BLOCK_R)
+        nmask = nrmask[:, None] & cmask[None, :]
+        x_next = _load_rows(x_base, nrows.to(tl.int64), x_sl, cols, nmask, COMPUTE)
+        y_next = x_next
+        if GATE:
+            y_next = _load_rows(y_base, nrows.to(tl.int64), y_sl, cols, nmask, COMPUTE)
+        pivot_next = tl.load(x_base + nrows.to(tl.int64) * x_sl, mask=nrmask, other=0.0).to(COMPUTE)
 
-    # h is normalized from x_out as stored (rounded to x's dtype), as the unfused model does.
-    xo = cast_for(x + gate[None, :] * y, xo_ptr, ROUND_BF16)
-    h, mean, rstd = _layer_norm_modulate(xo.to(COMPUTE), mask, shift, scale, D, eps)
+        row_idx = b * L + rows.to(tl.int64)  # outputs and statistics are contiguous
+        v = x
+        if GATE:
+            # h is normalized from x_out as stored (rounded to x's dtype), as the unfused model does
+            xo = cast_for(x + gate[None, :] * y, xo_ptr, ROUND_BF16)
+            tl.store(xo_ptr + row_idx[:, None] * D + cols[None, :], xo, mask=mask)
+            v = xo.to(COMPUTE)
+        if NORM:
+            vc = tl.where(mask, v - pivot[:, None], 0.0)
+            mu = tl.sum(vc, axis=1) / D
+            d = tl.where(mask, vc - mu[:, None], 0.0)
+            rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=1) / D + eps)
+            h = d * rstd[:, None] * scale1[None, :] + shift[None, :]
+            _store_rows(h_ptr, row_idx, D, cols, h, mask, ROUND_BF16)
+            tl.store(mean_ptr + row_idx, pivot + mu, mask=rmask)
+            tl.store(rstd_ptr + row_idx, rstd, mask=rmask)
 
-    row_idx = b * L + rows64
-    tl.store(xo_ptr + row_idx[:, None] * D + cols[None, :], xo, mask=mask)
-    _store_rows(h_ptr, row_idx, D, cols, h, mask, ROUND_BF16)
-    tl.store(mean_ptr + row_idx, mean, mask=rmask)
-    tl.store(rstd_ptr + row_idx, rstd, mask=rmask)
+        rows, rmask, mask, x, y, pivot = nrows, nrmask, nmask, x_next, y_next, pivot_next
 
 
 @triton.jit
-def _gated_residual_adaln_bwd_kernel(
-    dxo_ptr, dh_ptr, xo_ptr, y_ptr, gate_ptr, scale_ptr, mean_ptr, rstd_ptr,
-    dx_ptr, dy_ptr, dgate_part_ptr, dshift_part_ptr, dscale_part_ptr,
+def _bwd_tiles(
+    dh_base, dh_sl, xn_base, xn_sl, dxo_base, dxo_sl, y_base, y_sl, mean_row_ptr, rstd_row_ptr,
+    rows, rmask, cols, mask, NORM: tl.constexpr, HAS_DXO: tl.constexpr, GATE: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, COMPUTE: tl.constexpr,
+):
+    """The backward's inputs for one block of rows: (dh, xn, dxo, y, mean, rstd); absent ones are zeros."""
+    zero = tl.zeros([BLOCK_R, BLOCK_D], dtype=COMPUTE)
+    dh, xn, dxo, y = zero, zero, zero, zero
+    mean = tl.zeros([BLOCK_R], dtype=COMPUTE)
+    rstd = mean
+    r64 = rows.to(tl.int64)
+    if NORM:
+        dh = _load_rows(dh_base, r64, dh_sl, cols, mask, COMPUTE)
+        xn = _load_rows(xn_base, r64, xn_sl, cols, mask, COMPUTE)
+        mean = tl.load(mean_row_ptr + r64, mask=rmask, other=0.0).to(COMPUTE)
+        rstd = tl.load(rstd_row_ptr + r64, mask=rmask, other=0.0).to(COMPUTE)
+    if HAS_DXO:
+        dxo = _load_rows(dxo_base, r64, dxo_sl, cols, mask, COMPUTE)
+    if GATE:
+        y = _load_rows(y_base, r64, y_sl, cols, mask, COMPUTE)
+    return dh, xn, dxo, y, mean, rstd
+
+
+@triton.jit
+def _adaln_bwd_kernel(
+    dh_ptr, dxo_ptr, xn_ptr, y_ptr, gate_ptr, scale_ptr, mean_ptr, rstd_ptr,
+    dx_ptr, dy_ptr, part_ptr,
     L, D, n_chunks, chunk_rows,
-    dxo_sb, dxo_sl, dh_sb, dh_sl, xo_sb, xo_sl, y_sb, y_sl, gate_sb, scale_sb,
-    HAS_DXO: tl.constexpr, HAS_DH: tl.constexpr,
+    dh_sb, dh_sl, dxo_sb, dxo_sl, xn_sb, xn_sl, y_sb, y_sl, gate_sb, scale_sb,
+    NORM: tl.constexpr, GATE: tl.constexpr, HAS_DXO: tl.constexpr, WRITE_DX: tl.constexpr, K: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, COMPUTE: tl.constexpr, ROUND_BF16: tl.constexpr,
 ):
+    """One chunk of rows of one batch element. Gradients in: dh (NORM) and/or dxo (d x_out; for GATED
+    alone it is the only one). Out: dx (NORM: d of the normalized tensor + dxo; GATED: dxo itself, written
+    only with WRITE_DX), dy = total * gate (GATE), and the chunk's partial sums [K, D]: (dgate,) (dshift, dscale)."""
     pid = tl.program_id(0)
     b = (pid // n_chunks).to(tl.int64)
     chunk = pid % n_chunks
     cols = tl.arange(0, BLOCK_D)
     cmask = cols < D
-    gate = _load_vec(gate_ptr + b * gate_sb, cols, cmask, COMPUTE)
-    scale = _load_vec(scale_ptr + b * scale_sb, cols, cmask, COMPUTE)
-    acc_dgate = tl.zeros([BLOCK_R, BLOCK_D], dtype=COMPUTE)
-    acc_dshift = tl.zeros([BLOCK_R, BLOCK_D], dtype=COMPUTE)
-    acc_dscale = tl.zeros([BLOCK_R, BLOCK_D], dtype=COMPUTE)
-    for r in range(0, chunk_rows, BLOCK_R):
-        rows = chunk * chunk_rows + r + tl.arange(0, BLOCK_R)
-        rmask = rows < L
-        mask = rmask[:, None] & cmask[None, :]
-        rows64 = rows.to(tl.int64)
-        row_idx = b * L + rows64
-        total = tl.zeros([BLOCK_R, BLOCK_D], dtype=COMPUTE)
-        if HAS_DXO:
-            dxo = _load_rows(dxo_ptr + b * dxo_sb, rows64, dxo_sl, cols, mask, COMPUTE)
-            total += dxo
-        if HAS_DH:
-            dh = _load_rows(dh_ptr + b * dh_sb, rows64, dh_sl, cols, mask, COMPUTE)
-            xo = _load_rows(xo_ptr + b * xo_sb, rows64, xo_sl, cols, mask, COMPUTE)
-            mean = tl.load(mean_ptr + row_idx, mask=rmask, other=0.0)
-            rstd = tl.load(rstd_ptr + row_idx, mask=rmask, other=0.0)
-            xhat = _normalized(xo, mask, mean, rstd, D)
+    dh_base = dh_ptr + b * dh_sb
+    dxo_base = dxo_ptr + b * dxo_sb
+    xn_base = xn_ptr + b * xn_sb
+    y_base = y_ptr + b * y_sb
+    if GATE:
+        gate = _load_vec(gate_ptr + b * gate_sb, cols, cmask, COMPUTE)
+        acc_dgate = tl.zeros([BLOCK_R, BLOCK_D], dtype=COMPUTE)
+    if NORM:
+        scale1 = 1.0 + _load_vec(scale_ptr + b * scale_sb, cols, cmask, COMPUTE)
+        acc_dshift = tl.zeros([BLOCK_R, BLOCK_D], dtype=COMPUTE)
+        acc_dscale = tl.zeros([BLOCK_R, BLOCK_D], dtype=COMPUTE)
+
+    first = chunk * chunk_rows
+    rows = first + tl.arange(0, BLOCK_R)
+    rmask = rows < L
+    mask = rmask[:, None] & cmask[None, :]
+    dh, xn, dxo, y, mean, rstd = _bwd_tiles(
+        dh_base, dh_sl, xn_base, xn_sl, dxo_base, dxo_sl, y_base, y_sl, mean_ptr + b * L, rstd_ptr + b * L,
+        rows, rmask, cols, mask, NORM, HAS_DXO, GATE, BLOCK_R, BLOCK_D, COMPUTE,
+    )
+
+    for _ in range(0, chunk_rows, BLOCK_R):
+        # the next block's loads go out before this block's reductions
+        nrows = rows + BLOCK_R
+        nrmask = (nrows < L) & (nrows < first + chunk_rows)
+        nmask = nrmask[:, None] & cmask[None, :]
+        dh_n, xn_n, dxo_n, y_n, mean_n, rstd_n = _bwd_tiles(
+            dh_base, dh_sl, xn_base, xn_sl, dxo_base, dxo_sl, y_base, y_sl, mean_ptr + b * L, rstd_ptr + b * L,
+            nrows, nrmask, cols, nmask, NORM, HAS_DXO, GATE, BLOCK_R, BLOCK_D, COMPUTE,
+        )
+
+        row_idx = b * L + rows.to(tl.int64)
+        total = dxo
+        if NORM:
+            xc = tl.where(mask, xn - mean[:, None], 0.0)
+            g = dh * scale1[None, :]
+            s_xc, s_g, s_gxc = tl.reduce((xc, g, g * xc), 1, _add3)  # the one reduction round
+            c = s_xc / D  # mean(xc): the saved mean's rounding
+            mean_g = s_g / D
+            mean_gx = rstd * (s_gxc / D - c * mean_g)
+            xhat = tl.where(mask, (xc - c[:, None]) * rstd[:, None], 0.0)
             acc_dshift += dh
             acc_dscale += dh * xhat
-            total += _layer_norm_modulate_bwd(dh, xhat, rstd, scale, D)
-        y = _load_rows(y_ptr + b * y_sb, rows64, y_sl, cols, mask, COMPUTE)
-        acc_dgate += total * y
-        _store_rows(dx_ptr, row_idx, D, cols, total, mask, ROUND_BF16)
-        _store_rows(dy_ptr, row_idx, D, cols, total * gate[None, :], mask, ROUND_BF16)
-    part = (b * n_chunks + chunk) * D + cols
-    tl.store(dgate_part_ptr + part, tl.sum(acc_dgate, axis=0), mask=cmask)
-    tl.store(dshift_part_ptr + part, tl.sum(acc_dshift, axis=0), mask=cmask)
-    tl.store(dscale_part_ptr + part, tl.sum(acc_dscale, axis=0), mask=cmask)
+            total = rstd[:, None] * (g - mean_g[:, None] - xhat * mean_gx[:, None])
+            if HAS_DXO:
+                total += dxo
+        if WRITE_DX:
+            _store_rows(dx_ptr, row_idx, D, cols, total, mask, ROUND_BF16)
+        if GATE:
+            acc_dgate += total * y
+            _store_rows(dy_ptr, row_idx, D, cols, total * gate[None, :], mask, ROUND_BF16)
 
+        rows, rmask, mask = nrows, nrmask, nmask
+        dh, xn, dxo, y, mean, rstd = dh_n, xn_n, dxo_n, y_n, mean_n, rstd_n
 
-@triton.jit
-def _sum_chunks_kernel(part_ptr, out_ptr, n_chunks, D, BLOCK_D: tl.constexpr, ROUND_BF16: tl.constexpr):
-    """out[b, :] = sum over c of part[b, c, :], c in increasing order (deterministic)."""
-    b = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    cmask = cols < D
-    acc = tl.load(part_ptr + b * n_chunks * D + cols, mask=cmask, other=0.0)
-    for c in range(1, n_chunks):
-        acc += tl.load(part_ptr + (b * n_chunks + c) * D + cols, mask=cmask, other=0.0)
-    tl.store(out_ptr + b * D + cols, cast_for(acc, out_ptr, ROUND_BF16), mask=cmask)
+    part = part_ptr + (b * n_chunks + chunk) * K * D + cols
+    k = 0
+    if GATE:
+        tl.store(part, tl.sum(acc_dgate, axis=0), mask=cmask)
+        k = 1
+    if NORM:
+        tl.store(part + k * D, tl.sum(acc_dshift, axis=0), mask=cmask)
+        tl.store(part + (k + 1) * D, tl.sum(acc_dscale, axis=0), mask=cmask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -372,15 +357,64 @@ def _rows_strides(t: torch.Tensor) -> tuple[int, int]:
     return t.stride(0), t.stride(1)
 
 
-def _finish(part: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """[B, n_chunks, D] partial sums -> [B, D] in dtype: chunks added in a fixed order, one launch."""
-    B, n_chunks, D = part.shape
-    out = _empty((B, D), dtype, part.device)
-    block_d = min(triton.next_power_of_2(D), 1024)
-    _sum_chunks_kernel[(B, triton.cdiv(D, block_d))](
-        part, out, n_chunks, D, BLOCK_D=block_d, ROUND_BF16=interpreting(), num_warps=4,
+def _launch_fwd(mode, x, y, gate, shift, scale, eps, x_out, h, mean, rstd):
+    B, L, D = x.shape
+    norm, gated = mode != GATED, mode != MODULATE
+    block_r, block_d, num_warps = _tile(D, L)
+    steps, n_groups = _fwd_steps(B, L, block_r, x.device)
+    y = y if gated else x  # absent tensors are never read (constexpr flags): any tensor stands in
+    gate = gate if gated else x
+    shift, scale = (shift, scale) if norm else (x, x)
+    x_out = x_out if gated else x
+    h, mean, rstd = (h, mean, rstd) if norm else (x, x, x)
+    ct = compute_dtype(x, y, gate, shift, scale)
+    _adaln_fwd_kernel[(B * n_groups,)](
+        x, y, gate, shift, scale, x_out, h, mean, rstd,
+        L, D, n_groups, steps,
+        *_rows_strides(x), *_rows_strides(y), gate.stride(0), shift.stride(0), scale.stride(0),
+        eps,
+        NORM=norm, GATE=gated,
+        BLOCK_R=block_r, BLOCK_D=block_d, COMPUTE=_tl(ct), ROUND_BF16=interpreting(), num_warps=num_warps,
     )
-    return out
+
+
+def _launch_bwd(mode, dh, dxo, xn, y, gate, scale, mean, rstd, dx, dy, ct, dtypes):
+    """Runs the backward kernel; returns the reduced modulation gradients (sum_partials, one launch)."""
+    ref = xn if xn is not None else y
+    B, L, D = ref.shape
+    norm, gated = mode != GATED, mode != MODULATE
+    K = int(norm) * 2 + int(gated)
+    block_r, block_d, num_warps = _tile(D, L)
+    stand_in = ref
+    dh = dh if dh is not None else stand_in
+    has_dxo = dxo is not None
+    dxo = dxo if has_dxo else stand_in
+    xn = xn if xn is not None else stand_in
+    y = y if gated else stand_in
+    gate = gate if gated else scale
+    scale = scale if norm else gate
+    mean = mean if norm else stand_in
+    rstd = rstd if norm else stand_in
+    write_dx = dx is not None
+    dx = dx if write_dx else stand_in
+    dy = dy if dy is not None else stand_in
+    consts = dict(NORM=norm, GATE=gated, HAS_DXO=has_dxo, WRITE_DX=write_dx, K=K, BLOCK_R=block_r, BLOCK_D=block_d,
+                  COMPUTE=_tl(ct), ROUND_BF16=interpreting(), num_warps=num_warps)
+
+    def args(part, n_chunks, chunk_rows):
+        return (dh, dxo, xn, y, gate, scale, mean, rstd, dx, dy, part,
+                L, D, n_chunks, chunk_rows,
+                *_rows_strides(dh), *_rows_strides(dxo), *_rows_strides(xn), *_rows_strides(y),
+                gate.stride(0), scale.stride(0))
+
+    key = (mode, has_dxo, write_dx, block_r, block_d, num_warps, ct,
+           *(t.dtype for t in (dh, dxo, xn, y, gate, scale, dx, dy)), ref.device.type)
+    probe = torch.empty((B, 1, K, D), dtype=ct, device=ref.device)
+    regs = _regs_of(_adaln_bwd_kernel, key, args(probe, 1, L), (B,), consts)
+    chunk_rows, n_chunks = _chunking(B, L, block_r, num_warps, regs, ref.device)
+    part = _empty((B, n_chunks, K, D), ct, ref.device)
+    _adaln_bwd_kernel[(B * n_chunks,)](*args(part, n_chunks, chunk_rows), **consts)
+    return sum_partials(part, dtypes)
 
 
 def adaln_modulate_fwd(x, shift, scale, eps: float, h_dtype=None):
@@ -393,15 +427,7 @@ def adaln_modulate_fwd(x, shift, scale, eps: float, h_dtype=None):
     rstd = _empty((B, L), ct, x.device)
     if h.numel() == 0:
         return h, mean.zero_(), rstd.zero_()
-    block_r, block_d, num_warps = _tile(D, L)
-    n_blocks = triton.cdiv(L, block_r)
-    _adaln_modulate_fwd_kernel[(B * n_blocks,)](
-        x, shift, scale, h, mean, rstd,
-        L, D, n_blocks,
-        *_rows_strides(x), shift.stride(0), scale.stride(0),
-        eps,
-        BLOCK_R=block_r, BLOCK_D=block_d, COMPUTE=_tl(ct), ROUND_BF16=interpreting(), num_warps=num_warps,
-    )
+    _launch_fwd(MODULATE, x, None, None, shift, scale, eps, None, h, mean, rstd)
     return h, mean, rstd
 
 
@@ -414,17 +440,9 @@ def adaln_modulate_bwd(dh, x, scale, mean, rstd, shift_dtype: torch.dtype):
     if dx.numel() == 0:
         zeros = torch.zeros((B, D), dtype=ct, device=x.device)
         return dx, zeros.to(shift_dtype), zeros.to(scale.dtype)
-    block_r, block_d, num_warps = _tile(D, L)
-    chunk_rows, n_chunks = _chunking(B, L, block_r, x.device)
-    dshift_part = _empty((B, n_chunks, D), ct, x.device)
-    dscale_part = _empty((B, n_chunks, D), ct, x.device)
-    _adaln_modulate_bwd_kernel[(B * n_chunks,)](
-        dh, x, scale, mean, rstd, dx, dshift_part, dscale_part,
-        L, D, n_chunks, chunk_rows,
-        *_rows_strides(dh), *_rows_strides(x), scale.stride(0),
-        BLOCK_R=block_r, BLOCK_D=block_d, COMPUTE=_tl(ct), ROUND_BF16=interpreting(), num_warps=num_warps,
-    )
-    return dx, _finish(dshift_part, shift_dtype), _finish(dscale_part, scale.dtype)
+    dshift, dscale = _launch_bwd(MODULATE, dh, None, x, None, None, scale, mean, rstd, dx, None, ct,
+                                 (shift_dtype, scale.dtype))
+    return dx, dshift, dscale
 
 
 def gated_residual_fwd(x, y, gate):
@@ -434,14 +452,7 @@ def gated_residual_fwd(x, y, gate):
     out = _empty((B, L, D), x.dtype, x.device)
     if out.numel() == 0:
         return out
-    block_r, block_d, num_warps = _tile(D, L)
-    n_blocks = triton.cdiv(L, block_r)
-    _gated_residual_fwd_kernel[(B * n_blocks,)](
-        x, y, gate, out,
-        L, D, n_blocks,
-        *_rows_strides(x), *_rows_strides(y), gate.stride(0),
-        BLOCK_R=block_r, BLOCK_D=block_d, COMPUTE=_tl(compute_dtype(x, y, gate)), ROUND_BF16=interpreting(), num_warps=num_warps,
-    )
+    _launch_fwd(GATED, x, y, gate, None, None, 0.0, out, None, None, None)
     return out
 
 
@@ -453,16 +464,8 @@ def gated_residual_bwd(dout, y, gate):
     dy = _empty((B, L, D), y.dtype, y.device)
     if dy.numel() == 0:
         return dy, torch.zeros((B, D), dtype=gate.dtype, device=y.device)
-    block_r, block_d, num_warps = _tile(D, L)
-    chunk_rows, n_chunks = _chunking(B, L, block_r, y.device)
-    dgate_part = _empty((B, n_chunks, D), ct, y.device)
-    _gated_residual_bwd_kernel[(B * n_chunks,)](
-        dout, y, gate, dy, dgate_part,
-        L, D, n_chunks, chunk_rows,
-        *_rows_strides(dout), *_rows_strides(y), gate.stride(0),
-        BLOCK_R=block_r, BLOCK_D=block_d, COMPUTE=_tl(ct), ROUND_BF16=interpreting(), num_warps=num_warps,
-    )
-    return dy, _finish(dgate_part, gate.dtype)
+    (dgate,) = _launch_bwd(GATED, None, dout, None, y, gate, None, None, None, None, dy, ct, (gate.dtype,))
+    return dy, dgate
 
 
 def gated_residual_adaln_fwd(x, y, gate, shift, scale, eps: float, h_dtype=None):
@@ -477,15 +480,7 @@ def gated_residual_adaln_fwd(x, y, gate, shift, scale, eps: float, h_dtype=None)
     rstd = _empty((B, L), ct, x.device)
     if h.numel() == 0:
         return x_out, h, mean.zero_(), rstd.zero_()
-    block_r, block_d, num_warps = _tile(D, L)
-    n_blocks = triton.cdiv(L, block_r)
-    _gated_residual_adaln_fwd_kernel[(B * n_blocks,)](
-        x, y, gate, shift, scale, x_out, h, mean, rstd,
-        L, D, n_blocks,
-        *_rows_strides(x), *_rows_strides(y), gate.stride(0), shift.stride(0), scale.stride(0),
-        eps,
-        BLOCK_R=block_r, BLOCK_D=block_d, COMPUTE=_tl(ct), ROUND_BF16=interpreting(), num_warps=num_warps,
-    )
+    _launch_fwd(FUSED, x, y, gate, shift, scale, eps, x_out, h, mean, rstd)
     return x_out, h, mean, rstd
 
 
@@ -504,24 +499,12 @@ def gated_residual_adaln_bwd(dx_out, dh, x_out, y, gate, scale, mean, rstd, shif
         return (torch.zeros_like(x_out), torch.zeros_like(y, memory_format=torch.contiguous_format),
                 zeros.to(gate.dtype), zeros.to(shift_dtype), zeros.to(scale.dtype))
     dx_out = None if dx_out is None else _unit_last(dx_out)
-    dh = None if dh is None else _unit_last(dh)
     dx = _empty((B, L, D), x_out.dtype, dev)
     dy = _empty((B, L, D), y.dtype, dev)
-    block_r, block_d, num_warps = _tile(D, L)
-    chunk_rows, n_chunks = _chunking(B, L, block_r, dev)
-    dgate_part = _empty((B, n_chunks, D), ct, dev)
-    dshift_part = _empty((B, n_chunks, D), ct, dev)
-    dscale_part = _empty((B, n_chunks, D), ct, dev)
-    # An absent gradient is never read (HAS_* is False): any tensor can stand in for its pointer.
-    dxo_arg = x_out if dx_out is None else dx_out
-    dh_arg = x_out if dh is None else dh
-    _gated_residual_adaln_bwd_kernel[(B * n_chunks,)](
-        dxo_arg, dh_arg, x_out, y, gate, scale, mean, rstd,
-        dx, dy, dgate_part, dshift_part, dscale_part,
-        L, D, n_chunks, chunk_rows,
-        *_rows_strides(dxo_arg), *_rows_strides(dh_arg), *_rows_strides(x_out), *_rows_strides(y),
-        gate.stride(0), scale.stride(0),
-        HAS_DXO=dx_out is not None, HAS_DH=dh is not None,
-        BLOCK_R=block_r, BLOCK_D=block_d, COMPUTE=_tl(ct), ROUND_BF16=interpreting(), num_warps=num_warps,
-    )
-    return dx, dy, _finish(dgate_part, gate.dtype), _finish(dshift_part, shift_dtype), _finish(dscale_part, scale.dtype)
+    if dh is None:  # no norm gradient: the gated backward with total = dx_out
+        (dgate,) = _launch_bwd(GATED, None, dx_out, None, y, gate, None, None, None, dx, dy, ct, (gate.dtype,))
+        return dx, dy, dgate, torch.zeros((B, D), dtype=shift_dtype, device=dev), torch.zeros((B, D), dtype=scale.dtype, device=dev)
+    dh = _unit_last(dh)
+    dgate, dshift, dscale = _launch_bwd(FUSED, dh, dx_out, x_out, y, gate, scale, mean, rstd, dx, dy, ct,
+                                        (gate.dtype, shift_dtype, scale.dtype))
+    return dx, dy, dgate, dshift, dscale
