@@ -1,4 +1,5 @@
-"""Helpers shared by the Triton kernels: the CPU interpreter's two known differences from a GPU.
+"""Helpers shared by the Triton kernels: the CPU interpreter's two known differences from a GPU, and
+the deterministic one-launch reduction of per-chunk partial sums (sum_partials).
 
 Under TRITON_INTERPRET=1 (triton 3.9) a bfloat16 tl.dot returns garbage and a float32 -> bfloat16
 cast truncates where GPUs round to nearest even. Kernels take an INTERPRET/ROUND_BF16 constexpr set
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import os
 
+import torch
 import triton
 import triton.language as tl
 
@@ -39,3 +41,66 @@ def cast_for(v, ptr, INTERPRET: tl.constexpr):
             bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
             v = bits.to(tl.float32, bitcast=True)
     return v.to(ptr.dtype.element_ty)
+
+
+# ----------------------------------------------------------------------------------------------
+# Deterministic reduction of per-chunk partial sums (the modulation gradients of adaLN / final layer)
+# ----------------------------------------------------------------------------------------------
+
+_poison = False
+
+
+def set_poison(on: bool) -> bool:
+    """Test hook behind adaln.poison_outputs(): buffers from empty() start NaN-filled while on."""
+    global _poison
+    old, _poison = _poison, on
+    return old
+
+
+def empty(shape, dtype, device):
+    t = torch.empty(shape, dtype=dtype, device=device)
+    if _poison and t.is_floating_point():
+        t.fill_(float("nan"))
+    return t
+
+
+@triton.jit
+def _sum_partials_kernel(part_ptr, out0_ptr, out1_ptr, out2_ptr, n_chunks, D,
+                         K: tl.constexpr, BLOCK_D: tl.constexpr, ROUND_BF16: tl.constexpr):
+    """out_k[b, :] = sum over c of part[b, c, k, :], c in increasing order (deterministic), k < K <= 3."""
+    b = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    cmask = cols < D
+    base = part_ptr + b * n_chunks * K * D + cols
+    acc0 = tl.load(base, mask=cmask, other=0.0)
+    if K > 1:
+        acc1 = tl.load(base + D, mask=cmask, other=0.0)
+    if K > 2:
+        acc2 = tl.load(base + 2 * D, mask=cmask, other=0.0)
+    for c in range(1, n_chunks):
+        row = base + c * K * D
+        acc0 += tl.load(row, mask=cmask, other=0.0)
+        if K > 1:
+            acc1 += tl.load(row + D, mask=cmask, other=0.0)
+        if K > 2:
+            acc2 += tl.load(row + 2 * D, mask=cmask, other=0.0)
+    tl.store(out0_ptr + b * D + cols, cast_for(acc0, out0_ptr, ROUND_BF16), mask=cmask)
+    if K > 1:
+        tl.store(out1_ptr + b * D + cols, cast_for(acc1, out1_ptr, ROUND_BF16), mask=cmask)
+    if K > 2:
+        tl.store(out2_ptr + b * D + cols, cast_for(acc2, out2_ptr, ROUND_BF16), mask=cmask)
+
+
+def sum_partials(part, dtypes):
+    """[B, n_chunks, K, D] partial sums -> K tensors [B, D] (dtypes[k]): chunks added in a fixed order,
+    all K in one launch."""
+    B, n_chunks, K, D = part.shape
+    if K != len(dtypes) or not 1 <= K <= 3:
+        raise ValueError(f"sum_partials: part has K={K} sums, dtypes gives {len(dtypes)} (1 to 3 expected)")
+    outs = [empty((B, D), dt, part.device) for dt in dtypes]
+    block_d = min(triton.next_power_of_2(D), 1024)
+    ptrs = outs + [outs[0]] * (3 - K)  # unused pointers are never touched (K is constexpr)
+    _sum_partials_kernel[(B, triton.cdiv(D, block_d))](
+        part, *ptrs, n_chunks, D, K=K, BLOCK_D=block_d, ROUND_BF16=interpreting(), num_warps=4,
+    )
+    return outs

@@ -1,20 +1,28 @@
-"""Final layer: adaLN modulate + linear (D -> P = p*p*C_out) + unpatchify, and its backward.
+"""Final layer: adaLN modulate + linear (D -> NF = p*p*C_out) + unpatchify, and its backward.
 
-Forward: one program owns BM token rows of one image. It computes the row statistics (mean, then the
-variance of x - mean, so large-mean rows lose nothing), then streams x again in BK-wide chunks,
-normalizing, modulating and multiplying by W^T [D, P] (P is tiny, 32 for DiT-XL/2) with an fp32
-accumulator. The epilogue adds the bias and stores each (token, feature) straight at its NCHW position,
-so the token-major [B, L, P] output is never written. Re-reads of the row block hit L1/L2
-(BM x D x 2 bytes = 37 KB for D = 1152).
+Row statistics are ONE pass over x: each BK-wide column chunk of a row block is centred on the row's
+pivot (its first element, so x - pivot is exact for rows far from zero), reduced to a chunk mean and
+sum of squared deviations in registers, and merged into the running ones (Chan et al.'s pairwise
+update). `mu` below is the mean of x - pivot; xn = ((x - pivot) - mu) * rstd keeps float32 accuracy at
+mean 1e4, std 1.
 
-Backward: d(out) [N, C, H, W] is gathered to token-major dY [B, L, P] by torch (P/D = 3% of x's bytes).
-One kernel then recomputes the statistics and, per D chunk, h and dh = dY @ W (tensor-core dot, P small),
-writing h (needed for d(weight)) and per-(image, row block) partial sums of dh and dh * xn (d(shift),
-d(scale)), and finally dx = rstd * (dxn - mean(dxn) - xn * mean(dxn * xn)) with dxn = dh * (1 + scale).
-d(weight) = dY^T @ h is a cuBLAS GEMM over the stored h (an [P, M] x [M, D] GEMM with a tiny output,
-which cuBLAS reduces deterministically); the partial sums are reduced by torch in a fixed order, so every
-reduction is deterministic (no atomics). Passes over [B, L, D] memory: read x, write dx, write + read h;
-the h pass is skipped when weight needs no gradient.
+Forward: program (f-tile, row block, image) owns BM token rows and BF output features (NF is tiled:
+NF = 512 at patch 8 does not fit one tile in shared memory). Pass 1: statistics. Pass 2: stream x
+again in BK chunks, normalize, modulate, round h to the weight's dtype and multiply by W^T [BK, BF]
+with a float32 accumulator. The epilogue adds the bias and stores each (token, feature) at its NCHW
+position, so the token-major [B, L, NF] output never exists. Two reads of x (the second from L1/L2:
+BM x D x 4 B = 72 KB at BM=16, D=1152, fp32 x under autocast); with several f-tiles each re-reads x,
+but NF > 128 happens only at patch 8, where L is 16x smaller than at patch 2.
+
+Backward: d(out) [N, C, H, W] is gathered to token-major dY [B, L, NF] by torch (NF/D = 3% of x's bytes).
+dh = dY @ W runs over NF in BF-wide feature chunks (one chunk, loaded once, when NF <= BF).
+Pass 1 (read x once): statistics, and the row sums of dxn = dh * (1 + scale) and of dxn * (x - pivot);
+mean(dxn * xn) follows algebraically: rstd * (mean(dxn * (x - pivot)) - mu * mean(dxn)).
+Pass 2 (read x again): xn, h (stored when d(weight) is needed), per-(image, row block) partial sums of
+dh and dh * xn (d(shift), d(scale)), and dx = rstd * (dxn - mean(dxn) - xn * mean(dxn * xn)).
+d(weight) = dY^T @ h is a cuBLAS GEMM over the stored h (deterministic); the partial sums are added in
+a fixed order by one launch (common.sum_partials). No atomics anywhere: bitwise reproducible.
+Passes over [B, L, D] memory: read x twice, write dx, write + read h (h skipped without d(weight)).
 """
 from __future__ import annotations
 
@@ -24,27 +32,44 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import cast_for, dot_acc, interpreting
+from .common import cast_for, dot_acc, interpreting, sum_partials
+
+# Output features per tile (the dot's N): larger tiles need > 227 KB of shared memory at fp32.
+_MAX_BF = 128
 
 
 @triton.jit
-def _row_stats(x_row_ptr, rmask, D, eps, BM: tl.constexpr, BK: tl.constexpr):
-    """mean and 1/std of BM rows of length D (x_row_ptr: [BM] pointers to each row's start)."""
-    s = tl.zeros((BM,), dtype=tl.float32)
-    for k0 in range(0, D, BK):
-        cols = k0 + tl.arange(0, BK)
-        m = rmask[:, None] & (cols < D)[None, :]
-        s += tl.sum(tl.load(x_row_ptr[:, None] + cols[None, :], mask=m, other=0.0).to(tl.float32), axis=1)
-    mean = s / D
-    v = tl.zeros((BM,), dtype=tl.float32)
+def _row_pivot(x_row_ptr, rmask):
+    """Each row's first element, in float32: the centre that keeps x - pivot exact for large-mean rows."""
+    return tl.load(x_row_ptr, mask=rmask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _chan_merge(mean, m2, n, xc, m, n_c):
+    """Merge a chunk (xc = x - pivot, masked to 0 outside m; n_c valid columns) into the running
+    (mean, m2) of n columns; the chunk's own statistics come from registers, two-pass."""
+    c_mean = tl.sum(xc, axis=1) / n_c
+    d = tl.where(m, xc - c_mean[:, None], 0.0)
+    c_m2 = tl.sum(d * d, axis=1)
+    n_new = n + n_c
+    delta = c_mean - mean
+    mean = mean + delta * (n_c / n_new)
+    m2 = m2 + c_m2 + delta * delta * (n * n_c / n_new)
+    return mean, m2
+
+
+@triton.jit
+def _row_stats(x_row_ptr, pivot, rmask, D, eps, BM: tl.constexpr, BK: tl.constexpr):
+    """(mu, rstd) of BM rows of length D in one pass: mu = mean of x - pivot."""
+    mean = tl.zeros((BM,), dtype=tl.float32)
+    m2 = tl.zeros((BM,), dtype=tl.float32)
     for k0 in range(0, D, BK):
         cols = k0 + tl.arange(0, BK)
         m = rmask[:, None] & (cols < D)[None, :]
         xv = tl.load(x_row_ptr[:, None] + cols[None, :], mask=m, other=0.0).to(tl.float32)
-        xc = tl.where(m, xv - mean[:, None], 0.0)
-        v += tl.sum(xc * xc, axis=1)
-    rstd = 1.0 / tl.sqrt(v / D + eps)
-    return mean, rstd
+        xc = tl.where(m, xv - pivot[:, None], 0.0)
+        mean, m2 = _chan_merge(mean, m2, k0 * 1.0, xc, m, tl.minimum(D - k0, BK).to(tl.float32))
+    return mean, 1.0 / tl.sqrt(m2 / D + eps)
 
 
 @triton.jit
@@ -56,14 +81,16 @@ def _final_layer_fwd_kernel(
     HAS_BIAS: tl.constexpr, P: tl.constexpr,
     BM: tl.constexpr, BK: tl.constexpr, BF: tl.constexpr, INTERPRET: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
+    pid_f = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
     rows = pid_m * BM + tl.arange(0, BM)
     rmask = rows < L
     x_row_ptr = x_ptr + b * sxb + rows.to(tl.int64) * sxl
-    mean, rstd = _row_stats(x_row_ptr, rmask, D, eps, BM, BK)
+    pivot = _row_pivot(x_row_ptr, rmask)
+    mu, rstd = _row_stats(x_row_ptr, pivot, rmask, D, eps, BM, BK)
 
-    fs = tl.arange(0, BF)
+    fs = pid_f * BF + tl.arange(0, BF)
     fmask = fs < NF
     acc = tl.zeros((BM, BF), dtype=tl.float32)
     for k0 in range(0, D, BK):
@@ -71,11 +98,11 @@ def _final_layer_fwd_kernel(
         cmask = cols < D
         m = rmask[:, None] & cmask[None, :]
         xv = tl.load(x_row_ptr[:, None] + cols[None, :], mask=m, other=0.0).to(tl.float32)
+        wt = tl.load(w_ptr + fs[None, :] * D + cols[:, None], mask=cmask[:, None] & fmask[None, :], other=0.0)
         sh = tl.load(shift_ptr + b * ssb + cols, mask=cmask, other=0.0).to(tl.float32)
         sc = tl.load(scale_ptr + b * scb + cols, mask=cmask, other=0.0).to(tl.float32)
-        h = (xv - mean[:, None]) * rstd[:, None] * (1.0 + sc[None, :]) + sh[None, :]
+        h = ((xv - pivot[:, None]) - mu[:, None]) * rstd[:, None] * (1.0 + sc[None, :]) + sh[None, :]
         h = cast_for(tl.where(m, h, 0.0), w_ptr, INTERPRET)
-        wt = tl.load(w_ptr + fs[None, :] * D + cols[:, None], mask=cmask[:, None] & fmask[None, :], other=0.0)
         acc += dot_acc(h, wt, INTERPRET)
 
     if HAS_BIAS:
@@ -95,14 +122,34 @@ def _final_layer_fwd_kernel(
 
 
 @triton.jit
+def _dh_tile(dy_ptr, tok, rmask, dy_once, w_ptr, cols, cmask, NF, D,
+             BM: tl.constexpr, BK: tl.constexpr, BF: tl.constexpr, N_FT: tl.constexpr, INTERPRET: tl.constexpr):
+    """dh[BM, BK] = dY[rows, :] @ W[:, cols], over NF in BF-wide feature chunks (dy_once: the whole dY
+    tile, preloaded, when N_FT == 1). Rows beyond L have dY = 0, so dh = 0 there."""
+    if N_FT == 1:
+        fs = tl.arange(0, BF)
+        w = tl.load(w_ptr + fs[:, None] * D + cols[None, :], mask=(fs < NF)[:, None] & cmask[None, :], other=0.0)
+        dh = dot_acc(dy_once, w, INTERPRET)
+    else:
+        dh = tl.zeros((BM, BK), dtype=tl.float32)
+        for f0 in range(0, NF, BF):
+            fs = f0 + tl.arange(0, BF)
+            fmask = fs < NF
+            dy = tl.load(dy_ptr + tok[:, None] * NF + fs[None, :], mask=rmask[:, None] & fmask[None, :], other=0.0)
+            w = tl.load(w_ptr + fs[:, None] * D + cols[None, :], mask=fmask[:, None] & cmask[None, :], other=0.0)
+            dh += dot_acc(dy.to(w_ptr.dtype.element_ty), w, INTERPRET)
+    return dh
+
+
+@triton.jit
 def _final_layer_bwd_kernel(
     x_ptr, shift_ptr, scale_ptr, w_ptr, dy_ptr,
-    dx_ptr, h_ptr, dshift_part_ptr, dscale_part_ptr,
+    dx_ptr, h_ptr, part_ptr,
     L, D, NF, n_mblocks,
     sxb, sxl, ssb, scb,
     eps,
     STORE_H: tl.constexpr,
-    BM: tl.constexpr, BK: tl.constexpr, BF: tl.constexpr, INTERPRET: tl.constexpr,
+    BM: tl.constexpr, BK: tl.constexpr, BF: tl.constexpr, N_FT: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
@@ -110,55 +157,65 @@ def _final_layer_bwd_kernel(
     rmask = rows < L
     x_row_ptr = x_ptr + b * sxb + rows.to(tl.int64) * sxl
     tok = b * L + rows.to(tl.int64)  # row index in the contiguous [B*L, .] buffers
-    mean, rstd = _row_stats(x_row_ptr, rmask, D, eps, BM, BK)
+    pivot = _row_pivot(x_row_ptr, rmask)
+    fs0 = tl.arange(0, BF)
+    dy_once = tl.load(dy_ptr + tok[:, None] * NF + fs0[None, :], mask=rmask[:, None] & (fs0 < NF)[None, :],
+                      other=0.0).to(w_ptr.dtype.element_ty)
 
-    fs = tl.arange(0, BF)
-    fmask = fs < NF
-    dy = tl.load(dy_ptr + tok[:, None] * NF + fs[None, :], mask=rmask[:, None] & fmask[None, :], other=0.0)
-    dy = dy.to(w_ptr.dtype.element_ty)
-    part = (b * n_mblocks + pid_m) * D
-
-    s1 = tl.zeros((BM,), dtype=tl.float32)
-    s2 = tl.zeros((BM,), dtype=tl.float32)
+    # Pass 1: statistics and the two row sums of dx's formula, from one read of x.
+    mean = tl.zeros((BM,), dtype=tl.float32)
+    m2 = tl.zeros((BM,), dtype=tl.float32)
+    t1 = tl.zeros((BM,), dtype=tl.float32)
+    t2 = tl.zeros((BM,), dtype=tl.float32)
     for k0 in range(0, D, BK):
         cols = k0 + tl.arange(0, BK)
         cmask = cols < D
         m = rmask[:, None] & cmask[None, :]
         xv = tl.load(x_row_ptr[:, None] + cols[None, :], mask=m, other=0.0).to(tl.float32)
         sc = tl.load(scale_ptr + b * scb + cols, mask=cmask, other=0.0).to(tl.float32)
-        xn = tl.where(m, (xv - mean[:, None]) * rstd[:, None], 0.0)
+        dh = _dh_tile(dy_ptr, tok, rmask, dy_once, w_ptr, cols, cmask, NF, D, BM, BK, BF, N_FT, INTERPRET)
+        xc = tl.where(m, xv - pivot[:, None], 0.0)
+        mean, m2 = _chan_merge(mean, m2, k0 * 1.0, xc, m, tl.minimum(D - k0, BK).to(tl.float32))
+        dxn = dh * (1.0 + sc[None, :])
+        t1 += tl.sum(dxn, axis=1)
+        t2 += tl.sum(dxn * xc, axis=1)
+    mu = mean
+    rstd = 1.0 / tl.sqrt(m2 / D + eps)
+    s1 = t1 / D
+    s2 = rstd * (t2 / D - mu * s1)  # mean(dxn * xn)
+
+    # Pass 2: h, the partial sums of d(shift) and d(scale), dx.
+    part = (b * n_mblocks + pid_m) * 2 * D
+    for k0 in range(0, D, BK):
+        cols = k0 + tl.arange(0, BK)
+        cmask = cols < D
+        m = rmask[:, None] & cmask[None, :]
+        xv = tl.load(x_row_ptr[:, None] + cols[None, :], mask=m, other=0.0).to(tl.float32)
+        sc = tl.load(scale_ptr + b * scb + cols, mask=cmask, other=0.0).to(tl.float32)
+        dh = _dh_tile(dy_ptr, tok, rmask, dy_once, w_ptr, cols, cmask, NF, D, BM, BK, BF, N_FT, INTERPRET)
+        xn = tl.where(m, ((xv - pivot[:, None]) - mu[:, None]) * rstd[:, None], 0.0)
         if STORE_H:
             sh = tl.load(shift_ptr + b * ssb + cols, mask=cmask, other=0.0).to(tl.float32)
             h = xn * (1.0 + sc[None, :]) + sh[None, :]
             tl.store(h_ptr + tok[:, None] * D + cols[None, :], cast_for(h, h_ptr, INTERPRET), mask=m)
-        w = tl.load(w_ptr + fs[:, None] * D + cols[None, :], mask=fmask[:, None] & cmask[None, :], other=0.0)
-        dh = dot_acc(dy, w, INTERPRET)  # rows beyond L have dy = 0, so dh = 0 there
-        tl.store(dshift_part_ptr + part + cols, tl.sum(dh, axis=0), mask=cmask)
-        tl.store(dscale_part_ptr + part + cols, tl.sum(dh * xn, axis=0), mask=cmask)
-        dxn = dh * (1.0 + sc[None, :])
-        s1 += tl.sum(dxn, axis=1)
-        s2 += tl.sum(dxn * xn, axis=1)
-
-    s1 = s1 / D
-    s2 = s2 / D
-    for k0 in range(0, D, BK):
-        cols = k0 + tl.arange(0, BK)
-        cmask = cols < D
-        m = rmask[:, None] & cmask[None, :]
-        xv = tl.load(x_row_ptr[:, None] + cols[None, :], mask=m, other=0.0).to(tl.float32)
-        sc = tl.load(scale_ptr + b * scb + cols, mask=cmask, other=0.0).to(tl.float32)
-        xn = (xv - mean[:, None]) * rstd[:, None]
-        w = tl.load(w_ptr + fs[:, None] * D + cols[None, :], mask=fmask[:, None] & cmask[None, :], other=0.0)
-        dxn = dot_acc(dy, w, INTERPRET) * (1.0 + sc[None, :])
-        dx = rstd[:, None] * (dxn - s1[:, None] - xn * s2[:, None])
+        tl.store(part_ptr + part + cols, tl.sum(dh, axis=0), mask=cmask)
+        tl.store(part_ptr + part + D + cols, tl.sum(dh * xn, axis=0), mask=cmask)
+        dx = rstd[:, None] * (dh * (1.0 + sc[None, :]) - s1[:, None] - xn * s2[:, None])
         tl.store(dx_ptr + tok[:, None] * D + cols[None, :], cast_for(dx, dx_ptr, INTERPRET), mask=m)
 
 
-def _blocks(B: int, L: int, D: int, NF: int, on_gpu: bool):
-    BF = max(16, triton.next_power_of_2(NF))
+def _blocks(B: int, L: int, D: int, NF: int, x_bytes: int, on_gpu: bool):
+    """(BM, BK, BF, num_warps). BF: output features per tile (forward) / per dh chunk (backward).
+    BK is halved for float32 x (autocast) so the live [BM, BK] float32 tiles stay in registers."""
+    BF = max(16, min(triton.next_power_of_2(NF), _MAX_BF))
     if on_gpu:
         # tl.dot needs >= 16 rows; small batches (B=2 sampling) take 16 to spread over more SMs.
-        return (32 if B * L >= 32 * 512 else 16), 128, BF, 4
+        BM = 32 if B * L >= 32 * 512 else 16
+        # [BM, BK] float32 tiles live at once in the backward: 128 x 16 rows, 64 x 32 rows (128 x 32 spills).
+        BK = 128 if x_bytes <= 2 and BF <= 64 and BM == 16 else 64
+        if BM == 32 and BF > 64:
+            BK = 32
+        return BM, BK, BF, 4
     return 16, min(512, max(16, triton.next_power_of_2(D))), BF, 4
 
 
@@ -180,12 +237,14 @@ def final_layer_fwd(x, shift, scale, weight, bias, patch_size: int, out_channels
     shape = (B, C, Hg * p, Wg * p)
     if out is None:
         out = torch.empty(shape, device=x.device, dtype=weight.dtype)
-    assert out.shape == shape and out.is_contiguous() and out.dtype == weight.dtype, "bad out buffer"
+    if out.shape != shape or not out.is_contiguous() or out.dtype != weight.dtype:
+        raise ValueError(f"out must be a contiguous {tuple(shape)} tensor of dtype {weight.dtype}, "
+                         f"got {tuple(out.shape)} {out.dtype} (contiguous={out.is_contiguous()})")
     if B == 0 or L == 0:
         return out
     weight = weight.contiguous()
-    BM, BK, BF, warps = _blocks(B, L, D, NF, x.is_cuda)
-    grid = (triton.cdiv(L, BM), B)
+    BM, BK, BF, warps = _blocks(B, L, D, NF, x.element_size(), x.is_cuda)
+    grid = (triton.cdiv(NF, BF), triton.cdiv(L, BM), B)
     _final_layer_fwd_kernel[grid](
         x, shift, scale, weight, bias.contiguous() if bias is not None else weight, out,
         L, D, NF, Wg, C,
@@ -217,23 +276,27 @@ def final_layer_bwd(dout, x, shift, scale, weight, patch_size: int, out_channels
     weight = weight.contiguous()
     dy = gather_tokens(dout, patch_size, out_channels).contiguous()  # [B, L, NF]
     dx = dx_out if dx_out is not None else torch.empty_like(x, memory_format=torch.contiguous_format)
-    assert dx.shape == x.shape and dx.is_contiguous() and dx.dtype == x.dtype, "bad dx buffer"
-    BM, BK, BF, warps = _blocks(B, L, D, NF, x.is_cuda)
+    if dx.shape != x.shape or not dx.is_contiguous() or dx.dtype != x.dtype:
+        raise ValueError(f"dx_out must be a contiguous {tuple(x.shape)} tensor of dtype {x.dtype}, "
+                         f"got {tuple(dx.shape)} {dx.dtype} (contiguous={dx.is_contiguous()})")
+    BM, BK, BF, warps = _blocks(B, L, D, NF, x.element_size(), x.is_cuda)
     n_mb = triton.cdiv(L, BM)
-    dshift_part = torch.empty((B, n_mb, D), device=x.device, dtype=torch.float32)
-    dscale_part = torch.empty_like(dshift_part)
+    part = torch.empty((B, n_mb, 2, D), device=x.device, dtype=torch.float32)  # [d(shift), d(scale)] partials
     h = torch.empty((B, L, D), device=x.device, dtype=weight.dtype) if need_weight else dx
     if B and L:
         _final_layer_bwd_kernel[(n_mb, B)](
             x, shift, scale, weight, dy,
-            dx, h, dshift_part, dscale_part,
+            dx, h, part,
             L, D, NF, n_mb,
             x.stride(0), x.stride(1), shift.stride(0), scale.stride(0),
             eps,
-            STORE_H=need_weight, BM=BM, BK=BK, BF=BF, INTERPRET=interpreting(), num_warps=warps,
+            STORE_H=need_weight, BM=BM, BK=BK, BF=BF, N_FT=triton.cdiv(NF, BF), INTERPRET=interpreting(),
+            num_warps=warps,
         )
-    dshift = dshift_part.sum(1).to(shift.dtype)
-    dscale = dscale_part.sum(1).to(scale.dtype)
+        dshift, dscale = sum_partials(part, (shift.dtype, scale.dtype))
+    else:
+        dshift = torch.zeros((B, D), device=x.device, dtype=shift.dtype)
+        dscale = torch.zeros((B, D), device=x.device, dtype=scale.dtype)
     dweight = dbias = None
     if need_weight:
         dy2 = dy.reshape(B * L, NF).to(weight.dtype)

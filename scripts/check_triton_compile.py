@@ -10,13 +10,20 @@ recorder and the CUDA device queries stubbed (H100: 132 SMs). A launcher change 
 tile sizes) is therefore picked up without touching this file; a new kernel (a @triton.jit function
 whose name ends in `_kernel`) that no scenario below launches is an error.
 
+Scenarios: the 12 published configs (dit_fast.reference.CONFIGS) x 256/512 px x fp32/autocast(bf16) x
+batch 1 and a training batch, plus a bf16 model at the /2 configs, an fp16 one at DiT-XL/2 and an odd width (D=72). Launches
+with identical compile keys are compiled once (each line names the first scenario and how many more).
+
 Prints one line per (kernel, variant, target): registers and stack frame bytes per thread (non-zero
 means register spills: flagged SPILL) from the wheel's cuobjdump, and shared memory (dynamic, as
-launched) from the compiled metadata.
+launched) from the compiled metadata. A variant FAILs when its shared memory exceeds the target's
+limit (sm_80 166,912 B, sm_90 232,448 B: the launch would crash) or when it spills on a hot path
+(the /2 configs with bf16 activations, autocast or bf16 model, forward and backward); spills elsewhere
+are printed as notes.
 
   python scripts/check_triton_compile.py [--jobs 2] [--quick]
-Exit status: 0 all compiled, 1 a kernel failed to compile, 2 setup error (unsupported triton, a kernel
-never launched, a launcher that failed).
+Exit status: 0 all compiled within limits, 1 a kernel failed to compile or exceeded a limit, 2 setup
+error (unsupported triton, a kernel never launched, a launcher that failed).
 """
 from __future__ import annotations
 
@@ -27,6 +34,7 @@ os.environ["TRITON_INTERPRET"] = "0"  # before triton is imported: real JITFunct
 import argparse
 import concurrent.futures
 import contextlib
+import dataclasses
 import importlib.util
 import inspect
 import multiprocessing
@@ -49,10 +57,12 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGETS = (80, 90)
+# Largest dynamic shared memory one CTA may use (opt-in maximum): A100 163 KB, H100 227 KB.
+SHARED_LIMIT = {80: 166_912, 90: 232_448}
 SM_COUNT = 132  # H100 SXM: sizes the backward kernels' row chunks (chunk_rows == 1 compiles as a constant)
 EPS = 1e-6
-# DiT-XL/2 at 256 px: 32x32 latents, 4 -> 8 channels (learned sigma), patch 2 -> 256 tokens, MLP 4 x D.
-LATENT, C_IN, C_OUT, PATCH, MLP_RATIO = 32, 4, 8, 2, 4
+C_IN, C_OUT, MLP_RATIO = 4, 8, 4  # VAE latents: 4 channels in, 8 out (learned sigma); MLP 4 x D
+TRAIN_BATCH = 64  # per GPU; with 512 px it gives the largest row counts (final layer's training tile)
 
 bf16, fp16, fp32 = torch.bfloat16, torch.float16, torch.float32
 # Dtype families the model runs in: residual stream x, modulation (shift/scale/gate) and branch outputs y,
@@ -64,11 +74,55 @@ FAMILIES = {
     # autocast(bf16) on an fp32 model: fp32 residual stream and pos_embed, bf16 GEMM outputs and h.
     "amp": dict(x=fp32, mod=bf16, y=bf16, h=bf16, act=bf16, pos=fp32),
 }
-# (family, batch, D): D=1152 is DiT-XL (BLOCK_D=2048, one row per program), D=72 an odd small width
-# (many rows per program, D not a multiple of 16); batch 64 switches final_layer to its training tile and
-# gives the adaLN backward kernels chunks of 16 rows (1 row at batch 2).
-SCENARIOS = [(f, 2, 1152) for f in FAMILIES] + [("bf16", 64, 1152), ("bf16", 2, 72), ("fp32", 2, 72)]
-QUICK_SCENARIOS = [("bf16", 2, 1152), ("fp32", 2, 1152)]
+
+
+def _published_configs() -> dict:
+    """{name: (hidden D, patch)} of the 12 published configs (dit_fast.reference.CONFIGS), read from the
+    source file so that the package (and its extension) need not import here."""
+    spec = importlib.util.spec_from_file_location("dit_fast_reference_aot", ROOT / "dit_fast" / "reference.py")
+    ref = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ref)
+    return {name: (hidden, patch) for name, (_, hidden, patch, _) in ref.CONFIGS.items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class Scenario:
+    config: str  # a published config name, or "D=72" for an odd width
+    family: str
+    batch: int
+    latent: int  # latent side: 32 (256 px) or 64 (512 px)
+    D: int
+    patch: int
+    hot: bool  # a spill here fails the check (main configs at bf16 activations)
+
+    @property
+    def label(self) -> str:
+        return f"{self.config} {self.latent * 8}px {self.family} B={self.batch}"
+
+
+# Hot paths: the /2 configs (the ones trained and sampled in practice: XL/2 is the paper's model), forward
+# and backward, with bf16 activations (autocast or a bf16 model), at both batch sizes and resolutions.
+HOT_PATCH = 2
+HOT_FAMILIES = ("amp", "bf16")
+
+
+def scenarios(quick: bool) -> list[Scenario]:
+    """12 published configs x 256/512 px x fp32/autocast x batch 1 and a training batch, plus a bf16
+    model at the /2 configs, an fp16 model at DiT-XL/2 and an odd width (D=72, not a multiple of 16)."""
+    out = []
+    configs = _published_configs()
+    for name, (D, p) in configs.items():
+        if quick and name != "DiT-XL/2":
+            continue
+        families = ("fp32", "amp") + (("bf16",) if p == HOT_PATCH else ())
+        for latent in (32, 64):
+            for family in families:
+                for batch in (1, TRAIN_BATCH):
+                    out.append(Scenario(name, family, batch, latent, D, p, p == HOT_PATCH and family in HOT_FAMILIES))
+    if not quick:  # an fp16 model (same code as bf16 but for the conversions) and an odd width
+        out += [Scenario("DiT-XL/2", "fp16", 2, 32, 1152, 2, False)]
+        out += [Scenario("D=72", f, 2, 32, 72, 2, False) for f in ("bf16", "fp32")]
+    return out
 
 
 def load_kernel_modules():
@@ -85,9 +139,10 @@ def load_kernel_modules():
     return mods
 
 
-def run_launchers(mods, family: str, B: int, D: int) -> None:
-    """Every launcher of kernels/*.py, forward and backward, with the dtypes of one family."""
-    dt = FAMILIES[family]
+def run_launchers(mods, sc: Scenario) -> None:
+    """Every launcher of kernels/*.py, forward and backward, at one scenario's shapes and dtypes."""
+    dt = FAMILIES[sc.family]
+    B, D, PATCH, LATENT = sc.batch, sc.D, sc.patch, sc.latent
     L, N_F, K_MLP = (LATENT // PATCH) ** 2, PATCH * PATCH * C_OUT, MLP_RATIO * D
     dev = "cuda"
 
@@ -119,6 +174,15 @@ def run_launchers(mods, family: str, B: int, D: int) -> None:
     for need_bias in (True, False):
         G.gelu_tanh_bwd(torch.empty_like(pre), pre, need_bias)
 
+    S = mods.get("sampler_step")
+    if S is not None and sc.family == "fp32":  # sampling runs on the fp32 latents whatever the model's dtype
+        xs = t(B, C_IN, LATENT, LATENT, dtype=fp32)
+        table, step = t(250, S.NUM_COLS, dtype=fp32), t(1, dtype=torch.int64)
+        for cfg, ddim in ((True, False), (False, True)):
+            out_s = t(2 * B if cfg else B, C_OUT, LATENT, LATENT, dtype=dt["act"])
+            S.sampler_step_(xs, out_s, t(2 * B, C_IN, LATENT, LATENT, dtype=fp32), table, step,
+                            4.0, 3, cfg, True, False, ddim)
+
 
 # ----------------------------------------------------------------------------------------------
 # Recording launches
@@ -149,8 +213,23 @@ def arg_spec(param, value):
     raise TypeError(f"argument {param.name}: unsupported type {type(value).__name__}")
 
 
+_STRIDE = re.compile(r"^(D|s[a-z]+|[a-z0-9]+_s[a-z])$")  # D and strides: their divisibility decides vector widths
+
+
+def _dedupe(name, ty, value, div16):
+    """The part of one argument's specialization that decides the compiled code for this check: counts
+    (L, chunk sizes, grid-derived ints) compile to the same code whatever their divisibility, so that is
+    merged (the first launch recorded is the one compiled), but a count equal to 1 is a constant that
+    folds loops away (a batch-1 backward is not the training one) and stays apart; D and strides keep
+    their divisibility (vector loads); constexprs and pointer dtypes are kept whole."""
+    if ty in ("int1", "i32", "i64") and not _STRIDE.match(name):
+        return (name, "one" if ty == "int1" else "int")
+    return (name, ty, repr(value), div16)
+
+
 def record_launches(mods, scenarios):
-    """{key: (kernel, [(name, type, value, div16)], options, label)} of every distinct launch."""
+    """{key: (kernel, [(name, type, value, div16)], options, [scenarios])} of every distinct launch
+    (launches with the same compile key, however many scenarios make them, compile once)."""
     specs, failures = {}, []
     scenario = [None]
 
@@ -160,8 +239,8 @@ def record_launches(mods, scenarios):
         params = [(p.name, *arg_spec(p, bound.arguments[p.name])) for p in self.params]
         # launch options (num_warps: Triton's default is 4; num_stages etc. if a launcher passes them)
         options = {"num_warps": 4, **{k: v for k, v in kwargs.items() if k not in self.arg_names}}
-        key = (self.__name__, tuple((n, ty, repr(v), d) for n, ty, v, d in params), tuple(sorted(options.items())))
-        specs.setdefault(key, (self, params, options, scenario[0]))
+        key = (self.__name__, tuple(_dedupe(n, ty, v, d) for n, ty, v, d in params), tuple(sorted(options.items())))
+        specs.setdefault(key, (self, params, options, []))[3].append(scenario[0])
 
     def contiguous(self, memory_format=torch.contiguous_format):
         # Tensor.contiguous's Python binding takes a CUDA device guard, which a CPU-only torch lacks
@@ -177,12 +256,12 @@ def record_launches(mods, scenarios):
         stack.enter_context(mock.patch.object(torch.cuda, "current_device", lambda: 0))
         stack.enter_context(mock.patch.object(torch.Tensor, "contiguous", contiguous))
         stack.enter_context(FakeTensorMode(allow_non_fake_inputs=True))
-        for family, B, D in scenarios:
-            scenario[0] = f"{family} B={B} D={D}"
+        for sc in scenarios:
+            scenario[0] = sc
             try:
-                run_launchers(mods, family, B, D)
+                run_launchers(mods, sc)
             except Exception:
-                failures.append(f"launchers failed for {scenario[0]}:\n{traceback.format_exc()}")
+                failures.append(f"launchers failed for {sc.label}:\n{traceback.format_exc()}")
     return specs, failures
 
 
@@ -274,10 +353,24 @@ def describe(params, options) -> str:
     return f"ptrs={'/'.join(ptrs)} {' '.join(consts)} {opts}"
 
 
+def judge(cap: int, usage: dict, scs: list) -> tuple[str, str]:
+    """("FAIL"|"note"|"", why) for one compiled variant: shared memory over the target's limit fails
+    anywhere (the launch would crash); a spill fails on a hot path and is a note elsewhere."""
+    stack = usage.get("STACK", 0) + usage.get("LOCAL", 0)
+    if usage["shared_meta"] > SHARED_LIMIT[cap]:
+        return "FAIL", f"shared memory {usage['shared_meta']} B > {SHARED_LIMIT[cap]} B of sm_{cap}"
+    if stack:
+        hot = [sc.label for sc in scs if sc.hot]
+        if hot:
+            return "FAIL", f"spills ({stack} B stack) on hot path {hot[0]}"
+        return "note", f"spills ({stack} B stack), exotic config only"
+    return "", ""
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="compile processes (default 2)")
-    ap.add_argument("--quick", action="store_true", help="bf16 and fp32 at D=1152 only")
+    ap.add_argument("--quick", action="store_true", help="DiT-XL/2 only")
     args = ap.parse_args()
     t0 = time.perf_counter()
     try:
@@ -286,7 +379,8 @@ def main() -> int:
         print(f"check_triton_compile: {e}", file=sys.stderr)
         return 2
     mods = load_kernel_modules()
-    specs, failures = record_launches(mods, QUICK_SCENARIOS if args.quick else SCENARIOS)
+    scs = scenarios(args.quick)
+    specs, failures = record_launches(mods, scs)
     kernels = {f"{m}.{name}" for m, mod in mods.items() for name, obj in vars(mod).items()
                if isinstance(obj, triton.runtime.jit.JITFunction) and name.endswith("_kernel")
                and obj.fn.__module__ == mod.__name__}
@@ -296,33 +390,44 @@ def main() -> int:
         print("check_triton_compile: setup failed\n" + "\n".join(failures), file=sys.stderr)
         return 2
 
-    _SPECS[:] = sorted(specs.values(), key=lambda s: (s[0].__name__, s[3], describe(s[1], s[2])))
+    _SPECS[:] = sorted(specs.values(), key=lambda s: (s[0].__name__, s[3][0].label, describe(s[1], s[2])))
     cache = tempfile.mkdtemp(prefix="dit_fast_triton_aot_")
     os.environ["TRITON_CACHE_DIR"] = cache  # compile for real every time, leave ~/.triton alone
-    print(f"triton {triton.__version__} (API {api}), {len(kernels)} kernels, {len(_SPECS)} variants x "
-          f"sm_{'/sm_'.join(map(str, TARGETS))}, {args.jobs} jobs; recorded in {time.perf_counter() - t0:.1f} s")
+    print(f"triton {triton.__version__} (API {api}), {len(kernels)} kernels, {len(scs)} scenarios -> "
+          f"{len(_SPECS)} distinct variants x sm_{'/sm_'.join(map(str, TARGETS))}, {args.jobs} jobs; "
+          f"recorded in {time.perf_counter() - t0:.1f} s")
+    print(f"hot paths (a spill fails): /{HOT_PATCH} configs with {'/'.join(HOT_FAMILIES)} activations; "
+          f"shared memory limits: " + ", ".join(f"sm_{c} {v} B" for c, v in SHARED_LIMIT.items()))
     jobs = [(i, cap) for i in range(len(_SPECS)) for cap in TARGETS]
-    errors, spills = [], 0
+    errors, verdicts, spills = [], [], 0
     try:
         with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("fork")) as pool:
             for index, cap, usage, err, secs in pool.map(compile_one, jobs):
-                fn, params, options, label = _SPECS[index]
-                head = f"{fn.__name__:34s} sm_{cap}  {label:18s} {describe(params, options)}"
+                fn, params, options, scs_of = _SPECS[index]
+                more = f" (+{len(scs_of) - 1})" if len(scs_of) > 1 else ""
+                head = f"{fn.__name__:34s} sm_{cap}  {scs_of[0].label + more:38s} {describe(params, options)}"
                 if err:
-                    errors.append(f"{fn.__name__} sm_{cap} [{label}] {describe(params, options)}\n{err}")
+                    errors.append(f"{fn.__name__} sm_{cap} [{scs_of[0].label}] {describe(params, options)}\n{err}")
                     print(f"FAIL {head}", flush=True)
                     continue
                 stack = usage.get("STACK", 0) + usage.get("LOCAL", 0)
-                print(f"ok   {head}  regs={usage.get('REG', '?')} stack={stack}B shared={usage['shared_meta']}B "
-                      f"{'SPILL ' if stack else ''}({secs:.1f} s)", flush=True)
+                verdict, why = judge(cap, usage, scs_of)
+                print(f"{verdict or 'ok':4s} {head}  regs={usage.get('REG', '?')} stack={stack}B "
+                      f"shared={usage['shared_meta']}B {'SPILL ' if stack else ''}({secs:.1f} s)", flush=True)
                 spills += bool(stack)
+                if verdict:
+                    verdicts.append((verdict, f"{fn.__name__} sm_{cap} [{', '.join(sc.label for sc in scs_of[:3])}"
+                                              f"{more}] {describe(params, options)}: {why}"))
     finally:
         shutil.rmtree(cache, ignore_errors=True)
     for e in errors:
-        print(f"\nFAILED: {e}", file=sys.stderr)
-    print(f"{len(jobs) - len(errors)}/{len(jobs)} compiled, {len(errors)} failed, {spills} spill registers, "
-          f"{time.perf_counter() - t0:.0f} s total")
-    return 1 if errors else 0
+        print(f"\nFAILED to compile: {e}", file=sys.stderr)
+    for verdict, line in verdicts:
+        print(f"{'FAILED' if verdict == 'FAIL' else 'note'}: {line}", file=sys.stderr if verdict == "FAIL" else sys.stdout)
+    n_fail = sum(v == "FAIL" for v, _ in verdicts)
+    print(f"{len(jobs) - len(errors)}/{len(jobs)} compiled, {len(errors)} failed, {n_fail} over a limit "
+          f"(shared memory, or a spill on a hot path), {spills} spill, {time.perf_counter() - t0:.0f} s total")
+    return 1 if errors or n_fail else 0
 
 
 if __name__ == "__main__":
