@@ -11,7 +11,7 @@ TORCH_LIBRARY(dit_fast_ext, m) {
   // mean, rstd: [B, L] in the compute dtype (float32, float64 if any input is float64). `mean` is
   // the mean of the row minus its first element (x[..., 0], resp. x_out[..., 0]): centring on a
   // row element keeps float32 exact at large offsets; the backward reads the pivot from x again.
-  m.def("adaln_modulate_fwd(Tensor x, Tensor shift, Tensor scale, float eps, ScalarType? out_dtype)"
+  m.def("adaln_modulate_fwd(Tensor x, Tensor shift, Tensor scale, float eps, ScalarType? h_dtype)"
         " -> (Tensor h, Tensor mean, Tensor rstd)");
   // dshift, dscale in the compute dtype.
   m.def("adaln_modulate_bwd(Tensor dh, Tensor x, Tensor mean, Tensor rstd, Tensor scale)"
@@ -20,7 +20,7 @@ TORCH_LIBRARY(dit_fast_ext, m) {
   // dx is dout itself.
   m.def("gated_residual_bwd(Tensor dout, Tensor y, Tensor gate) -> (Tensor dy, Tensor dgate)");
   m.def("gated_residual_adaln_fwd(Tensor x, Tensor y, Tensor gate, Tensor shift, Tensor scale, float eps,"
-        " ScalarType? out_dtype) -> (Tensor x_out, Tensor h, Tensor mean, Tensor rstd)");
+        " ScalarType? h_dtype) -> (Tensor x_out, Tensor h, Tensor mean, Tensor rstd)");
   m.def("gated_residual_adaln_bwd(Tensor dh, Tensor? dx_out, Tensor x_out, Tensor y, Tensor gate, Tensor mean,"
         " Tensor rstd, Tensor scale) -> (Tensor dx, Tensor dy, Tensor dgate, Tensor dshift, Tensor dscale)");
 }

@@ -9,7 +9,8 @@ Backends: "flash_attn_3" (FlashAttention 3, `flash_attn_interface`, Hopper), "fl
 (FlashAttention 4, `flash_attn.cute`, Hopper/Blackwell), "flash_attn" (FlashAttention 2),
 "sdpa" (torch.nn.functional.scaled_dot_product_attention: cuDNN/flash/efficient/math picked by
 PyTorch), "math" (plain eager, the reference). "auto" takes the first of AUTO_ORDER that is
-installed and can run the device, dtype and head dim; sdpa always can.
+installed and can run the device, dtype and head dim (ATTENTION_CAPABILITIES in dit_fast/backends.py,
+the capability table); sdpa always can.
 """
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ import importlib
 
 import torch
 import torch.nn.functional as F
+
+from .backends import ATTENTION_CAPABILITIES
 
 AUTO_ORDER = ("flash_attn_3", "flash_attn_4", "flash_attn", "sdpa")
 ATTN_BACKENDS = ("auto", "flash_attn_3", "flash_attn_4", "flash_attn", "sdpa", "math")
@@ -28,9 +31,6 @@ _FLASH_MODULES = {
     "flash_attn_3": ("flash_attn_interface", "build flash-attention/hopper (FlashAttention 3)"),
     "flash_attn_4": ("flash_attn.cute", "pip install flash-attn-4 (FlashAttention 4, CuTe DSL)"),
 }
-# FlashAttention 4 documents head dims 64, 96 and 128; "auto" does not bet on others.
-_FA4_DOCUMENTED_HEAD_DIMS = (64, 96, 128)
-_HALF = (torch.float16, torch.bfloat16)
 _DTYPES = {str(d): d for d in (torch.float16, torch.bfloat16, torch.float32, torch.float64)}
 
 _module_cache: dict[str, tuple[object | None, str]] = {}
@@ -69,38 +69,36 @@ def _device_capability(device: str) -> tuple[int, int] | None:
 
 
 def _cannot_run(backend: str, device: str, dtype: torch.dtype, head_dim: int, for_auto: bool) -> str:
-    """Why `backend` can't run this case ("" if it can). for_auto adds the cautious rules of "auto"."""
-    if backend == "math":
-        return ""
-    if backend == "sdpa":
-        return "" if dtype.is_floating_point else f"needs a floating-point dtype, got {dtype}"
-    module, why = _flash_module(backend)
-    if module is None:
-        return why
-    cap = _device_capability(device)
-    if cap is None:
-        return f"needs a CUDA device, got {torch.device(device).type}"
-    if dtype not in _HALF:
+    """Why `backend` can't run this case ("" if it can), from its row of ATTENTION_CAPABILITIES
+    (dit_fast/backends.py). for_auto adds the cautious rules of "auto"."""
+    cap = ATTENTION_CAPABILITIES[backend]
+    if cap.dtypes is None and not dtype.is_floating_point:
+        return f"needs a floating-point dtype, got {dtype}"
+    if backend in FLASH_BACKENDS:
+        module, why = _flash_module(backend)
+        if module is None:
+            return why
+    cc = _device_capability(device)  # None: not a CUDA device
+    device_type = "cuda" if cc is not None else torch.device(device).type
+    if cap.device_types is not None and device_type not in cap.device_types:
+        return f"needs a {'/'.join(t.upper() for t in cap.device_types)} device, got {device_type}"
+    if cap.dtypes is not None and dtype not in cap.dtypes:
         return f"needs float16/bfloat16 inputs, got {dtype} (use torch.autocast)"
-    if head_dim > 256:
-        return f"supports head_dim <= 256, got {head_dim}"
-    if backend == "flash_attn":
-        if cap < (8, 0):
-            return f"needs compute capability >= 8.0, got {cap[0]}.{cap[1]}"
-        if for_auto and head_dim % 8:
-            return f"pads head_dim {head_dim} to a multiple of 8 (a copy per call)"
-    elif backend == "flash_attn_3":
-        if cap[0] != 9:
-            return f"runs on Hopper (compute capability 9.x) only, got {cap[0]}.{cap[1]}"
-        if head_dim % 8:
-            return f"needs head_dim a multiple of 8, got {head_dim}"
-    elif backend == "flash_attn_4":
-        if cap[0] not in (9, 10, 11):
-            return f"runs on compute capability 9.x/10.x/11.x, got {cap[0]}.{cap[1]}"
-        if head_dim % 8:
-            return f"needs head_dim a multiple of 8, got {head_dim}"
-        if for_auto and head_dim not in _FA4_DOCUMENTED_HEAD_DIMS:
-            return f"documents head_dim {_FA4_DOCUMENTED_HEAD_DIMS} only, got {head_dim} (name it to try)"
+    if cap.max_head_dim is not None and head_dim > cap.max_head_dim:
+        return f"supports head_dim <= {cap.max_head_dim}, got {head_dim}"
+    if cc is not None and cap.min_capability is not None and cc < cap.min_capability:
+        want = ".".join(map(str, cap.min_capability))
+        return f"needs compute capability >= {want}, got {cc[0]}.{cc[1]}"
+    if cc is not None and cap.cuda_majors is not None and cc[0] not in cap.cuda_majors:
+        arch = f" ({cap.cuda_arch})" if cap.cuda_arch else ""
+        majors = "/".join(f"{m}.x" for m in cap.cuda_majors)
+        return f"runs on compute capability {majors}{arch} only, got {cc[0]}.{cc[1]}"
+    if head_dim % cap.head_dim_multiple:
+        return f"needs head_dim a multiple of {cap.head_dim_multiple}, got {head_dim}"
+    if for_auto and head_dim % cap.auto_head_dim_multiple:
+        return f"pads head_dim {head_dim} to a multiple of {cap.auto_head_dim_multiple} (a copy per call)"
+    if for_auto and cap.auto_head_dims is not None and head_dim not in cap.auto_head_dims:
+        return f"documents head_dim {cap.auto_head_dims} only, got {head_dim} (name it to try)"
     return ""
 
 

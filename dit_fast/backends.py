@@ -1,28 +1,90 @@
-"""Which kernel family runs each fused op: availability probes, the "auto" table and fallbacks.
+"""Which kernel family runs each fused op: the capability table, availability probes, "auto" and fallbacks.
 
 Backends: "triton" (kernels/, CUDA tensors; CPU tensors only under TRITON_INTERPRET=1), "ext"
 (the C++/CUDA extension dit_fast._C: CUDA kernels for CUDA tensors, CPU kernels for CPU
-tensors), "torch" (plain PyTorch, always available). A backend that cannot run an op falls back
-to the next candidate and says why, once per (backend, op, device type).
+tensors), "torch" (plain PyTorch, always available). What each can run (ops, devices, float64, D) is
+declared once in CAPABILITIES; whether it is usable on this machine is its module's `available()`.
+A backend that cannot run a call falls back to the next candidate and, when it was named, says why
+once per case (docs/DESIGN.md section 5).
 """
 from __future__ import annotations
 
 import importlib
 import os
 import warnings
+from dataclasses import dataclass
 
 import torch
 
 BACKENDS = ("auto", "triton", "ext", "torch")
-OPS = (
-    "adaln_modulate",
-    "gated_residual",
-    "gated_residual_adaln",
-    "patch_embed",
-    "final_layer",
-    "linear_gelu_tanh",
-)
+KERNEL_BACKENDS = ("triton", "ext", "torch")
 ENV_VAR = "DIT_FAST_BACKEND"
+
+# The fused ops, listed once: dit_fast.ops exports them, every backend module defines the ones it runs.
+ADALN_OPS = ("adaln_modulate", "gated_residual", "gated_residual_adaln")
+EMBED_OPS = ("patch_embed", "final_layer", "linear_gelu_tanh")
+OPS = ADALN_OPS + EMBED_OPS
+
+
+@dataclass(frozen=True)
+class Capability:
+    """What a kernel family runs: these ops, on tensors of these device types. Every backend takes
+    float16, bfloat16 and float32 inputs (mixed freely); `float64` says whether float64 inputs run
+    (in float64), `max_d` bounds the feature dim D (x.shape[-1]) where the kernels have a limit."""
+
+    backend: str
+    device_types: tuple[str, ...]
+    ops: tuple[str, ...]
+    float64: bool
+    max_d: int | None = None
+
+    def refuses(self, float64: bool, d: int | None) -> str:
+        """Why this row cannot run a call ("" if it can)."""
+        if float64 and not self.float64:
+            return "no float64 kernels"
+        if self.max_d is not None and d is not None and d > self.max_d:
+            return f"its kernels take D <= {self.max_d}, got D={d}"
+        return ""
+
+
+# The capability table: the resolver below, `python -m dit_fast.info` and the tests read it; a new
+# backend adds its rows here (docs/DESIGN.md, "Adding a backend"). Whether a family is usable at all on
+# this machine (installed, built, a GPU present) is its module's `available(device_type)`.
+CAPABILITIES = (
+    Capability("triton", ("cuda", "cpu"), ADALN_OPS, float64=True),
+    Capability("triton", ("cuda", "cpu"), EMBED_OPS, float64=False),  # float32 accumulation only
+    Capability("ext", ("cpu",), ADALN_OPS, float64=True),
+    Capability("ext", ("cuda",), ADALN_OPS, float64=False, max_d=4096),  # kMaxD of csrc/adaln_cuda.cu
+    Capability("torch", ("cuda", "cpu"), OPS, float64=True),
+)
+
+@dataclass(frozen=True)
+class AttentionCapability:
+    """What one attention kernel runs (dit_fast/attention.py reads these rows). None: no limit."""
+
+    device_types: tuple[str, ...] | None = None
+    dtypes: tuple[torch.dtype, ...] | None = None  # None: any floating-point dtype
+    cuda_majors: tuple[int, ...] | None = None  # compute capability majors it is built for
+    cuda_arch: str = ""  # their name, for messages
+    min_capability: tuple[int, int] | None = None
+    max_head_dim: int | None = None
+    head_dim_multiple: int = 1  # required
+    auto_head_dim_multiple: int = 1  # "auto" also avoids head dims the kernel pads (a copy per call)
+    auto_head_dims: tuple[int, ...] | None = None  # "auto" bets only on these
+
+
+_HALF = (torch.float16, torch.bfloat16)
+ATTENTION_CAPABILITIES = {
+    "flash_attn_3": AttentionCapability(("cuda",), _HALF, cuda_majors=(9,), cuda_arch="Hopper", max_head_dim=256,
+                                        head_dim_multiple=8),
+    "flash_attn_4": AttentionCapability(("cuda",), _HALF, cuda_majors=(9, 10, 11), max_head_dim=256,
+                                        head_dim_multiple=8, auto_head_dims=(64, 96, 128)),  # documented dims
+    "flash_attn": AttentionCapability(("cuda",), _HALF, min_capability=(8, 0), max_head_dim=256,
+                                      auto_head_dim_multiple=8),
+    "sdpa": AttentionCapability(),
+    "math": AttentionCapability(),
+}
+
 
 # "auto" on CUDA: per op and compute capability, the family that committed benchmark results
 # (benchmarks/results/) show to be faster. Ops or GPUs not listed use AUTO_CUDA_DEFAULT.
@@ -30,6 +92,17 @@ AUTO_CUDA_TABLE: dict[tuple[int, int], dict[str, str]] = {}
 AUTO_CUDA_DEFAULT = ("triton", "ext", "torch")
 # On the CPU the Triton interpreter is a correctness tool, never a fast path.
 AUTO_CPU = ("ext", "torch")
+
+
+def capability(backend: str, op: str, device_type: str) -> Capability | None:
+    """The table row saying that `backend` runs `op` on `device_type`, or None."""
+    if backend == "torch":
+        return CAPABILITIES[-1]  # plain PyTorch runs every op on every device
+    for row in CAPABILITIES:
+        if row.backend == backend and op in row.ops and device_type in row.device_types:
+            return row
+    return None
+
 
 _MODULES = {
     "triton": "dit_fast.ops.triton_backend",
@@ -43,7 +116,7 @@ class BackendFallbackWarning(UserWarning):
 
 
 _warned: set[tuple] = set()
-_resolved: dict[tuple[str, str, str], str] = {}
+_resolved: dict[tuple, str] = {}
 _probe_cache: dict[tuple[str, str], tuple[bool, str]] = {}
 
 
@@ -88,13 +161,15 @@ def module_for(backend: str):
     return module
 
 
-def implements(backend: str, op: str) -> bool:
-    return backend == "torch" or hasattr(module_for(backend), op)
+def implements(backend: str, op: str, device_type: str | None = None) -> bool:
+    """Whether the capability table lists `op` for `backend` (on `device_type`, or on any device)."""
+    types = (device_type,) if device_type else ("cuda", "cpu")
+    return any(capability(backend, op, t) is not None for t in types)
 
 
-def _candidates(backend: str, op: str, device_type: str) -> tuple[str, ...]:
+def _candidates(backend: str, op: str, device_type: str, env: str) -> tuple[str, ...]:
     if backend == "auto":
-        backend = os.environ.get(ENV_VAR, "auto") or "auto"
+        backend = env or "auto"
         check_backend_name(backend, ENV_VAR)
     if backend != "auto":
         return (backend, "torch") if backend != "torch" else ("torch",)
@@ -105,12 +180,19 @@ def _candidates(backend: str, op: str, device_type: str) -> tuple[str, ...]:
     return AUTO_CPU
 
 
-def resolve(backend: str, op: str, device_type: str) -> str:
-    """The backend that runs `op` for tensors on `device_type` when `backend` is asked for."""
-    key = (backend, op, device_type)
+def resolve(backend: str, op: str, device_type: str, float64: bool = False, d: int | None = None) -> str:
+    """The backend that runs `op` for tensors on `device_type` when `backend` is asked for; `float64`:
+    some input is float64; `d`: the feature dim D, for backends whose kernels bound it.
+
+    Cached per call signature and per value of DIT_FAST_BACKEND, so changing the variable takes effect
+    at the next eager call. A torch.compile'd function keeps the backends it was traced with (its graph
+    holds the chosen ops); changing the variable does not recompile it.
+    """
+    env = os.environ.get(ENV_VAR, "")
+    key = (backend, op, device_type, float64, d, env)
     name = _resolved.get(key)
     if name is None:
-        name = _resolve(backend, op, device_type)
+        name = _resolve(backend, op, device_type, float64, d, env)
         module_for(name)  # import now: inside a torch.compile trace module_for may only read its cache
         _resolved[key] = name
     return name
@@ -122,34 +204,49 @@ def resolve(backend: str, op: str, device_type: str) -> str:
 resolve._dynamo_marked_constant = True
 
 
-def _resolve(backend: str, op: str, device_type: str) -> str:
+def why_not(backend: str, op: str, device_type: str, float64: bool = False, d: int | None = None) -> str:
+    """Why `backend` cannot run this call ("" if it can): the machine (probe), then the table."""
+    ok, why = probe(backend, device_type)
+    if not ok:
+        return why
+    row = capability(backend, op, device_type)
+    if row is None:
+        return f"it has no {op} kernel for {device_type} tensors"
+    return row.refuses(float64, d)
+
+
+def _resolve(backend: str, op: str, device_type: str, float64: bool, d: int | None, env: str) -> str:
     explicit = backend != "auto"
     reasons = []
-    for cand in _candidates(backend, op, device_type):
-        ok, why = probe(cand, device_type)
-        if ok and not implements(cand, op):
-            ok, why = False, f"it has no {op} kernel yet"
-        if ok:
-            if reasons and (explicit or os.environ.get(ENV_VAR)):
+    for cand in _candidates(backend, op, device_type, env):
+        why = why_not(cand, op, device_type, float64, d)
+        if not why:
+            if reasons and (explicit or env):
                 warn_once(
-                    (backend, op, device_type),
-                    f"dit_fast: backend {backend!r} cannot run {op} on {device_type} "
-                    f"({'; '.join(reasons)}); using {cand!r}",
+                    (backend, op, device_type, float64, d, env),
+                    f"dit_fast: backend {backend if explicit else env!r} cannot run {op} on {device_type}"
+                    f"{' (float64)' if float64 else ''} ({'; '.join(reasons)}); using {cand!r}",
                 )
             return cand
         reasons.append(f"{cand}: {why}")
-    raise AssertionError("the torch backend is always available")  # pragma: no cover
+    raise AssertionError("the torch backend runs everything")  # pragma: no cover
 
 
 def report(device_type: str) -> dict[str, dict[str, str]]:
-    """For `python -m dit_fast.info`: per op, what "auto" picks and why each family is or isn't usable."""
+    """For `python -m dit_fast.info`: per op, what "auto" picks (float16/bfloat16/float32 inputs) and, for
+    each family, "yes" with the table's limits or "no (why)"."""
     out = {}
     for op in OPS:
-        row = {"auto": _resolve("auto", op, device_type)}
-        for b in ("triton", "ext", "torch"):
-            ok, why = probe(b, device_type)
-            if ok and not implements(b, op):
-                ok, why = False, f"no {op} kernel"
-            row[b] = "yes" if ok else f"no ({why})"
+        row = {"auto": _resolve("auto", op, device_type, False, None, "")}
+        for b in KERNEL_BACKENDS:
+            why = why_not(b, op, device_type)
+            cap = capability(b, op, device_type)
+            if why:
+                row[b] = f"no ({why})"
+            else:
+                limits = ["float64" if cap.float64 else "no float64"]
+                if cap.max_d is not None:
+                    limits.append(f"D <= {cap.max_d}")
+                row[b] = f"yes ({', '.join(limits)})"
         out[op] = row
     return out

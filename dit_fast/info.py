@@ -29,7 +29,7 @@ def _attention_lines(device_type: str, dtype: torch.dtype, head_dim: int) -> lis
 
 def collect() -> dict:
     """Everything info prints, as a dict (also stored in benchmark results)."""
-    from .backends import probe, report
+    from .backends import CAPABILITIES, probe, report
 
     info = {
         "python": sys.version.split()[0],
@@ -42,7 +42,8 @@ def collect() -> dict:
     }
     if torch.cuda.is_available():
         p = torch.cuda.get_device_properties(0)
-        info["gpu"] = {"name": p.name, "sm_count": p.multi_processor_count, "compute_capability": f"{p.major}.{p.minor}",
+        info["gpu"] = {"name": p.name, "sm_count": p.multi_processor_count,
+                       "compute_capability": f"{p.major}.{p.minor}",
                        "memory_gib": round(p.total_memory / 2**30, 1)}
     ext_cpu = probe("ext", "cpu")
     info["ext"] = {"cpu": list(ext_cpu)}
@@ -50,11 +51,18 @@ def collect() -> dict:
         info["ext"]["cuda"] = list(probe("ext", "cuda"))
     device_types = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     info["ops"] = {d: report(d) for d in device_types}
+    info["capabilities"] = [
+        {"backend": c.backend, "device_types": list(c.device_types), "ops": list(c.ops), "float64": c.float64,
+         "max_d": c.max_d}
+        for c in CAPABILITIES
+    ]
     return info
 
 
 def main(argv=None) -> int:
     import argparse
+
+    from .backends import KERNEL_BACKENDS
 
     parser = argparse.ArgumentParser(prog="dit-fast info", description=__doc__)
     parser.add_argument("--json", action="store_true", help="print the record as JSON")
@@ -67,10 +75,12 @@ def main(argv=None) -> int:
         print(json.dumps(info, indent=1))
         return 0
     print(f"dit_fast {info['dit_fast']}  python {info['python']}")
-    print(f"torch {info['torch']}  CUDA runtime {info['cuda_runtime']}  triton {info['triton']}  flash-attn {info['flash_attn']}")
+    print(f"torch {info['torch']}  CUDA runtime {info['cuda_runtime']}  triton {info['triton']}  "
+          f"flash-attn {info['flash_attn']}")
     if "gpu" in info:
         g = info["gpu"]
-        print(f"GPU: {g['name']}, {g['sm_count']} SMs, compute capability {g['compute_capability']}, {g['memory_gib']} GiB")
+        print(f"GPU: {g['name']}, {g['sm_count']} SMs, compute capability {g['compute_capability']}, "
+              f"{g['memory_gib']} GiB")
     else:
         print("GPU: none (torch.cuda.is_available() is False)")
     ok, why = info["ext"]["cpu"]
@@ -78,11 +88,15 @@ def main(argv=None) -> int:
     if "cuda" in info["ext"]:
         ok, why = info["ext"]["cuda"]
         print(f"dit_fast._C (CUDA kernels): {'built' if ok else 'not usable'} - {why}")
+    print("\nCapability table (dit_fast/backends.py; every backend takes float16/bfloat16/float32):")
+    for c in info["capabilities"]:
+        limits = ("float64" if c["float64"] else "no float64") + (f", D <= {c['max_d']}" if c["max_d"] else "")
+        print(f"  {c['backend']:<7} {'/'.join(c['device_types']):<9} {limits:<22} {', '.join(c['ops'])}")
     for device_type, ops in info["ops"].items():
         print(f"\nOps on {device_type} (backend 'auto' picks the first usable family in its order):")
         for op, row in ops.items():
             print(f"  {op:<22} -> {row['auto']}")
-            for b in ("triton", "ext", "torch"):
+            for b in KERNEL_BACKENDS:
                 if b != row["auto"]:
                     print(f"      {b:<7} {row[b]}")
         dtype = torch.bfloat16 if device_type == "cuda" else torch.float32

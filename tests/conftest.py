@@ -2,6 +2,9 @@
 
 The Triton interpreter must be switched on before triton is first imported, so that Triton
 kernels run on CPU tensors here; on a machine with a GPU, tests marked `gpu` run them for real.
+
+Seeds: every test draws fresh random inputs from a new seed; a failing test's report says which
+(`random seed: N`), and `DIT_FAST_SEED=N pytest ...` replays it.
 """
 import os
 
@@ -12,6 +15,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+SEED_VAR = "DIT_FAST_SEED"
 
 
 def pytest_collection_modifyitems(config, items):
@@ -23,9 +27,29 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def _seed() -> int:
+    given = os.environ.get(SEED_VAR)
+    if given is None:
+        return int.from_bytes(os.urandom(4), "little")
+    try:
+        return int(given)
+    except ValueError:
+        raise pytest.UsageError(f"{SEED_VAR} must be an integer seed, got {given!r}") from None
+
+
 @pytest.fixture(autouse=True)
-def _fresh_seed():
-    # Fresh random inputs on every run, but a failing seed is printed so it can be replayed.
-    seed = int.from_bytes(os.urandom(4), "little")
+def _fresh_seed(request):
+    # Fresh random inputs on every run; the seed goes into the failure report (hook below) for replay.
+    seed = _seed()
+    request.node.dit_fast_seed = seed
     torch.manual_seed(seed)
     yield seed
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    seed = getattr(item, "dit_fast_seed", None)
+    if seed is not None and report.failed:
+        report.sections.append(("random seed", f"random seed: {seed} (replay: {SEED_VAR}={seed} pytest {item.nodeid})"))

@@ -10,11 +10,10 @@ import types
 import pytest
 import torch
 
+from conftest import DEVICE
 from dit_fast import attention as attn_mod
 from dit_fast.attention import ATTN_BACKENDS, attention, attention_report, math_attention
 from tolerances import assert_close
-
-from conftest import DEVICE
 
 
 def reference(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:

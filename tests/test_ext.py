@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from dit_fast import ops
 from dit_fast.ops import ext_backend, torch_backend
-from tolerances import LOWP, assert_close
+from tolerances import assert_close
 
 ROOT = Path(__file__).resolve().parents[1]
 EPS = 1e-6
@@ -82,26 +82,6 @@ def as64(args):
 
 def detached(args):
     return [a.detach().clone().requires_grad_(True) for a in args]
-
-
-def check_parity(op, args, dtype, h_dtype=None, name=""):
-    out_shapes = [o.shape for o in call(torch_backend, op, [a.detach() for a in args], h_dtype)]
-    grads_out = [torch.randn(s) for s in out_shapes]
-    out, grads = fwd_bwd(lambda a: call(ext_backend, op, a, h_dtype), detached(args), grads_out)
-    ref, ref_grads = fwd_bwd(lambda a: call(torch_backend, op, a), as64(args), [g.double() for g in grads_out])
-    low, low_grads = fwd_bwd(lambda a: eager_lowp(op, a, h_dtype), detached(args), grads_out)
-    expected_dtypes = [args[0].dtype] * len(out)
-    if op != "gated_residual":
-        expected_dtypes[-1] = h_dtype or args[0].dtype
-    for i, (o, r, lo) in enumerate(zip(out, ref, low)):
-        assert o.dtype == expected_dtypes[i], f"{name} output {i}: dtype {o.dtype}"
-        # An fp32 h normalized from a bf16 x_out carries bf16 error: bound by the lowest precision.
-        worst = dtype if dtype in LOWP else o.dtype
-        assert_close(o, r, worst, eager_lowp=lo, name=f"{name} {op} out{i}")
-    for i, (g, r, lo, a) in enumerate(zip(grads, ref_grads, low_grads, args)):
-        assert g.dtype == a.dtype, f"{name} grad {i}: dtype {g.dtype} != input {a.dtype}"
-        worst = dtype if dtype in LOWP else a.dtype
-        assert_close(g, r, worst, eager_lowp=lo, name=f"{name} {op} grad{i}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -189,87 +169,10 @@ def test_dispatcher_runs_ext_without_fallback(recwarn):
 
 
 # ----------------------------------------------------------------------------------------------
-# CPU kernels against float64
+# The ext kernels against float64 (dtypes, shapes, mixed dtypes, strides, poisoned outputs, float64,
+# determinism, torch.compile) run in the backend-parametrized suites: tests/test_ops_adaln.py and
+# tests/test_double_backward.py. Here: what only the extension has (build metadata, its raw ops).
 # ----------------------------------------------------------------------------------------------
-
-SHAPES = [(1, 1, 72), (3, 17, 72), (1, 64, 1152), (3, 17, 1152), (2, 5, 100)]
-
-
-@needs_ext
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("op", OPS)
-def test_cpu_matches_float64(op, shape, dtype):
-    check_parity(op, make_inputs(op, *shape, dtype), dtype)
-
-
-@needs_ext
-@pytest.mark.parametrize("op", OPS)
-def test_cpu_float64(op):
-    args = make_inputs(op, 3, 17, 72, torch.float64)
-    g = [torch.randn(3, 17, 72, dtype=torch.float64) for _ in range(2 if op == "gated_residual_adaln" else 1)]
-    out, grads = fwd_bwd(lambda a: call(ext_backend, op, a), detached(args), g)
-    ref, ref_grads = fwd_bwd(lambda a: call(torch_backend, op, a), as64(args), g)
-    for o, r in zip(out + grads, ref + ref_grads):
-        torch.testing.assert_close(o, r, rtol=1e-12, atol=1e-12)
-
-
-@needs_ext
-@pytest.mark.parametrize(
-    "x_dtype,mod_dtype,h_dtype",
-    [
-        (torch.float32, torch.bfloat16, torch.bfloat16),  # autocast: fp32 residual, bf16 everything else
-        (torch.float32, torch.float16, torch.float16),
-        (torch.bfloat16, torch.float32, torch.float32),
-        (torch.bfloat16, torch.float16, None),
-    ],
-    ids=str,
-)
-@pytest.mark.parametrize("op", OPS)
-def test_cpu_mixed_dtypes(op, x_dtype, mod_dtype, h_dtype):
-    args = make_inputs(op, 2, 17, 72, x_dtype, mod_dtype)
-    check_parity(op, args, torch.bfloat16 if torch.bfloat16 in (x_dtype, mod_dtype) else torch.float16, h_dtype)
-
-
-@needs_ext
-@pytest.mark.parametrize("op", OPS)
-def test_cpu_non_contiguous_inputs(op):
-    args = make_inputs(op, 3, 17, 144, torch.float32)
-    strided = [a.detach()[..., ::2].requires_grad_(True) for a in args]  # D = 72, stride 2
-    check_parity(op, strided, torch.float32)
-
-
-@needs_ext
-@pytest.mark.parametrize("op", OPS)
-def test_cpu_outputs_fully_written(op):
-    # With deterministic algorithms on, torch.empty (also from C++) fills new memory with NaN:
-    # any element a kernel leaves unwritten fails the NaN check in assert_close.
-    prev = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
-        assert torch.empty(8).isnan().all()
-        check_parity(op, make_inputs(op, 3, 17, 100, torch.bfloat16), torch.bfloat16)
-    finally:
-        torch.use_deterministic_algorithms(prev)
-
-
-@needs_ext
-@pytest.mark.parametrize("op", OPS)
-def test_cpu_bitwise_deterministic(op):
-    args = make_inputs(op, 3, 64, 1152, torch.float32)
-    grads_out = [torch.randn(3, 64, 1152) for _ in range(2)]
-    runs = []
-    threads = torch.get_num_threads()
-    try:
-        for n in (1, max(2, threads), max(2, threads)):
-            torch.set_num_threads(n)
-            out, grads = fwd_bwd(lambda a: call(ext_backend, op, a), detached(args), grads_out)
-            runs.append(out + grads)
-    finally:
-        torch.set_num_threads(threads)
-    for run in runs[1:]:
-        for a, b in zip(runs[0], run):
-            assert torch.equal(a, b)
 
 
 @needs_ext
@@ -313,46 +216,6 @@ def test_opcheck(name, make, differentiable):
     torch.library.opcheck(getattr(torch.ops.dit_fast_ext, name).default, tuple(args))
 
 
-def _block(m, x, y, gate, shift, scale, shift2, scale2):
-    h = m.adaln_modulate(x, shift, scale)
-    x = m.gated_residual(x, h * y, gate)
-    return m.gated_residual_adaln(x, y, gate, shift2, scale2)
-
-
-class _ExtDirect:
-    """The ext backend module's own entry points (below the dit_fast.ops dispatcher)."""
-
-    adaln_modulate = staticmethod(lambda x, shift, scale: ext_backend.adaln_modulate(x, shift, scale, EPS, None))
-    gated_residual = staticmethod(ext_backend.gated_residual)
-    gated_residual_adaln = staticmethod(
-        lambda x, y, gate, shift, scale: ext_backend.gated_residual_adaln(x, y, gate, shift, scale, EPS, None)
-    )
-
-
-class _ExtViaOps:
-    """dit_fast.ops with backend="ext"."""
-
-    adaln_modulate = staticmethod(lambda x, shift, scale: ops.adaln_modulate(x, shift, scale, backend="ext"))
-    gated_residual = staticmethod(lambda x, y, gate: ops.gated_residual(x, y, gate, backend="ext"))
-    gated_residual_adaln = staticmethod(
-        lambda x, y, gate, shift, scale: ops.gated_residual_adaln(x, y, gate, shift, scale, backend="ext")
-    )
-
-
-@needs_ext
-@pytest.mark.parametrize("entry", [_ExtDirect, _ExtViaOps], ids=["ext_backend", "dit_fast.ops"])
-def test_torch_compile_fullgraph_matches_eager(entry):
-    B, L, D = 2, 5, 72
-    args = [torch.randn(B, L, D), torch.randn(B, L, D)] + [torch.randn(B, D) for _ in range(5)]
-    grads_out = [torch.randn(B, L, D) for _ in range(2)]
-    eager, eager_grads = fwd_bwd(lambda a: _block(entry, *a), detached(args), grads_out)
-    torch._dynamo.reset()
-    compiled = torch.compile(lambda *a: _block(entry, *a), fullgraph=True, backend="aot_eager")
-    out, grads = fwd_bwd(lambda a: compiled(*a), detached(args), grads_out)
-    for a, b in zip(eager + eager_grads, out + grads):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
-
-
 # ----------------------------------------------------------------------------------------------
 # CUDA: compile check (CI runs the script directly) and GPU parity
 # ----------------------------------------------------------------------------------------------
@@ -376,7 +239,7 @@ def _gpu_parity(op, dtype, mod_dtype, h_dtype, B, L, D):
     if dtype == mod_dtype == torch.float32:
         lowp = torch.float32
     for name, module in (("ext", ext_backend), ("triton", triton_backend)):
-        out, grads = fwd_bwd(lambda a: call(module, op, a, h_dtype), detached(args), grads_out)
+        out, grads = fwd_bwd(lambda a, module=module: call(module, op, a, h_dtype), detached(args), grads_out)
         for i, (o, r, lo) in enumerate(zip(out, ref, low)):
             assert_close(o, r, lowp, eager_lowp=lo, name=f"{name} {op} out{i}")
         for i, (g, r, lo) in enumerate(zip(grads, ref_grads, low_grads)):

@@ -9,11 +9,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from tolerances import assert_close
 
 import dit_fast.ops as ops
 from dit_fast import backends
 from dit_fast.ops import torch_backend
+from tolerances import assert_close
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BACKENDS = ("torch", "triton", "ext")
@@ -32,7 +32,11 @@ CASES = [
 LOWP_CASES = [(3, 16, 72), (1, 16, 1152)]
 
 TOKENS = {"adaln_modulate": ("x",), "gated_residual": ("x", "y"), "gated_residual_adaln": ("x", "y")}
-MODS = {"adaln_modulate": ("shift", "scale"), "gated_residual": ("gate",), "gated_residual_adaln": ("gate", "shift", "scale")}
+MODS = {
+    "adaln_modulate": ("shift", "scale"),
+    "gated_residual": ("gate",),
+    "gated_residual_adaln": ("gate", "shift", "scale"),
+}
 HAS_H = {"adaln_modulate": True, "gated_residual": False, "gated_residual_adaln": True}
 
 
@@ -231,7 +235,7 @@ def test_triton_gated_residual_adaln_backward_missing_grads(which):
         got = kernels.gated_residual_adaln_bwd(*given, *saved)
     want = kernels.gated_residual_adaln_bwd(*as_zeros, *saved)
     for name, g, w in zip(("dx", "dy", "dgate", "dshift", "dscale"), got, want):
-        torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-6, msg=lambda m: f"{which}: {name}: {m}")
+        torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-6, msg=lambda m, name=name: f"{which}: {name}: {m}")
 
 
 def _opcheck_cases():
@@ -241,13 +245,13 @@ def _opcheck_cases():
     mean, rstd = torch.randn(B, L, device=DEVICE), torch.rand(B, L, device=DEVICE) + 0.5
     bf = torch.bfloat16
     return {
-        "adaln_modulate": (x, shift, scale, EPS, None),
-        "adaln_modulate_backward": (dh, x, scale, mean, rstd, torch.float32),
-        "gated_residual": (x, y.to(bf), gate.to(bf)),
-        "gated_residual_backward": (dh, y, gate),
-        "gated_residual_adaln": (x, y, gate, shift, scale, EPS, bf),
-        "gated_residual_adaln_backward": (dx_out, dh, x, y, gate, scale, mean, rstd, torch.float32),
-        "gated_residual_adaln_backward_no_dxo": (None, dh, x, y, gate, scale, mean, rstd, bf),
+        "adaln_modulate_fwd": (x, shift, scale, EPS, None),
+        "adaln_modulate_bwd": (dh, x, mean, rstd, scale, torch.float32),
+        "gated_residual_fwd": (x, y.to(bf), gate.to(bf)),
+        "gated_residual_bwd": (dh, y, gate),
+        "gated_residual_adaln_fwd": (x, y, gate, shift, scale, EPS, bf),
+        "gated_residual_adaln_bwd": (dh, dx_out, x, y, gate, mean, rstd, scale, torch.float32),
+        "gated_residual_adaln_bwd_no_dxo": (dh, None, x, y, gate, mean, rstd, scale, bf),
     }
 
 
@@ -257,10 +261,9 @@ def test_triton_opcheck(name):
     import dit_fast.ops.triton_backend  # noqa: F401  (registers the ops)
 
     args = _opcheck_cases()[name]
-    differentiable = not name.endswith(("backward", "_no_dxo"))
-    if differentiable:
+    if name.endswith("_fwd"):
         args = tuple(a.requires_grad_() if isinstance(a, torch.Tensor) else a for a in args)
-    op = getattr(torch.ops.dit_fast, name.replace("_no_dxo", ""))
+    op = getattr(torch.ops.dit_fast_triton, name.replace("_no_dxo", ""))
     torch.library.opcheck(op, args)
 
 
@@ -292,19 +295,61 @@ def test_torch_compile_matches_eager(backend, through):
     want, want_grads = with_grads(lambda t: block(**t), inp, cot)
     got, got_grads = with_grads(lambda t: compiled(**t), inp, cot)
     for name, g, w in [*zip(("out", "h"), got, want), *((k, got_grads[k], want_grads[k]) for k in names)]:
-        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6, msg=lambda m: f"{backend} compiled {name}: {m}")
+        torch.testing.assert_close(
+            g, w, rtol=1e-5, atol=1e-6, msg=lambda m, name=name: f"{backend} compiled {name}: {m}"
+        )
 
 
 @pytest.mark.parametrize("op", OP_NAMES)
-def test_triton_backward_is_deterministic(op):
-    need("triton", op)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backward_is_deterministic(backend, op):
+    """Bitwise equal gradients over repeated runs and thread counts (reductions in a fixed order)."""
+    need(backend, op)
     # Several row chunks per batch element, so partial sums really are combined.
     inp = make_inputs(op, 2, 256, 64, torch.float32)
-    cot = random_cotangents(call(op, inp, "triton"))
-    first = with_grads(lambda t: call(op, t, "triton"), inp, cot)[1]
-    second = with_grads(lambda t: call(op, t, "triton"), inp, cot)[1]
-    for k in MODS[op]:
-        assert torch.equal(first[k], second[k]), f"{op}: grad of {k} differs between two identical runs"
+    cot = random_cotangents(call(op, inp, backend))
+    threads = torch.get_num_threads()
+    runs = []
+    try:
+        for n in (1, max(2, threads), max(2, threads)):
+            torch.set_num_threads(n)
+            runs.append(with_grads(lambda t: call(op, t, backend), inp, cot)[1])
+    finally:
+        torch.set_num_threads(threads)
+    for run in runs[1:]:
+        for k in inp:
+            assert torch.equal(runs[0][k], run[k]), f"{backend} {op}: grad of {k} differs between identical runs"
+
+
+@pytest.mark.parametrize("op", OP_NAMES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_float64(backend, op):
+    """Where the capability table says a backend computes float64, it matches the torch backend to 1e-12."""
+    need(backend, op)
+    if backends.why_not(backend, op, DEVICE, float64=True):
+        pytest.skip(f"{backend} runs no float64 {op} on {DEVICE}: {backends.why_not(backend, op, DEVICE, True)}")
+    inp = make_inputs(op, 3, 17, 72, torch.float64)
+    cot = random_cotangents(call(op, inp, "reference"))
+    outs, grads = with_grads(lambda t: call(op, t, backend), inp, cot)
+    ref, ref_grads = with_grads(lambda t: call(op, t, "reference"), inp, cot)
+    for name, o, r in [*zip(("out0", "out1"), outs, ref), *((k, grads[k], ref_grads[k]) for k in inp)]:
+        assert o.dtype == torch.float64, f"{backend} {op} {name}: dtype {o.dtype}"
+        torch.testing.assert_close(o, r, rtol=1e-12, atol=1e-12, msg=lambda m, name=name: f"{backend} {op} {name}: {m}")
+
+
+@pytest.mark.parametrize("op", OP_NAMES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_outputs_fully_written(backend, op):
+    """With deterministic algorithms on, torch.empty (from Python or C++) fills new memory with NaN: any
+    element a kernel leaves unwritten fails the NaN check of assert_close."""
+    need(backend, op)
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert torch.empty(8, device=DEVICE).isnan().all()
+        run_and_check(op, backend, make_inputs(op, 3, 17, 100, torch.bfloat16), eager_fn=lambda t: eager_lowp(op, t))
+    finally:
+        torch.use_deterministic_algorithms(prev)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -325,12 +370,35 @@ def test_bad_input_messages(backend):
         ops.gated_residual_adaln(x, y, gate, shift, scale.long(), backend=backend)
 
 
-def test_triton_rejects_bad_h_dtype():
-    need("triton", "adaln_modulate")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_one_argument_rule_for_every_backend(backend):
+    """h_dtype, eps and D are checked in dit_fast.ops, the same way whichever backend runs."""
+    need(backend, "gated_residual_adaln")
     x = torch.randn(1, 2, 64, device=DEVICE)
     s = torch.randn(1, 64, device=DEVICE)
     with pytest.raises(TypeError, match="h_dtype must be None or a floating-point torch.dtype"):
-        ops.adaln_modulate(x, s, s, h_dtype=torch.int32, backend="triton")
+        ops.adaln_modulate(x, s, s, h_dtype=torch.int32, backend=backend)
+    with pytest.raises(ValueError, match="eps must be a number >= 0, got -1"):
+        ops.gated_residual_adaln(x, x, s, s, s, -1.0, backend=backend)
+    x0, s0 = torch.randn(1, 2, 0, device=DEVICE), torch.randn(1, 0, device=DEVICE)
+    for op, args in (("adaln_modulate", (x0, s0, s0)), ("gated_residual", (x0, x0, s0)),
+                     ("gated_residual_adaln", (x0, x0, s0, s0, s0))):
+        with pytest.raises(ValueError, match=r"x must have D >= 1 features .*got \[1, 2, 0\]"):
+            getattr(ops, op)(*args, backend=backend)
+
+
+@pytest.mark.parametrize("B,L", [(0, 3), (2, 0)])
+@pytest.mark.parametrize("op", OP_NAMES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_batch(backend, op, B, L):
+    """An empty batch (B = 0 or L = 0) gives empty outputs and gradients on every backend."""
+    need(backend, op)
+    inp = make_inputs(op, B, L, 8, torch.float32)
+    outs, grads = with_grads(lambda t: call(op, t, backend), inp, random_cotangents(call(op, inp, backend)))
+    for o in outs:
+        assert o.shape == (B, L, 8)
+    for k, g in grads.items():
+        assert g.shape == inp[k].shape, f"{op}: grad of {k}"
 
 
 # ---- full-size checks, for a GPU -------------------------------------------------------------

@@ -12,10 +12,9 @@ import torch
 import torch.nn.functional as F
 
 import dit_fast.ops as ops
+from conftest import DEVICE
 from dit_fast.backends import implements, probe
 from dit_fast.ops import torch_backend as tb
-
-from conftest import DEVICE
 from tolerances import FP32_RTOL, assert_close, poison_, rel_err
 
 BACKENDS = ["torch", "triton", "ext"]
@@ -116,7 +115,8 @@ FL_SHAPES = [(1, 2, 4, 4, 72), (3, 4, 8, 2, 384), (3, 2, 8, 3, 72), (1, 2, 8, 2,
 def _final_layer_inputs(B, p, C, side, D, mean=0.0):
     L = side * side
     x = torch.randn(B, L, D) * 2 + mean  # large-mean rows: statistics must not cancel
-    base = [x, torch.randn(B, D), torch.randn(B, D) * 0.5, torch.randn(p * p * C, D) / math.sqrt(D), torch.randn(p * p * C)]
+    w = torch.randn(p * p * C, D) / math.sqrt(D)
+    base = [x, torch.randn(B, D), torch.randn(B, D) * 0.5, w, torch.randn(p * p * C)]
     return [t.to(DEVICE) for t in base]
 
 
@@ -169,7 +169,8 @@ def test_non_contiguous_inputs(backend):
     assert_close(out, ref, torch.float32, name="final_layer (strided)")
 
     img = torch.randn(2, 4, 8, 12, device=DEVICE).to(memory_format=torch.channels_last)
-    w, b, pos = torch.randn(D, 4, p, p, device=DEVICE), torch.randn(D, device=DEVICE), torch.randn(1, 24, D, device=DEVICE)
+    w, b = torch.randn(D, 4, p, p, device=DEVICE), torch.randn(D, device=DEVICE)
+    pos = torch.randn(1, 24, D, device=DEVICE)
     out = ops.patch_embed(img, w, b, pos, p, backend=backend)
     assert_close(out, tb.patch_embed(img.double(), w.double(), b.double(), pos.double(), p), torch.float32,
                  name="patch_embed (channels_last)")
@@ -306,11 +307,11 @@ def _op_samples():
     fl_args = _final_layer_inputs(2, 2, 4, 2, 32)
     lg_args = [torch.randn(3, 5, 32), torch.randn(48, 32), torch.randn(48)]
     return [
-        ("patch_embed", [t.to(DEVICE).requires_grad_() for t in pe_args] + [p]),
-        ("final_layer", [t.to(DEVICE).requires_grad_() for t in fl_args] + [2, 4, 1e-6]),
-        ("linear_gelu_tanh", [t.to(DEVICE).requires_grad_() for t in lg_args]),
-        ("gelu_tanh_backward", [torch.randn(4, 40, device=DEVICE), torch.randn(4, 40, device=DEVICE), True]),
-        ("final_layer_backward", [torch.randn(2, 4, 4, 4, device=DEVICE)] + [t.detach() for t in fl_args[:4]]
+        ("patch_embed_fwd", [t.to(DEVICE).requires_grad_() for t in pe_args] + [p]),
+        ("final_layer_fwd", [t.to(DEVICE).requires_grad_() for t in fl_args] + [2, 4, 1e-6]),
+        ("linear_gelu_tanh_fwd", [t.to(DEVICE).requires_grad_() for t in lg_args]),
+        ("gelu_tanh_bwd", [torch.randn(4, 40, device=DEVICE), torch.randn(4, 40, device=DEVICE), True]),
+        ("final_layer_bwd", [torch.randn(2, 4, 4, 4, device=DEVICE)] + [t.detach() for t in fl_args[:4]]
          + [2, 4, 1e-6, True]),
     ]
 
@@ -320,7 +321,7 @@ def _op_samples():
 def test_opcheck(name, args):
     import dit_fast.ops.triton_embed  # noqa: F401 (registers the ops)
 
-    torch.library.opcheck(getattr(torch.ops.dit_fast, name).default, args)
+    torch.library.opcheck(getattr(torch.ops.dit_fast_triton, name).default, args)
 
 
 @needs_triton
@@ -406,12 +407,14 @@ def test_dit_xl2_shapes_on_gpu(dtype):
     low = low_grads = None
     if dtype != torch.float32:
         low, low_grads, _ = _run(lambda *a: _eager_final_layer(*a, 2, 8, 1e-6), _leaves(*base, dtype=dtype), g)
-    _check_all("final_layer", dtype, out, grads, ref, ref_grads, low, low_grads, ["x", "shift", "scale", "weight", "bias"])
+    names = ["x", "shift", "scale", "weight", "bias"]
+    _check_all("final_layer", dtype, out, grads, ref, ref_grads, low, low_grads, names)
 
     base = [torch.randn(512, D).cuda(), (torch.randn(4 * D, D) / math.sqrt(D)).cuda(), torch.randn(4 * D).cuda()]
     out, grads, g = _run(lambda *a: ops.linear_gelu_tanh(*a, backend="triton"), _leaves(*base, dtype=dtype))
     ref, ref_grads, _ = _run(tb.linear_gelu_tanh, _leaves(*base, dtype=torch.float64), g)
     low = low_grads = None
     if dtype != torch.float32:
-        low, low_grads, _ = _run(lambda x, w, b: F.gelu(F.linear(x, w, b), approximate="tanh"), _leaves(*base, dtype=dtype), g)
+        eager = lambda x, w, b: F.gelu(F.linear(x, w, b), approximate="tanh")  # noqa: E731
+        low, low_grads, _ = _run(eager, _leaves(*base, dtype=dtype), g)
     _check_all("linear_gelu_tanh", dtype, out, grads, ref, ref_grads, low, low_grads, ["x", "weight", "bias"])

@@ -1,4 +1,4 @@
-"""The tolerance rules of DESIGN.md section 4, in one place.
+"""The tolerance rules of docs/DESIGN.md section 6, in one place.
 
 Relative error = ||out - ref|| / ||ref|| against a float64 reference. float32 (and float64): at
 most 1e-5. bfloat16/float16: at most twice the error of PyTorch's own eager computation at the

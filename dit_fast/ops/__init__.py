@@ -1,8 +1,9 @@
 """Functional API of the fused DiT ops, dispatched per backend.
 
 Every op takes ``backend="auto" | "triton" | "ext" | "torch"``; see dit_fast.backends for how
-"auto" chooses and when a requested backend falls back. Inputs are checked here, once, so each
-backend can assume well-formed arguments.
+"auto" chooses and when a requested backend falls back. The torch backend's docstrings are the
+reference semantics of every op (docs/DESIGN.md, "Op contract"). Inputs are checked here, once,
+so each backend can assume well-formed arguments.
 """
 from __future__ import annotations
 
@@ -10,29 +11,21 @@ import math
 
 import torch
 
-from ..backends import check_backend_name, module_for, resolve
+from ..backends import OPS, check_backend_name, module_for, resolve
 from . import torch_backend
 
-__all__ = [
-    "adaln_modulate",
-    "gated_residual",
-    "gated_residual_adaln",
-    "patch_embed",
-    "final_layer",
-    "linear_gelu_tanh",
-    "timestep_embedding",
-    "patchify",
-    "unpatchify",
-]
+__all__ = [*OPS, "timestep_embedding", "patchify", "unpatchify"]
 
 patchify = torch_backend.patchify
 unpatchify = torch_backend.unpatchify
 timestep_embedding = torch_backend.timestep_embedding
 
 
-def _impl(backend: str, op: str, x: torch.Tensor):
+def _impl(backend: str, op: str, device: torch.device, d: int | None, *tensors):
+    """The backend function that runs `op` on these inputs (capability table: device, float64, D)."""
     check_backend_name(backend)
-    return getattr(module_for(resolve(backend, op, x.device.type)), op)
+    float64 = any(t is not None and t.dtype == torch.float64 for t in tensors)
+    return getattr(module_for(resolve(backend, op, device.type, float64, d)), op)
 
 
 def _shape(t) -> str:
@@ -50,6 +43,20 @@ def _check_tokens(name: str, x) -> None:
     _check_float(name, x)
     if x.dim() != 3:
         raise ValueError(f"{name} must have shape [B, L, D], got {_shape(x)}")
+    # One rule for every backend: a LayerNorm over zero features is undefined, so D = 0 is refused
+    # (B = 0 or L = 0, an empty batch, is fine and gives empty outputs).
+    if x.shape[-1] == 0:
+        raise ValueError(f"{name} must have D >= 1 features (shape [B, L, D]), got {_shape(x)}")
+
+
+def _check_h_dtype(h_dtype) -> None:
+    if h_dtype is not None and not (isinstance(h_dtype, torch.dtype) and h_dtype.is_floating_point):
+        raise TypeError(f"h_dtype must be None or a floating-point torch.dtype, got {h_dtype!r}")
+
+
+def _check_eps(eps) -> None:
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps >= 0:
+        raise ValueError(f"eps must be a number >= 0, got {eps!r}")
 
 
 def _check_like(name: str, t, ref_name: str, ref: torch.Tensor) -> None:
@@ -77,7 +84,9 @@ def adaln_modulate(x, shift, scale, eps: float = 1e-6, *, h_dtype=None, backend:
     _check_tokens("x", x)
     _check_mod("shift", shift, x)
     _check_mod("scale", scale, x)
-    return _impl(backend, "adaln_modulate", x)(x, shift, scale, eps, h_dtype)
+    _check_eps(eps)
+    _check_h_dtype(h_dtype)
+    return _impl(backend, "adaln_modulate", x.device, x.shape[-1], x, shift, scale)(x, shift, scale, eps, h_dtype)
 
 
 def gated_residual(x, y, gate, *, backend: str = "auto"):
@@ -85,7 +94,7 @@ def gated_residual(x, y, gate, *, backend: str = "auto"):
     _check_tokens("x", x)
     _check_like("y", y, "x", x)
     _check_mod("gate", gate, x)
-    return _impl(backend, "gated_residual", x)(x, y, gate)
+    return _impl(backend, "gated_residual", x.device, x.shape[-1], x, y, gate)(x, y, gate)
 
 
 def gated_residual_adaln(x, y, gate, shift, scale, eps: float = 1e-6, *, h_dtype=None, backend: str = "auto"):
@@ -95,7 +104,10 @@ def gated_residual_adaln(x, y, gate, shift, scale, eps: float = 1e-6, *, h_dtype
     _check_mod("gate", gate, x)
     _check_mod("shift", shift, x)
     _check_mod("scale", scale, x)
-    return _impl(backend, "gated_residual_adaln", x)(x, y, gate, shift, scale, eps, h_dtype)
+    _check_eps(eps)
+    _check_h_dtype(h_dtype)
+    impl = _impl(backend, "gated_residual_adaln", x.device, x.shape[-1], x, y, gate, shift, scale)
+    return impl(x, y, gate, shift, scale, eps, h_dtype)
 
 
 def patch_embed(x, weight, bias, pos_embed, patch_size: int, *, backend: str = "auto"):
@@ -116,10 +128,12 @@ def patch_embed(x, weight, bias, pos_embed, patch_size: int, *, backend: str = "
         raise ValueError(f"bias must have shape [{D}], got {_shape(bias)}")
     if tuple(pos_embed.shape) != (1, T, D):
         raise ValueError(f"pos_embed must have shape [1, {T}, {D}] for x of shape {_shape(x)}, got {_shape(pos_embed)}")
-    return _impl(backend, "patch_embed", x)(x, weight, bias, pos_embed, p)
+    return _impl(backend, "patch_embed", x.device, None, x, weight, bias, pos_embed)(x, weight, bias, pos_embed, p)
 
 
-def final_layer(x, shift, scale, weight, bias, patch_size: int, out_channels: int, eps: float = 1e-6, *, backend: str = "auto"):
+def final_layer(
+    x, shift, scale, weight, bias, patch_size: int, out_channels: int, eps: float = 1e-6, *, backend: str = "auto"
+):
     """adaln_modulate + linear (weight [p*p*C, D], bias) + unpatchify: [N, T, D] -> [N, C, H, W]."""
     _check_tokens("x", x)
     _check_mod("shift", shift, x)
@@ -134,7 +148,9 @@ def final_layer(x, shift, scale, weight, bias, patch_size: int, out_channels: in
         raise ValueError(f"x must have a square number of tokens L (a square patch grid), got L={L}")
     if bias is not None and tuple(bias.shape) != (out_features,):
         raise ValueError(f"bias must have shape [{out_features}], got {_shape(bias)}")
-    return _impl(backend, "final_layer", x)(x, shift, scale, weight, bias, patch_size, out_channels, eps)
+    _check_eps(eps)
+    impl = _impl(backend, "final_layer", x.device, x.shape[-1], x, shift, scale, weight, bias)
+    return impl(x, shift, scale, weight, bias, patch_size, out_channels, eps)
 
 
 def linear_gelu_tanh(x, weight, bias, *, backend: str = "auto"):
@@ -150,4 +166,4 @@ def linear_gelu_tanh(x, weight, bias, *, backend: str = "auto"):
         _check_float("bias", bias)
         if tuple(bias.shape) != (weight.shape[0],):
             raise ValueError(f"bias must have shape [{weight.shape[0]}], got {_shape(bias)}")
-    return _impl(backend, "linear_gelu_tanh", x)(x, weight, bias)
+    return _impl(backend, "linear_gelu_tanh", x.device, None, x, weight, bias)(x, weight, bias)

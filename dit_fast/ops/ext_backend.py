@@ -13,7 +13,8 @@ import re
 
 import torch
 
-from . import torch_backend
+from . import differentiable_backward as DB
+from .dtypes import compute_dtype
 
 _REBUILD = "rebuild with pip install --no-build-isolation -e ."
 
@@ -73,60 +74,74 @@ def available(device_type: str) -> tuple[bool, str]:
 
 
 # ----------------------------------------------------------------------------------------------
-# Fake kernels: output metadata of each op, as the C++ code allocates them (contiguous; math
-# and the mean/rstd/dmod dtypes in float64 if any input is float64, else float32)
+# Fake kernels: output metadata of each op, as the C++ code allocates them (contiguous; math and the
+# mean/rstd/dmod dtypes in the compute dtype, dtypes.py). Outputs go on the one device all tensor
+# arguments share (a meta call gives meta outputs); mixed devices are refused, as the kernels refuse them.
 # ----------------------------------------------------------------------------------------------
 
 
-def _ct(*tensors) -> torch.dtype:
-    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
+def _device(op: str, **tensors) -> torch.device:
+    devices = {name: t.device for name, t in tensors.items() if t is not None}
+    if len(set(devices.values())) > 1:
+        where = ", ".join(f"{name} on {d}" for name, d in devices.items())
+        raise ValueError(f"dit_fast_ext::{op}: all tensors must be on one device, got {where}")
+    return next(iter(devices.values()))
 
 
-def _empty(shape, dtype, like):
-    return torch.empty(shape, dtype=dtype, device=like.device)
+def _empty(shape, dtype, device):
+    return torch.empty(shape, dtype=dtype, device=device)
 
 
-def _fake_modulate_fwd(x, shift, scale, eps, out_dtype):
-    ct = _ct(x, shift, scale)
+def _fake_modulate_fwd(x, shift, scale, eps, h_dtype):
+    dev = _device("adaln_modulate_fwd", x=x, shift=shift, scale=scale)
+    ct = compute_dtype(x, shift, scale)
     B, L, _ = x.shape
-    return _empty(x.shape, out_dtype or x.dtype, x), _empty((B, L), ct, x), _empty((B, L), ct, x)
+    return _empty(x.shape, h_dtype or x.dtype, dev), _empty((B, L), ct, dev), _empty((B, L), ct, dev)
 
 
 def _fake_modulate_bwd(dh, x, mean, rstd, scale):
-    ct = _ct(dh, x, mean, scale)
+    dev = _device("adaln_modulate_bwd", dh=dh, x=x, mean=mean, rstd=rstd, scale=scale)
+    ct = compute_dtype(dh, x, mean, scale)
     B, _, D = x.shape
-    return _empty(x.shape, x.dtype, x), _empty((B, D), ct, x), _empty((B, D), ct, x)
+    return _empty(x.shape, x.dtype, dev), _empty((B, D), ct, dev), _empty((B, D), ct, dev)
 
 
 def _fake_gated_fwd(x, y, gate):
-    return _empty(x.shape, x.dtype, x)
+    return _empty(x.shape, x.dtype, _device("gated_residual_fwd", x=x, y=y, gate=gate))
 
 
 def _fake_gated_bwd(dout, y, gate):
+    dev = _device("gated_residual_bwd", dout=dout, y=y, gate=gate)
     B, _, D = y.shape
-    return _empty(y.shape, y.dtype, y), _empty((B, D), _ct(dout, y, gate), y)
+    return _empty(y.shape, y.dtype, dev), _empty((B, D), compute_dtype(dout, y, gate), dev)
 
 
-def _fake_fused_fwd(x, y, gate, shift, scale, eps, out_dtype):
-    ct = _ct(x, y, gate, shift, scale)
+def _fake_fused_fwd(x, y, gate, shift, scale, eps, h_dtype):
+    dev = _device("gated_residual_adaln_fwd", x=x, y=y, gate=gate, shift=shift, scale=scale)
+    ct = compute_dtype(x, y, gate, shift, scale)
     B, L, _ = x.shape
     return (
-        _empty(x.shape, x.dtype, x),
-        _empty(x.shape, out_dtype or x.dtype, x),
-        _empty((B, L), ct, x),
-        _empty((B, L), ct, x),
+        _empty(x.shape, x.dtype, dev),
+        _empty(x.shape, h_dtype or x.dtype, dev),
+        _empty((B, L), ct, dev),
+        _empty((B, L), ct, dev),
     )
 
 
 def _fake_fused_bwd(dh, dx_out, x_out, y, gate, mean, rstd, scale):
-    ct = _ct(dh, dx_out, x_out, y, gate, mean, scale)
+    dev = _device(
+        "gated_residual_adaln_bwd", dh=dh, dx_out=dx_out, x_out=x_out, y=y, gate=gate, mean=mean, rstd=rstd,
+        scale=scale,
+    )
+    ct = compute_dtype(dh, dx_out, x_out, y, gate, mean, scale)
     B, _, D = x_out.shape
-    mod = [_empty((B, D), ct, x_out) for _ in range(3)]
-    return (_empty(x_out.shape, x_out.dtype, x_out), _empty(y.shape, y.dtype, y), *mod)
+    mod = [_empty((B, D), ct, dev) for _ in range(3)]
+    return (_empty(x_out.shape, x_out.dtype, dev), _empty(y.shape, y.dtype, dev), *mod)
 
 
 # ----------------------------------------------------------------------------------------------
-# Autograd of the forward ops; the backward ops are first-order only
+# Autograd of the forward ops. The C++ backward ops are first-order only; a backward run with
+# create_graph=True takes the differentiable formulas of differentiable_backward.py instead.
 # ----------------------------------------------------------------------------------------------
 
 
@@ -135,24 +150,27 @@ def _cast(t, dtype):
 
 
 def _setup_modulate(ctx, inputs, output):
-    x, shift, scale, _eps, _out_dtype = inputs
+    x, shift, scale, eps, h_dtype = inputs
     _h, mean, rstd = output
-    ctx.save_for_backward(x, scale, mean, rstd)
-    ctx.dtypes = (shift.dtype, scale.dtype)
+    ctx.save_for_backward(x, mean, rstd, scale)
+    ctx.shift_dtype, ctx.eps, ctx.h_dtype = shift.dtype, eps, h_dtype
     ctx.set_materialize_grads(False)
 
 
 def _backward_modulate(ctx, dh, _dmean, _drstd):
     if dh is None:
         return None, None, None, None, None
-    x, scale, mean, rstd = ctx.saved_tensors
+    x, mean, rstd, scale = ctx.saved_tensors
+    if DB.wanted():
+        return (*DB.adaln_modulate(x, ctx.shift_dtype, scale, ctx.eps, ctx.h_dtype, dh), None, None)
     dx, dshift, dscale = torch.ops.dit_fast_ext.adaln_modulate_bwd(dh, x, mean, rstd, scale)
-    return dx, _cast(dshift, ctx.dtypes[0]), _cast(dscale, ctx.dtypes[1]), None, None
+    return dx, _cast(dshift, ctx.shift_dtype), _cast(dscale, scale.dtype), None, None
 
 
 def _setup_gated(ctx, inputs, output):
-    _x, y, gate = inputs
+    x, y, gate = inputs
     ctx.save_for_backward(y, gate)
+    ctx.x_dtype = x.dtype
     ctx.set_materialize_grads(False)
 
 
@@ -160,30 +178,34 @@ def _backward_gated(ctx, dout):
     if dout is None:
         return None, None, None
     y, gate = ctx.saved_tensors
+    if DB.wanted():
+        return DB.gated_residual(ctx.x_dtype, y, gate, dout)
     dy, dgate = torch.ops.dit_fast_ext.gated_residual_bwd(dout, y, gate)
     return dout, dy, _cast(dgate, gate.dtype)
 
 
 def _setup_fused(ctx, inputs, output):
-    _x, y, gate, shift, scale, _eps, _out_dtype = inputs
+    _x, y, gate, shift, scale, eps, h_dtype = inputs
     x_out, _h, mean, rstd = output
     ctx.save_for_backward(x_out, y, gate, mean, rstd, scale)
-    ctx.dtypes = (gate.dtype, shift.dtype, scale.dtype)
+    ctx.shift_dtype, ctx.eps, ctx.h_dtype = shift.dtype, eps, h_dtype
     ctx.set_materialize_grads(False)
 
 
 def _backward_fused(ctx, dx_out, dh, _dmean, _drstd):
     x_out, y, gate, mean, rstd, scale = ctx.saved_tensors
-    gate_dt, shift_dt, scale_dt = ctx.dtypes
+    if dh is None and dx_out is None:
+        return (None,) * 7
+    if DB.wanted():
+        grads = DB.gated_residual_adaln(x_out, y, gate, ctx.shift_dtype, scale, ctx.eps, ctx.h_dtype, dx_out, dh)
+        return (*grads, None, None)
     if dh is None:
-        if dx_out is None:
-            return (None,) * 7
         dy, dgate = torch.ops.dit_fast_ext.gated_residual_bwd(dx_out, y, gate)
-        return dx_out, dy, _cast(dgate, gate_dt), None, None, None, None
+        return dx_out, dy, _cast(dgate, gate.dtype), None, None, None, None
     dx, dy, dgate, dshift, dscale = torch.ops.dit_fast_ext.gated_residual_adaln_bwd(
         dh, dx_out, x_out, y, gate, mean, rstd, scale
     )
-    return dx, dy, _cast(dgate, gate_dt), _cast(dshift, shift_dt), _cast(dscale, scale_dt), None, None
+    return dx, dy, _cast(dgate, gate.dtype), _cast(dshift, ctx.shift_dtype), _cast(dscale, scale.dtype), None, None
 
 
 def _register():
@@ -207,48 +229,22 @@ if _C is not None:
 
 
 # ----------------------------------------------------------------------------------------------
-# Backend entry points (positional signatures of dit_fast.ops.torch_backend)
+# Backend entry points (positional signatures of dit_fast.ops.torch_backend). What they accept (float64
+# on the CPU only, D <= 4096 on CUDA) is declared in the capability table of dit_fast/backends.py.
 # ----------------------------------------------------------------------------------------------
-
-
-CUDA_MAX_D = 4096  # kMaxD of csrc/adaln_cuda.cu: 8 features x 512 threads per row
-
-
-def _torch_instead(*tensors) -> bool:
-    """Whether CUDA tensors need what the CUDA kernels lack (float64 math, D > CUDA_MAX_D): the torch
-    backend runs them instead, with a warning."""
-    x = tensors[0]
-    if not x.is_cuda:
-        return False
-    from ..backends import warn_once
-
-    if any(t.dtype == torch.float64 for t in tensors):
-        warn_once(("ext", "float64", "cuda"), "dit_fast: the ext CUDA kernels have no float64 path; using 'torch'")
-        return True
-    if x.shape[-1] > CUDA_MAX_D:
-        warn_once(("ext", "max_d", "cuda"),
-                  f"dit_fast: the ext CUDA kernels support D <= {CUDA_MAX_D}, got {x.shape[-1]}; using 'torch'")
-        return True
-    return False
 
 
 def adaln_modulate(x, shift, scale, eps: float = 1e-6, h_dtype: torch.dtype | None = None):
     """LayerNorm(x) (no affine) * (1 + scale) + shift, fused; h in h_dtype or x.dtype."""
-    if _torch_instead(x, shift, scale):
-        return torch_backend.adaln_modulate(x, shift, scale, eps, h_dtype)
     return torch.ops.dit_fast_ext.adaln_modulate_fwd(x, shift, scale, float(eps), h_dtype)[0]
 
 
 def gated_residual(x, y, gate):
     """x + gate * y in x.dtype, fused."""
-    if _torch_instead(x, y, gate):
-        return torch_backend.gated_residual(x, y, gate)
     return torch.ops.dit_fast_ext.gated_residual_fwd(x, y, gate)
 
 
 def gated_residual_adaln(x, y, gate, shift, scale, eps: float = 1e-6, h_dtype: torch.dtype | None = None):
     """(x_out, h): x_out = x + gate * y and h = adaln_modulate(x_out, shift, scale), in one pass."""
-    if _torch_instead(x, y, gate, shift, scale):
-        return torch_backend.gated_residual_adaln(x, y, gate, shift, scale, eps, h_dtype)
     x_out, h, _, _ = torch.ops.dit_fast_ext.gated_residual_adaln_fwd(x, y, gate, shift, scale, float(eps), h_dtype)
     return x_out, h

@@ -11,9 +11,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-
-def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+from .dtypes import compute_dtype
 
 
 def adaln_modulate(x, shift, scale, eps: float = 1e-6, h_dtype: torch.dtype | None = None):
@@ -21,7 +19,7 @@ def adaln_modulate(x, shift, scale, eps: float = 1e-6, h_dtype: torch.dtype | No
 
     x: [B, L, D]; shift, scale: [B, D]. Output dtype: h_dtype, else x.dtype.
     """
-    ct = _compute_dtype(x, shift, scale)
+    ct = compute_dtype(x, shift, scale)
     xn = F.layer_norm(x.to(ct), x.shape[-1:], eps=eps)
     h = xn * (1 + scale.to(ct).unsqueeze(1)) + shift.to(ct).unsqueeze(1)
     return h.to(h_dtype or x.dtype)
@@ -29,7 +27,7 @@ def adaln_modulate(x, shift, scale, eps: float = 1e-6, h_dtype: torch.dtype | No
 
 def gated_residual(x, y, gate):
     """x + gate * y. x, y: [B, L, D]; gate: [B, D]. Output dtype: x.dtype."""
-    ct = _compute_dtype(x, y, gate)
+    ct = compute_dtype(x, y, gate)
     return (x.to(ct) + gate.to(ct).unsqueeze(1) * y.to(ct)).to(x.dtype)
 
 

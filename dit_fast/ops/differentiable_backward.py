@@ -1,0 +1,92 @@
+"""Backward passes as differentiable torch ops, for backwards that run with create_graph=True.
+
+The kernels' backward passes (Triton, C++/CUDA) are first-order only: their outputs carry no autograd
+history. A backward that runs with grad mode on (`torch.autograd.grad(..., create_graph=True)`, as a
+gradient penalty does) must give gradients that can be differentiated again, so every backend's
+autograd calls these instead in that case: the torch backend's forward (the reference semantics) is
+re-run on the saved tensors under autograd and differentiated with create_graph=True. Second
+derivatives are then exactly those of the torch backend. This path costs a recomputation, but runs
+only when a graph of the backward is asked for; ordinary training never takes it.
+
+Each function takes what the ops save for backward plus the incoming gradients (None = zero) and
+returns the input gradients in the op's argument order (None for non-tensor arguments).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import torch_backend
+
+
+def wanted() -> bool:
+    """Whether a backward must build a graph (it runs under create_graph=True). Never while compiling:
+    AOTAutograd traces backwards for first-order use only, and they must stay on the kernels."""
+    return torch.is_grad_enabled() and not torch.compiler.is_compiling()
+
+
+def _vjp(fn, inputs, grad_outputs):
+    """Gradients of fn(*inputs) with respect to its tensor inputs, as a differentiable function of the
+    inputs and of grad_outputs (None = zero).
+
+    torch.func.vjp differentiates fn alone, at its own level: a nested torch.autograd.grad would also
+    walk the inputs' histories (back into the very op whose backward this is, for a saved output).
+    """
+    slots = [i for i, t in enumerate(inputs) if isinstance(t, torch.Tensor)]
+
+    def on_tensors(*tensors):
+        args = list(inputs)
+        for i, t in zip(slots, tensors):
+            args[i] = t
+        out = fn(*args)
+        return out if isinstance(out, tuple) else (out,)
+
+    outs, pullback = torch.func.vjp(on_tensors, *(inputs[i] for i in slots))
+    if all(g is None for g in grad_outputs):
+        return tuple(None for _ in inputs)
+    cot = tuple(torch.zeros_like(o) if g is None else g.to(o.dtype) for o, g in zip(outs, grad_outputs))
+    grads = iter(pullback(cot))
+    return tuple(next(grads) if isinstance(t, torch.Tensor) else None for t in inputs)
+
+
+def _placeholder(like: torch.Tensor, dtype: torch.dtype, shape=None) -> torch.Tensor:
+    """An input the gradients do not depend on (shift, x of x + gate*y): only its shape and dtype matter."""
+    return like.new_zeros(like.shape if shape is None else shape, dtype=dtype)
+
+
+def adaln_modulate(x, shift_dtype, scale, eps, h_dtype, dh):
+    """(dx, dshift, dscale) of h = adaln_modulate(x, shift, scale, eps, h_dtype)."""
+    shift = _placeholder(scale, shift_dtype)
+    return _vjp(lambda x, s, c: torch_backend.adaln_modulate(x, s, c, eps, h_dtype), (x, shift, scale), (dh,))
+
+
+def gated_residual(x_dtype, y, gate, dout):
+    """(dx, dy, dgate) of x_out = gated_residual(x, y, gate)."""
+    x = _placeholder(y, x_dtype)
+    return _vjp(torch_backend.gated_residual, (x, y, gate), (dout,))
+
+
+def gated_residual_adaln(x_out, y, gate, shift_dtype, scale, eps, h_dtype, dx_out, dh):
+    """(dx, dy, dgate, dshift, dscale) of (x_out, h) = gated_residual_adaln(x, y, gate, shift, scale, ...),
+    from the saved output x_out (h is a function of x_out; x_out's own history carries the rest)."""
+    dxo_h, dshift, dscale = adaln_modulate(x_out, shift_dtype, scale, eps, h_dtype, dh)
+    parts = [g for g in (dx_out, dxo_h) if g is not None]
+    total = None if not parts else parts[0] if len(parts) == 1 else parts[0] + parts[1]
+    dx, dy, dgate = gated_residual(x_out.dtype, y, gate, total)
+    return dx, dy, dgate, dshift, dscale
+
+
+def final_layer(x, shift, scale, weight, bias, patch_size, out_channels, eps, dout):
+    """Gradients of final_layer(x, shift, scale, weight, bias, ...) over its 8 arguments. h is made in
+    weight's dtype (the activation dtype the kernels use), so no autocast is needed here."""
+
+    def fn(x, shift, scale, weight, bias):
+        h = torch_backend.adaln_modulate(x, shift, scale, eps, weight.dtype)
+        return torch_backend.unpatchify(F.linear(h, weight, bias), patch_size, out_channels)
+
+    return (*_vjp(fn, (x, shift, scale, weight, bias), (dout,)), None, None, None)
+
+
+def linear_gelu_tanh(x, weight, bias, dout):
+    """(dx, dweight, dbias) of GELU_tanh(x @ weight.T + bias)."""
+    return _vjp(torch_backend.linear_gelu_tanh, (x, weight, bias), (dout,))
