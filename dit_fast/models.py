@@ -1,6 +1,6 @@
 """The fast DiT: same constructor, state_dict keys and forward semantics as dit_fast.reference.DiT.
 
-What differs is how a forward runs (DESIGN.md section 2):
+What differs is how a forward runs (docs/DESIGN.md section 2):
   - SiLU(c) is computed once and shared by every adaLN projection;
   - the patch embedding is one GEMM on patches with bias and pos_embed fused (dit_fast.ops.patch_embed);
   - each block carries the modulated activations h of the next sub-layer: gated residual + next

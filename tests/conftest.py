@@ -53,3 +53,19 @@ def pytest_runtest_makereport(item, call):
     seed = getattr(item, "dit_fast_seed", None)
     if seed is not None and report.failed:
         report.sections.append(("random seed", f"random seed: {seed} (replay: {SEED_VAR}={seed} pytest {item.nodeid})"))
+
+
+@pytest.fixture(scope="session")
+def vae_dir(tmp_path_factory):
+    """A tiny randomly initialized diffusers AutoencoderKL saved to disk (8x downsampling, 4 latent channels,
+    like the SD VAE DiT uses), for the VAE paths without a download."""
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    vae = diffusers.AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8, 8, 8),
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=1, norm_num_groups=4, sample_size=32,
+    )
+    path = tmp_path_factory.mktemp("vae")
+    vae.save_pretrained(path)
+    return str(path)

@@ -18,19 +18,6 @@ extract_latents = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(extract_latents)
 
 
-@pytest.fixture(scope="module")
-def vae_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    vae = diffusers.AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8, 8, 8),
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        layers_per_block=1, norm_num_groups=4, sample_size=32,
-    )
-    path = tmp_path_factory.mktemp("vae")
-    vae.save_pretrained(path)
-    return str(path)
-
-
 def _folder(root: Path) -> list[tuple[Path, int]]:
     rng = np.random.default_rng()
     sizes = [(40, 32), (32, 90), (70, 70), (33, 50), (128, 64)]

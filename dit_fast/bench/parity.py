@@ -1,6 +1,6 @@
 """Numerical parity of dit_fast against the reference DiT: outputs and gradients, per backend and dtype.
 
-Method (DESIGN.md section 4): all weights randomized (the published init zeroes adaLN and the
+Method (docs/DESIGN.md section 6): all weights randomized (the published init zeroes adaLN and the
 final layer, so any two fresh models agree trivially); the reference in float64 is the truth.
 For each dtype, the reference itself at that precision sets the bar: dit_fast's relative error
 against float64 must be at most 2x the reference's own (+1e-6) -- for float32 at most

@@ -7,7 +7,7 @@ For every op of a forward (or training step) and three ways of running it:
             kernel each, the residual add fused with the next LayerNorm, GEMMs on cuBLAS, GELU its own
             kernel (cuBLAS has no tanh-GELU epilogue here), attention as flash SDPA (Inductor's
             pattern matcher rewrites this math attention), its backward's dq/dk/dv stacked by a copy;
-  dit_fast  the fusion map of DESIGN.md section 2: one GEMM for all adaLN projections, fused
+  dit_fast  the fusion map of docs/DESIGN.md section 2: one GEMM for all adaLN projections, fused
             patch_embed, gated_residual_adaln per half-block, GELU in fc1's epilogue (training also
             stores the pre-activation; GELU's backward stays a pass of its own), flash attention
             writing the packed QKV gradient once, linear + unpatchify in one pass.
@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from .flops import DiTShape, flops_per_step, forward_macs_per_image
 
 PLANS = ("eager", "inductor", "dit_fast")
-# Spec sheet and what is realistically achieved (DESIGN.md: ~3.0 TB/s copy, ~800 TFLOP/s bf16 on an H100).
+# Spec sheet and what is realistically achieved (docs/DESIGN.md: ~3.0 TB/s copy, ~800 TFLOP/s bf16 on an H100).
 DEVICE_SPECS = {
     "h100": {"name": "H100 SXM 80GB", "hbm_gb_per_s": 3350, "bf16_dense_peak_tflops": 989,
              "copy_gb_per_s": 3000, "gemm_tflops": 800},

@@ -14,7 +14,7 @@ import torch
 from ..backends import OPS, check_backend_name, module_for, resolve
 from . import torch_backend
 
-__all__ = [*OPS, "timestep_embedding", "patchify", "unpatchify"]
+__all__ = [*OPS, "timestep_embedding", "patchify", "unpatchify", "sampler_step", "sampler_step_"]
 
 patchify = torch_backend.patchify
 unpatchify = torch_backend.unpatchify
@@ -167,3 +167,7 @@ def linear_gelu_tanh(x, weight, bias, *, backend: str = "auto"):
         if tuple(bias.shape) != (weight.shape[0],):
             raise ValueError(f"bias must have shape [{weight.shape[0]}], got {_shape(bias)}")
     return _impl(backend, "linear_gelu_tanh", x.device, None, x, weight, bias)(x, weight, bias)
+
+
+# The sampler's fused per-step update (not a DiT block op: it has no backward and its own dispatch).
+from .sampler_step import sampler_step, sampler_step_  # noqa: E402
