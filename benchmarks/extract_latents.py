@@ -33,7 +33,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", required=True, help="image folder: one subfolder per class")
     p.add_argument("--out", required=True, help="output directory for the latent shards")
-    p.add_argument("--vae", default="ema", help="AutoencoderKL: local dir, HF cache name, 'ema' or 'mse'; never downloaded")
+    p.add_argument("--vae", default="ema",
+                   help="AutoencoderKL: local dir, HF cache name, 'ema' or 'mse'; never downloaded")
     p.add_argument("--image-size", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=32, help="images per VAE call")
     p.add_argument("--shard-size", type=int, default=4096, help="samples per shard file")

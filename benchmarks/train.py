@@ -41,7 +41,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from dit_fast import DiT_models
 from dit_fast.checkpoint import (
-    UnsafeCheckpointError, load_training_checkpoint, newest_training_checkpoint, torch_save_atomic,
+    UnsafeCheckpointError,
+    load_training_checkpoint,
+    newest_training_checkpoint,
+    torch_save_atomic,
 )
 from dit_fast.data import CHECK_MODES, InvalidShardError, LatentShards
 from dit_fast.diffusion import create_diffusion
@@ -69,14 +72,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-steps", type=int, default=400_000)
     p.add_argument("--precision", choices=sorted(AUTOCAST), default="bf16", help="autocast dtype (weights stay fp32)")
     p.add_argument("--backend", default="auto", help="fused-op kernels: auto | triton | ext | torch")
-    p.add_argument("--attn-backend", default="auto", help="attention: auto | flash_attn_3 | flash_attn_4 | flash_attn | sdpa | math")
-    p.add_argument("--checkpoint-every", type=int, default=0, help="activation checkpointing: every k-th block (0 = off)")
+    p.add_argument("--attn-backend", default="auto",
+                   help="attention: auto | flash_attn_3 | flash_attn_4 | flash_attn | sdpa | math")
+    p.add_argument("--checkpoint-every", type=int, default=0,
+                   help="activation checkpointing: every k-th block (0 = off)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--results-dir", default="results")
     p.add_argument("--ckpt-every", type=int, default=50_000)
     p.add_argument("--log-every", type=int, default=100)
     p.add_argument("--resume", default=None,
-                   help="a checkpoint .pt, a directory of them (the newest that loads), or 'auto' (RESULTS/checkpoints)")
+                   help="a checkpoint .pt, a directory of them (the newest that loads), "
+                        "or 'auto' (RESULTS/checkpoints)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
@@ -199,7 +205,8 @@ def plain_args(args: argparse.Namespace) -> dict:
 
 
 def build_model(args, device) -> torch.nn.Module:
-    overrides = {k: v for k, v in (("depth", args.depth), ("hidden_size", args.hidden_size), ("num_heads", args.num_heads)) if v}
+    overrides = {k: v for k, v in (("depth", args.depth), ("hidden_size", args.hidden_size),
+                                   ("num_heads", args.num_heads)) if v}
     if overrides:
         from dit_fast.models import DiT
         from dit_fast.reference import CONFIGS
@@ -266,7 +273,8 @@ def main(argv=None) -> dict:
     if rank == 0:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        say(f"{args.model}: {n_params / 1e6:.1f}M params, {world} rank(s) x batch {local_batch}, {device}, {args.precision}")
+        say(f"{args.model}: {n_params / 1e6:.1f}M params, {world} rank(s) x batch {local_batch}, "
+            f"{device}, {args.precision}")
 
     def save(step: int) -> Path:
         path = ckpt_dir / f"{step:07d}.pt"

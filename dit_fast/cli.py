@@ -99,45 +99,55 @@ DEVICES = ("cuda", "cpu")
 def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     g = common.add_argument_group("model and run")
-    g.add_argument("--model", type=_model_name, default=None, help="DiT config name (default: DiT-XL/2 on a GPU, DiT-S/2 on the CPU)")
+    g.add_argument("--model", type=_model_name, default=None,
+                   help="DiT config name (default: DiT-XL/2 on a GPU, DiT-S/2 on the CPU)")
     g.add_argument("--image-size", type=int, default=256, choices=(256, 512), help="image side in pixels (latent = /8)")
     g.add_argument("--depth", type=POSITIVE, default=None, help="override the number of blocks (quick runs)")
     g.add_argument("--input-size", type=POSITIVE, default=None, help="override the latent side directly (quick runs)")
     g.add_argument("--batch", type=POSITIVE, default=None, help="images per step (default per mode and device)")
     g.add_argument("--dtype", type=_one_of(DTYPE_NAMES, "a dtype"), default=None,
-                   help="fp32 | bf16 | fp16 via autocast, weights fp32 (default: bf16 on a GPU, fp32 on the CPU); kernels takes a comma list")
+                   help="fp32 | bf16 | fp16 via autocast, weights fp32 (default: bf16 on a GPU, fp32 on the CPU); "
+                        "kernels takes a comma list")
     g.add_argument("--mode", type=_one_of(MODES, "a mode"), action="append", default=None,
                    help="fwd | cfg | train | sample, repeatable or comma list (default fwd,cfg,train)")
     g.add_argument("--sample-steps", type=POSITIVE, default=250, help="sampling steps of --mode sample")
     g.add_argument("--backend", type=_one_of(KERNEL_BACKENDS, "a kernel backend"), action="append", default=None,
-                   help="dit_fast kernel families to compare: triton, ext, torch, auto (repeatable/comma; default every one that runs)")
+                   help="dit_fast kernel families to compare: triton, ext, torch, auto "
+                        "(repeatable/comma; default every one that runs)")
     g.add_argument("--attn", type=_choice(_attn_backends(), "an attention backend"), default="auto",
                    help="attention backend of dit_fast (see dit_fast.attention)")
     g.add_argument("--compile", action="store_true", help="also time torch.compile(reference)")
     g.add_argument("--compile-fast", action="store_true", help="also time torch.compile(dit_fast)")
     g.add_argument("--warmup", type=NON_NEGATIVE, default=None, help="untimed steps first")
     g.add_argument("--iters", type=POSITIVE, default=None,
-                   help="throughput: rounds (one timed step per contender per round, median reported); kernels: calls per CPU sample")
+                   help="throughput: rounds (one timed step per contender per round, median reported); "
+                        "kernels: calls per CPU sample")
     g.add_argument("--device", choices=DEVICES, default=None, help="cuda | cpu (default: cuda when available)")
     g.add_argument("--out", default=None, help=f"results directory (default {DEFAULT_OUT}/ if it exists, else ./out)")
     g.add_argument("--no-ceilings", action="store_true", help="skip measuring copy bandwidth and GEMM rate")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
     g.add_argument("--no-png", action="store_true", help="skip the PNG charts")
 
-    p = argparse.ArgumentParser(prog="dit-fast", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="dit-fast", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     b = sub.add_parser("bench", parents=[common], help="parity report + model throughput table")
     b.add_argument("--no-parity", action="store_true", help="throughput only")
     b.add_argument("--parity-batch", type=POSITIVE, default=2)
-    b.add_argument("--parity-dtypes", type=_one_of(DTYPE_NAMES, "a dtype"), default=["fp32", "bf16"], help="comma list of dtypes to check")
+    b.add_argument("--parity-dtypes", type=_one_of(DTYPE_NAMES, "a dtype"), default=["fp32", "bf16"],
+                   help="comma list of dtypes to check")
     sub.add_parser("throughput", parents=[common], help="model throughput table only")
     pa = sub.add_parser("parity", parents=[common], help="numerical parity of dit_fast against the reference")
-    pa.add_argument("--parity-dtypes", type=_one_of(DTYPE_NAMES, "a dtype"), default=["fp32", "bf16"], help="comma list of dtypes to check")
+    pa.add_argument("--parity-dtypes", type=_one_of(DTYPE_NAMES, "a dtype"), default=["fp32", "bf16"],
+                    help="comma list of dtypes to check")
     k = sub.add_parser("kernels", parents=[common], help="per-op microbenchmarks")
-    k.add_argument("--op", type=_one_of(_ops(), "an op"), action="append", default=None, help="ops to time (default all)")
+    k.add_argument("--op", type=_one_of(_ops(), "an op"), action="append", default=None,
+                   help="ops to time (default all)")
     k.add_argument("--no-backward", action="store_true", help="forward only")
-    k.add_argument("--rounds", type=POSITIVE, default=5, help="interleaved rounds per op and pass (median and spread reported)")
-    k.add_argument("--overhead", action="store_true", help="add the host-overhead table (microseconds per op call on tiny tensors)")
+    k.add_argument("--rounds", type=POSITIVE, default=5,
+                   help="interleaved rounds per op and pass (median and spread reported)")
+    k.add_argument("--overhead", action="store_true",
+                   help="add the host-overhead table (microseconds per op call on tiny tensors)")
     o = sub.add_parser("overhead", parents=[common], help="host overhead of every op wrapper, per backend (CPU)")
     o.add_argument("--rounds", type=POSITIVE, default=5, help="interleaved rounds per op")
     pr = sub.add_parser("profile", parents=[common], help="torch.profiler kernel tables and Chrome traces")
@@ -245,7 +255,8 @@ class Run:
                 "image_size": self.args.image_size,
                 **self.shape.as_dict(),
                 "dtype": ",".join(str(d).replace("torch.", "") for d in self.dtypes),
-                "precision_policy": "fp32 weights, torch.autocast(dtype) in every mode and contender" if any(str(d) != "torch.float32" for d in self.dtypes) else "fp32",
+                "precision_policy": ("fp32 weights, torch.autocast(dtype) in every mode and contender"
+                                     if any(str(d) != "torch.float32" for d in self.dtypes) else "fp32"),
                 "attn": self.args.attn,
                 "warmup": self.warmup,
                 "iters": self.iters,
@@ -327,7 +338,8 @@ def cmd_parity(run: Run, record: dict, dtypes: list[str], batch: int = 2) -> boo
     from .bench.parity import all_pass, run_parity
     from .bench.report import PARITY_COLS
 
-    print(f"parity: {run.model_name} input {run.shape.input_size} depth {run.shape.depth} on {run.device} ...", file=sys.stderr)
+    print(f"parity: {run.model_name} input {run.shape.input_size} depth {run.shape.depth} on {run.device} ...",
+          file=sys.stderr)
     record["parity"] = run_parity(
         run.shape, device=run.device, batch=batch, dtypes=tuple(parse_dtype(d) for d in dtypes),
         backends=run.backends, attn=run.args.attn,
@@ -359,7 +371,8 @@ def cmd_throughput(run: Run, record: dict, what: str) -> None:
     )
     record["notes"].append(NOISE_NOTE)
     if run.device.type == "cpu":
-        record["notes"].append("CPU run: wall clock (perf_counter), median of the timed steps; MFU is against a small CPU GEMM and only indicative.")
+        record["notes"].append("CPU run: wall clock (perf_counter), median of the timed steps; "
+                               "MFU is against a small CPU GEMM and only indicative.")
     _print_table(record, "throughput", THROUGHPUT_COLS)
 
 
@@ -387,7 +400,8 @@ def cmd_kernels(run: Run, record: dict) -> None:
     from .bench.report import KERNEL_COLS
 
     ops = _csv(run.args.op) or None
-    shapes = default_shapes(run.device.type, run.shape.tokens, run.shape.hidden_size, [run.args.batch] if run.args.batch else None)
+    shapes = default_shapes(run.device.type, run.shape.tokens, run.shape.hidden_size,
+                            [run.args.batch] if run.args.batch else None)
     ceil = run.ceilings
     record["kernels"] = []
     save = run.checkpoint(record, "kernels")
@@ -417,7 +431,8 @@ def cmd_overhead(run: Run, record: dict) -> None:
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     run_overhead(rounds=run.args.rounds, on_result=on_result)
     if load is not None:  # a shared machine's load inflates host times: say how busy it was
-        record["notes"].append(f"Host overhead: 1-minute load average {load:.2f} on {os.cpu_count()} CPUs when it started.")
+        record["notes"].append(f"Host overhead: 1-minute load average {load:.2f} on {os.cpu_count()} CPUs "
+                               "when it started.")
     record["notes"] += [n for n in NOTES if n not in record["notes"]]
     _print_table(record, "overhead", OVERHEAD_COLS)
 
@@ -433,7 +448,8 @@ def cmd_profile(run: Run, record: dict) -> None:
     torch.manual_seed(0)
     reference = randomize_weights_(build_reference(run.shape, run.device))
     contenders = [Contender("reference", "reference")]
-    contenders += [Contender(f"dit_fast[{b}]", "dit_fast", backend=b, attn=run.args.attn) for b in (run.backends or ["auto"])]
+    contenders += [Contender(f"dit_fast[{b}]", "dit_fast", backend=b, attn=run.args.attn)
+                   for b in (run.backends or ["auto"])]
     targets = list(dict.fromkeys(_csv(run.args.target)))
     modes = [m for m in run.modes if m not in ("cfg", "sample")] or ["fwd"]
     batch = run.args.batch or (32 if run.device.type == "cuda" else 2)
@@ -449,7 +465,8 @@ def cmd_profile(run: Run, record: dict) -> None:
                 try:
                     res = profile_model(c, reference, run.shape, device=run.device, dtype=run.dtype, batch=batch,
                                         mode=mode, target=target, warmup=min(run.warmup, 2) or 1,
-                                        iters=2 if run.device.type == "cuda" else 1, trace_path=trace, nvtx=run.args.nvtx)
+                                        iters=2 if run.device.type == "cuda" else 1, trace_path=trace,
+                                        nvtx=run.args.nvtx)
                 except Exception as e:
                     res = {"contender": c.name, "target": target, "mode": mode, "batch": batch, "iters": 0,
                            "kernels": [], "ranges": [], "error": f"{type(e).__name__}: {e}"[:300]}
@@ -466,7 +483,8 @@ def cmd_profile(run: Run, record: dict) -> None:
                     print(md_table(res["kernels"][:10], PROFILE_KERNEL_COLS))
 
 
-NOISE_NOTE = ("Timing: contenders interleaved in rounds (round r runs each once, order rotated by r); times are medians "
+NOISE_NOTE = ("Timing: contenders interleaved in rounds (round r runs each once, order rotated by r); "
+              "times are medians "
               "over the rounds, speedups medians of per-round ratios; spread = (max - min) / median; NOISY marks a "
               "spread over 10%: do not trust a difference smaller than the spread.")
 SECTIONS = ("parity", "throughput", "kernels", "overhead", "profile")

@@ -119,7 +119,8 @@ class LatentShards:
             if low < 0 or high >= self.num_classes:
                 raise InvalidShardError(
                     f"{path}: labels must be in [0, {self.num_classes}) (num_classes={self.num_classes}; "
-                    f"{self.num_classes} is the null class of classifier-free guidance), got values from {low} to {high}"
+                    f"{self.num_classes} is the null class of classifier-free guidance), "
+                    f"got values from {low} to {high}"
                 )
         rows = _rows_to_check(len(latents), check)
         for start in range(0, len(rows), CHECK_CHUNK_ROWS):

@@ -11,7 +11,6 @@ Each op runs on the backend the model was built with (see dit_fast.backends).
 """
 from __future__ import annotations
 
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -299,7 +298,7 @@ class DiT(nn.Module):
         self.batch_adaln = batch_adaln
         self.register_load_state_dict_post_hook(_fuse_after_load)
 
-    def set_backend(self, backend: str | None = None, attn_backend: str | None = None) -> "DiT":
+    def set_backend(self, backend: str | None = None, attn_backend: str | None = None) -> DiT:
         """Switch the kernel family of the fused ops and/or the attention kernel (no weights change)."""
         if backend is not None:
             self.backend = check_backend_name(backend)
@@ -341,8 +340,8 @@ class DiT(nn.Module):
         functional_call) breaks the view; the per-call check then routes to one GEMM per block.
         """
         linears = self._adaln_linears()
-        ws = [l.weight for l in linears]
-        bs = [l.bias for l in linears]
+        ws = [lin.weight for lin in linears]
+        bs = [lin.bias for lin in linears]
         if any(_is_sharded(p) or p.is_meta for p in ws + bs) or len({(p.dtype, p.device) for p in ws + bs}) != 1:
             self._adaln_fused = None
             return
@@ -352,7 +351,7 @@ class DiT(nn.Module):
             self._adaln_fused = None
             return
         rows = 0
-        for l, w, b in zip(linears, ws, bs):
+        for _lin, w, b in zip(linears, ws, bs):
             n = w.shape[0]
             w.data = weight[rows : rows + n]
             b.data = bias[rows : rows + n]
@@ -367,8 +366,8 @@ class DiT(nn.Module):
         w_base, b_base = weight.data_ptr(), bias.data_ptr()
         w_row, b_elem = weight.stride(0) * weight.element_size(), bias.element_size()
         rows = 0
-        for l in self._adaln_linears():
-            w, b = l.weight, l.bias
+        for lin in self._adaln_linears():
+            w, b = lin.weight, lin.bias
             if (
                 w.data_ptr() != w_base + rows * w_row
                 or b.data_ptr() != b_base + rows * b_elem
@@ -429,7 +428,8 @@ class DiT(nn.Module):
             torch._assert_async(((y >= 0) & (y < n_labels)).all(), "y holds a class label out of range")
 
     def _checkpointed(self, i: int) -> bool:
-        return bool(self.checkpoint_every) and self.training and i % self.checkpoint_every == 0 and torch.is_grad_enabled()
+        return (bool(self.checkpoint_every) and self.training and i % self.checkpoint_every == 0
+                and torch.is_grad_enabled())
 
     def _modulations(self, c: torch.Tensor, silu_c: torch.Tensor) -> list[torch.Tensor]:
         """Every adaLN projection of the model: [B, 6D] per block, then the final layer's [B, 2D].
@@ -453,9 +453,9 @@ class DiT(nn.Module):
         return [o.adaLN_modulation(c) if hk else o.adaLN_modulation[1](silu_c) for o, hk in zip(owners, hooked)]
 
     def _adaln_fused_params(self):
-        for l in self._adaln_linears():
-            yield l.weight
-            yield l.bias
+        for lin in self._adaln_linears():
+            yield lin.weight
+            yield lin.bias
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, force_drop_ids=None) -> torch.Tensor:
         self._check_inputs(x, t, y)
@@ -490,7 +490,8 @@ class DiT(nn.Module):
             return self.unpatchify(self.final_layer(x, c))
         final_shift, final_scale = final_mod.chunk(2, dim=1)
         fl = self.final_layer.linear
-        return ops.final_layer(x, final_shift, final_scale, fl.weight, fl.bias, p, self.out_channels, backend=self.backend)
+        return ops.final_layer(x, final_shift, final_scale, fl.weight, fl.bias, p, self.out_channels,
+                               backend=self.backend)
 
     def _call_block(self, i, block, x, c, carry=None):
         if self._checkpointed(i):
@@ -507,7 +508,7 @@ class DiT(nn.Module):
         return forward_with_cfg(self, x, t, y, cfg_scale, guide_all_channels)
 
 
-def _fuse_after_load(model: "DiT", _incompatible) -> None:
+def _fuse_after_load(model: DiT, _incompatible) -> None:
     # load_state_dict(assign=True) replaces Parameters: fuse again so the batched GEMM stays usable.
     if model.batch_adaln and not model._fused_adaln_intact():
         model.fuse_adaln_weights()

@@ -241,12 +241,14 @@ def check_config(**config) -> None:
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{name} must be an int >= 1, got {v!r}")
     ratio, p_drop = config["mlp_ratio"], config["class_dropout_prob"]
-    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not ratio > 0 or int(config["hidden_size"] * ratio) < 1:
+    if (isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not ratio > 0
+            or int(config["hidden_size"] * ratio) < 1):
         raise ValueError(f"mlp_ratio must be a number > 0 giving at least one hidden unit, got {ratio!r}")
     if isinstance(p_drop, bool) or not isinstance(p_drop, (int, float)) or not 0 <= p_drop <= 1:
         raise ValueError(f"class_dropout_prob must be a number in [0, 1], got {p_drop!r}")
     if config["hidden_size"] % config["num_heads"]:
-        raise ValueError(f"hidden_size ({config['hidden_size']}) must be divisible by num_heads ({config['num_heads']})")
+        raise ValueError(f"hidden_size ({config['hidden_size']}) must be divisible by "
+                         f"num_heads ({config['num_heads']})")
     if config["input_size"] % config["patch_size"]:
         raise ValueError(
             f"input_size ({config['input_size']}) must be a multiple of patch_size ({config['patch_size']})"

@@ -51,7 +51,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p = parser
     p.add_argument("--model", default="DiT-XL/2", choices=list(CONFIGS), help="DiT config")
     w = p.add_mutually_exclusive_group(required=True)
-    w.add_argument("--ckpt", default=None, help="weights: .pt (official, or a training checkpoint's EMA) or .safetensors")
+    w.add_argument("--ckpt", default=None,
+                   help="weights: .pt (official, or a training checkpoint's EMA) or .safetensors")
     w.add_argument("--random-init", action="store_true", help="random weights (a demo; the samples are noise-like)")
     p.add_argument("--image-size", type=int, default=256, help="pixels; latents are image-size / the VAE's factor (8)")
     p.add_argument("--num-classes", type=_positive, default=1000)
@@ -70,7 +71,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="diffusers AutoencoderKL: a local directory, a Hugging Face cache name, 'ema'/'mse' "
                         "(stabilityai/sd-vae-ft-*), or 'none' to keep latents; never downloaded")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available; cuda:LOCAL_RANK under torchrun)")
+    p.add_argument("--device", default=None,
+                   help="cuda | cpu (default: cuda when available; cuda:LOCAL_RANK under torchrun)")
     p.add_argument("--backend", default="auto", help="dit_fast kernel backend")
     p.add_argument("--no-cuda-graph", action="store_true", help="run the steps eagerly on CUDA")
     p.add_argument("--grid-size", type=int, default=64, help="samples in grid.png (0: no grid)")
@@ -107,7 +109,7 @@ def load_vae(name: str, device):
     try:
         from diffusers.models import AutoencoderKL
     except ImportError as e:
-        raise SystemExit(f"--vae {name!r} needs diffusers (pip install diffusers), or pass --vae none: {e}")
+        raise SystemExit(f"--vae {name!r} needs diffusers (pip install diffusers), or pass --vae none: {e}") from e
     repo = f"stabilityai/sd-vae-ft-{name}" if name in ("ema", "mse") else name
     try:
         vae = AutoencoderKL.from_pretrained(repo, local_files_only=True)
@@ -116,7 +118,7 @@ def load_vae(name: str, device):
             f"--vae: cannot load an AutoencoderKL from {repo!r} without downloading ({type(e).__name__}: "
             f"{str(e).splitlines()[0] if str(e) else ''}); pass a local directory, fill the Hugging Face cache "
             f"first, or use --vae none"
-        )
+        ) from e
     return vae.to(device).eval()
 
 

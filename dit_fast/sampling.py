@@ -82,7 +82,8 @@ def _labels(class_labels, num_classes: int, device) -> torch.Tensor:
     if y.is_floating_point() or y.dtype == torch.bool or y.numel() == 0:
         raise ValueError(f"class_labels must be a non-empty list of integer labels, got {y.dtype} of {y.numel()}")
     if y.device.type == "cpu" and (int(y.min()) < 0 or int(y.max()) >= num_classes):
-        raise ValueError(f"class_labels must lie in [0, {num_classes - 1}], got values in [{int(y.min())}, {int(y.max())}]")
+        raise ValueError(f"class_labels must lie in [0, {num_classes - 1}], "
+                         f"got values in [{int(y.min())}, {int(y.max())}]")
     return y.to(device=device, dtype=torch.long)
 
 
@@ -203,7 +204,7 @@ def sample(
     return x
 
 
-def _capture(one_step, x: torch.Tensor, step: torch.Tensor) -> "torch.cuda.CUDAGraph":
+def _capture(one_step, x: torch.Tensor, step: torch.Tensor) -> torch.cuda.CUDAGraph:
     """Warm up on a side stream (lazy inits, cuBLAS workspaces, Triton compiles), restore the state the
     warm-up advanced, then capture one step."""
     x0 = x.clone()

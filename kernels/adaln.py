@@ -95,7 +95,7 @@ def _tile(D: int, L: int) -> tuple[int, int, int]:
     return block_r, block_d, num_warps
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
@@ -503,7 +503,8 @@ def gated_residual_adaln_bwd(dx_out, dh, x_out, y, gate, scale, mean, rstd, shif
     dy = _empty((B, L, D), y.dtype, dev)
     if dh is None:  # no norm gradient: the gated backward with total = dx_out
         (dgate,) = _launch_bwd(GATED, None, dx_out, None, y, gate, None, None, None, dx, dy, ct, (gate.dtype,))
-        return dx, dy, dgate, torch.zeros((B, D), dtype=shift_dtype, device=dev), torch.zeros((B, D), dtype=scale.dtype, device=dev)
+        return (dx, dy, dgate, torch.zeros((B, D), dtype=shift_dtype, device=dev),
+                torch.zeros((B, D), dtype=scale.dtype, device=dev))
     dh = _unit_last(dh)
     dgate, dshift, dscale = _launch_bwd(FUSED, dh, dx_out, x_out, y, gate, scale, mean, rstd, dx, dy, ct,
                                         (gate.dtype, shift_dtype, scale.dtype))

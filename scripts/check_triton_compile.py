@@ -11,8 +11,9 @@ tile sizes) is therefore picked up without touching this file; a new kernel (a @
 whose name ends in `_kernel`) that no scenario below launches is an error.
 
 Scenarios: the 12 published configs (dit_fast.reference.CONFIGS) x 256/512 px x fp32/autocast(bf16) x
-batch 1 and a training batch, plus a bf16 model at the /2 configs, an fp16 one at DiT-XL/2 and an odd width (D=72). Launches
-with identical compile keys are compiled once (each line names the first scenario and how many more).
+batch 1 and a training batch, plus a bf16 model at the /2 configs, an fp16 one at DiT-XL/2 and an odd width
+(D=72). Launches with identical compile keys are compiled once (each line names the first scenario and how
+many more).
 
 Prints one line per (kernel, variant, target): registers and stack frame bytes per thread (non-zero
 means register spills: flagged SPILL) from the wheel's cuobjdump, and shared memory (dynamic, as
@@ -310,7 +311,8 @@ def make_source(api: str, fn, params):
 
     sig = {i: "i32" if ty == "int1" else ty for i, (_, ty, _, _) in enumerate(params) if ty != "constexpr"}
     consts = {i: v for i, (_, ty, v, _) in enumerate(params) if ty in ("constexpr", "int1")}
-    return ASTSource(fn, sig, constants=consts, attrs=AttrsDescriptor(divisible_by_16=tuple(div16), equal_to_1=tuple(ones)))
+    return ASTSource(fn, sig, constants=consts,
+                     attrs=AttrsDescriptor(divisible_by_16=tuple(div16), equal_to_1=tuple(ones)))
 
 
 def resource_usage(cubin: bytes) -> dict:
@@ -423,7 +425,8 @@ def main() -> int:
     for e in errors:
         print(f"\nFAILED to compile: {e}", file=sys.stderr)
     for verdict, line in verdicts:
-        print(f"{'FAILED' if verdict == 'FAIL' else 'note'}: {line}", file=sys.stderr if verdict == "FAIL" else sys.stdout)
+        print(f"{'FAILED' if verdict == 'FAIL' else 'note'}: {line}",
+              file=sys.stderr if verdict == "FAIL" else sys.stdout)
     n_fail = sum(v == "FAIL" for v, _ in verdicts)
     print(f"{len(jobs) - len(errors)}/{len(jobs)} compiled, {len(errors)} failed, {n_fail} over a limit "
           f"(shared memory, or a spill on a hot path), {spills} spill, {time.perf_counter() - t0:.0f} s total")

@@ -11,7 +11,7 @@ from dit_fast.bench.rounds import NOISY_SPREAD_PCT, per_round_ratios, ratio_stat
 
 def test_rotation_runs_each_contender_once_per_round_in_rotated_order():
     calls = []
-    samplers = {n: (lambda n: lambda: calls.append(n) or 1.0)(n) for n in "abc"}
+    samplers = {n: (lambda c: lambda: calls.append(c) or 1.0)(n) for n in "abc"}
     times, errors = run_rounds(samplers, 4)
     assert calls == list("abc" "bca" "cab" "abc")
     assert errors == {} and all(len(v) == 4 for v in times.values())

@@ -10,7 +10,6 @@ import dit_fast
 from dit_fast import reference
 from dit_fast.checkpoint import StateDictMismatchError, UnsafeCheckpointError, load_checkpoint, save_checkpoint
 from dit_fast.testing import randomize_weights_
-
 from tolerances import rel_err
 
 SMALL = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=2, num_classes=10)

@@ -48,7 +48,8 @@ def test_bench_writes_parity_and_throughput(tmp_path):
     for r in rows.values():
         assert "error" not in r, r
         assert r["ms_per_iter"] > 0 and r["images_per_s"] > 0 and r["flops_per_iter"] > 0
-    assert rows[("dit_fast[torch]", "train")]["flops_per_iter"] == 3 * rows[("dit_fast[torch]", "fwd")]["flops_per_iter"]
+    assert (rows[("dit_fast[torch]", "train")]["flops_per_iter"]
+            == 3 * rows[("dit_fast[torch]", "fwd")]["flops_per_iter"])
     assert {r["dtype"] for r in record["parity"]} == {"float32", "bfloat16"}
     assert all_pass(record["parity"])
 
@@ -219,7 +220,8 @@ def test_gpu_check_dry_run(tmp_path):
 
 def test_bench_mode_sample_and_sample_command(tmp_path):
     """`bench --mode sample` writes the sampling table; `sample` is reachable from the dit-fast entry point."""
-    rc = cli.main(["bench", "--no-parity", "--mode", "sample", "--model", "DiT-S/4", "--depth", "1", "--input-size", "8",
+    rc = cli.main(["bench", "--no-parity", "--mode", "sample", "--model", "DiT-S/4", "--depth", "1",
+                   "--input-size", "8",
                    "--batch", "1", "--sample-steps", "2", "--iters", "1", "--no-ceilings", "--no-png",
                    "--backend", "torch", "--out", str(tmp_path / "b")])
     assert rc == 0

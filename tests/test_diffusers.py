@@ -25,7 +25,6 @@ from dit_fast.convert_diffusers import (  # noqa: E402
     to_diffusers,
 )
 from dit_fast.testing import randomize_weights_  # noqa: E402
-
 from tolerances import rel_err  # noqa: E402
 
 HEADS, HEAD_DIM, DEPTH, SIZE = 4, 16, 2, 8

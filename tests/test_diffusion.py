@@ -9,10 +9,6 @@ import torch
 
 import dit_fast
 from dit_fast.diffusion import (
-    GaussianDiffusion,
-    LossType,
-    ModelMeanType,
-    ModelVarType,
     create_diffusion,
     get_named_beta_schedule,
     space_timesteps,
@@ -79,7 +75,8 @@ def test_respaced_betas_keep_alphas_cumprod(spacing):
     kept = sorted(space_timesteps(1000, spacing))
     assert d.timestep_map == kept and d.num_timesteps == len(kept)
     assert np.allclose(d.alphas_cumprod, full.alphas_cumprod[kept], rtol=1e-12, atol=0)
-    assert full.num_timesteps == 1000 and np.allclose(full.betas, get_named_beta_schedule("linear", 1000), rtol=1e-9, atol=0)
+    assert full.num_timesteps == 1000 and np.allclose(full.betas, get_named_beta_schedule("linear", 1000),
+                                                      rtol=1e-9, atol=0)
 
 
 # --------------------------------------------------------------------------- formulas
@@ -96,7 +93,8 @@ def test_posterior_is_bayes_rule():
     assert np.allclose(d.posterior_mean_coef1[1:], coef_x0, rtol=1e-10)
     assert np.allclose(d.posterior_mean_coef2[1:], coef_xt, rtol=1e-10)
     # t = 0: the posterior is the point x_0
-    assert d.posterior_variance[0] == 0 and d.posterior_mean_coef1[0] == pytest.approx(1) and d.posterior_mean_coef2[0] == 0
+    assert (d.posterior_variance[0] == 0 and d.posterior_mean_coef1[0] == pytest.approx(1)
+            and d.posterior_mean_coef2[0] == 0)
     assert d.posterior_log_variance_clipped[0] == pytest.approx(math.log(var[0]))
 
     # the tensor API: tables gathered in float64, cast to float32 as published

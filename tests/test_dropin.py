@@ -15,7 +15,6 @@ import dit_fast.models as models
 from dit_fast import ops, reference
 from dit_fast.backends import probe
 from dit_fast.testing import randomize_weights_
-
 from tolerances import FP32_RTOL, rel_err
 
 BACKENDS = ["torch", "ext", "triton"]
@@ -50,7 +49,8 @@ def _adaln_params(model):
 
 # -- 1. weights changed by any route ------------------------------------------------------------
 
-ROUTES = ["in_place", "data_copy", "data_lerp", "data_assign", "load_state_dict", "load_assign", "optimizer", "to_double"]
+ROUTES = ["in_place", "data_copy", "data_lerp", "data_assign", "load_state_dict", "load_assign", "optimizer",
+          "to_double"]
 
 
 def _change_weights(route, model, new_state):
@@ -111,7 +111,7 @@ def test_batched_adaln_runs_one_gemm_while_its_views_are_intact(monkeypatch):
     calls = []
     linear = torch.nn.functional.linear
     monkeypatch.setattr(models.F, "linear", lambda i, w, b=None: calls.append(w.shape) or linear(i, w, b))
-    rows = sum(l.weight.shape[0] for l in fast._adaln_linears())
+    rows = sum(lin.weight.shape[0] for lin in fast._adaln_linears())
     with torch.no_grad():
         fast(x, t, y)
         assert (rows, 48) in calls  # the fused GEMM over every block's projection

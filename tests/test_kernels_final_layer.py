@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from tolerances import assert_close, poison_
 
 from dit_fast import backends
 from dit_fast.ops import torch_backend as tb
+from tolerances import assert_close, poison_
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 EPS = 1e-6

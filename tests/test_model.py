@@ -6,7 +6,6 @@ import dit_fast
 from dit_fast import reference
 from dit_fast.backends import probe
 from dit_fast.testing import randomize_weights_
-
 from tolerances import FP32_RTOL, rel_err
 
 BACKENDS = ["torch", "triton", "ext"]

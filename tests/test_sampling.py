@@ -7,14 +7,13 @@ import pytest
 import torch
 
 import dit_fast
+from conftest import DEVICE
 from dit_fast import reference
 from dit_fast.diffusion import create_diffusion
 from dit_fast.ops.sampler_step import NUM_COLS, sampler_step, sampler_step_
 from dit_fast.sampling import build_step_table, sample
 from dit_fast.testing import randomize_weights_
 from tolerances import FP32_RTOL, rel_err
-
-from conftest import DEVICE
 
 
 class _FixedOutput(torch.nn.Module):
@@ -78,7 +77,8 @@ def test_fused_step_matches_unfused(backend, case, dtype):
     seed = int(torch.randint(0, 2**31, ()).item())
     for k in (0, 4, 9):  # first, middle and the last (noise-free) step
         t_idx = diffusion.num_timesteps - 1 - k
-        ref, noise = _unfused(diffusion, sampler, out, x, t_idx, cfg, cfg_scale, guide_all, clip, eta, seed, learn_sigma)
+        ref, noise = _unfused(diffusion, sampler, out, x, t_idx, cfg, cfg_scale, guide_all, clip, eta, seed,
+                              learn_sigma)
         got = sampler_step(x, out, noise, table, torch.tensor([k]), cfg_scale=cfg_scale,
                            guided_channels=C if guide_all else 3, cfg=cfg, learn_sigma=learn_sigma,
                            clip=clip, ddim=sampler == "ddim", backend=backend)

@@ -276,7 +276,8 @@ def test_reads_latent_shards(tmp_path, train):
     x, y = shards.batch_at(np.array([0, 6, 1]), "cpu")
     assert x.shape == (3, 4, 8, 8) and x.dtype == torch.float32 and y.tolist() == [1, 3, 2]  # .pt shards first
     want = torch.load(data / "b.pt", weights_only=True)["latents"]
-    assert torch.equal(x[0], want[0].float()) and torch.equal(x[1], torch.from_numpy(np.load(data / "a.npy")[3]).float())
+    assert (torch.equal(x[0], want[0].float())
+            and torch.equal(x[1], torch.from_numpy(np.load(data / "a.npy")[3]).float()))
     result = train.main(["--model", "DiT-S/8", "--depth", "1", "--hidden-size", "32", "--num-heads", "2",
                          "--image-size", "64", "--num-classes", "10", "--global-batch-size", "4",
                          "--max-steps", "2", "--device", "cpu", "--no-progress", "--precision", "fp32",
@@ -291,11 +292,16 @@ BAD_SHARDS = {
     # Equal totals (8 latents, 8 labels) but not per shard: rows would pair with the wrong labels.
     "counts_per_shard": (dict(npy_labels=np.arange(6) % 10, pt_labels=torch.tensor([1, 2])),
                          r"b\.pt: 3 latents but labels of shape \[2\], expected \[3\]"),
-    "float_labels_pt": (dict(pt_labels=torch.tensor([1.0, 2.5, 3.0])), r"b\.pt: labels must be an integer dtype, got torch\.float32"),
-    "float_labels_npy": (dict(npy_labels=np.arange(5) * 1.0), r"a\.labels\.npy: labels must be an integer dtype, got float64"),
-    "null_class_label": (dict(pt_labels=torch.tensor([1, 10, 3])), r"b\.pt: labels must be in \[0, 10\).*null class.*from 1 to 10"),
-    "negative_label": (dict(npy_labels=np.array([0, -1, 2, 3, 4])), r"a\.npy: labels must be in \[0, 10\).*from -1 to 4"),
-    "wrong_channels": (dict(pt=torch.randn(3, 3, 8, 8)), r"b\.pt: latents have shape \[3, 3, 8, 8\], expected \[N, 4, 8, 8\]"),
+    "float_labels_pt": (dict(pt_labels=torch.tensor([1.0, 2.5, 3.0])),
+                        r"b\.pt: labels must be an integer dtype, got torch\.float32"),
+    "float_labels_npy": (dict(npy_labels=np.arange(5) * 1.0),
+                         r"a\.labels\.npy: labels must be an integer dtype, got float64"),
+    "null_class_label": (dict(pt_labels=torch.tensor([1, 10, 3])),
+                         r"b\.pt: labels must be in \[0, 10\).*null class.*from 1 to 10"),
+    "negative_label": (dict(npy_labels=np.array([0, -1, 2, 3, 4])),
+                       r"a\.npy: labels must be in \[0, 10\).*from -1 to 4"),
+    "wrong_channels": (dict(pt=torch.randn(3, 3, 8, 8)),
+                       r"b\.pt: latents have shape \[3, 3, 8, 8\], expected \[N, 4, 8, 8\]"),
     "integer_latents": (dict(pt=torch.zeros(3, 4, 8, 8, dtype=torch.int32)), r"b\.pt: latents must be floating point"),
     "nan_latent": (dict(npy=np.where(np.arange(5)[:, None, None, None] == 2, np.nan, np.random.randn(5, 4, 8, 8))),
                    r"a\.npy: latent row 2 has non-finite values"),
@@ -320,7 +326,8 @@ def test_unreadable_shards_are_refused(tmp_path):
     with pytest.raises(InvalidShardError, match=r"b\.pt: holds Python objects .*refusing to unpickle"):
         _open(data)
     torch.save([torch.randn(3, 4, 8, 8)], data / "b.pt")
-    with pytest.raises(InvalidShardError, match=r'b\.pt: expected a dict \{"latents": tensor, "labels": tensor\}, got list'):
+    with pytest.raises(InvalidShardError,
+                       match=r'b\.pt: expected a dict \{"latents": tensor, "labels": tensor\}, got list'):
         _open(data)
 
 

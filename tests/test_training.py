@@ -184,7 +184,8 @@ def test_training_loss_curve_matches_reference():
     gen = torch.Generator().manual_seed(1234)
     # A small fixed data set with structure to learn: smooth per-class patterns plus noise.
     grid = torch.linspace(0, 3.14, 8)
-    patterns = torch.stack([torch.sin((c + 1) * grid)[:, None] * torch.cos((c % 3 + 1) * grid)[None] for c in range(10)])
+    patterns = torch.stack([torch.sin((c + 1) * grid)[:, None] * torch.cos((c % 3 + 1) * grid)[None]
+                            for c in range(10)])
     data_y = torch.randint(0, 10, (32,), generator=gen)
     data_x = patterns[data_y][:, None].repeat(1, 4, 1, 1) + 0.1 * torch.randn(32, 4, 8, 8, generator=gen)
     batches = []

@@ -75,7 +75,8 @@ class Contender:
     extra: dict = field(default_factory=dict)
 
 
-def contender_list(device_type: str, backends: list[str] | None, compile_ref: bool, compile_fast: bool, attn: str) -> list[Contender]:
+def contender_list(device_type: str, backends: list[str] | None, compile_ref: bool, compile_fast: bool,
+                   attn: str) -> list[Contender]:
     """Eager contenders first, compiled ones last: a run cut short by a timeout (compiling is the slow
     part) still has every eager number."""
     names = backends or available_backends(device_type)

@@ -88,20 +88,23 @@ def make_case(op: str, B: int, L: int, D: int, dtype: torch.dtype, device, patch
         return OpCase(op, args, [0, 1, 2, 3, 4], label, bwd_reads=(1, 2, 4), bwd_reads_outputs=(0,))
     side = int(round(L**0.5)) * patch
     if op == "patch_embed":  # backward: dout, image, weight -> dweight, dbias
-        args = [_t((B, channels, side, side), res, device, False), _t((D, channels, patch, patch), res, device, True, 0.1),
+        args = [_t((B, channels, side, side), res, device, False),
+                _t((D, channels, patch, patch), res, device, True, 0.1),
                 _t((D,), res, device, True), _t((1, L, D), res, device, False), patch]
         return OpCase(op, args, [1, 2], label, bwd_reads=(0, 1), gemm_flops=2 * B * L * channels * patch * patch * D)
     if op == "final_layer":  # backward: dout, x, shift, scale, weight -> dx, dshift, dscale, dweight, dbias
         out_c = 2 * channels
         args = [_t((B, L, D), res, device, True), _t((B, D), lp, device, True), _t((B, D), lp, device, True),
-                _t((patch * patch * out_c, D), res, device, True, D**-0.5), _t((patch * patch * out_c,), res, device, True),
+                _t((patch * patch * out_c, D), res, device, True, D**-0.5),
+                _t((patch * patch * out_c,), res, device, True),
                 patch, out_c, 1e-6]
         return OpCase(op, args, [0, 1, 2, 3, 4], label, bwd_reads=(0, 1, 2, 3),
                       gemm_flops=2 * B * L * D * patch * patch * out_c)
     if op == "linear_gelu_tanh":  # backward: dout, pre-activation, x, weight -> dx, dweight, dbias
         H = 4 * D
         args = [_t((B, L, D), lp, device, True), _t((H, D), res, device, True, D**-0.5), _t((H,), res, device, True)]
-        return OpCase(op, args, [0, 1, 2], label, bwd_reads=(0, 1), saved_like_outputs=(0,), gemm_flops=2 * B * L * D * H)
+        return OpCase(op, args, [0, 1, 2], label, bwd_reads=(0, 1), saved_like_outputs=(0,),
+                      gemm_flops=2 * B * L * D * H)
     raise ValueError(f"op must be one of {OPS}, got {op!r}")
 
 
@@ -221,7 +224,8 @@ def bench_interleaved(case: OpCase, fns: dict[str, Callable], device, dtype, wit
                 runs[name] = run
             except Exception as e:
                 rows[name]["error"] = f"{pass_}: {_error(e)}"
-        samplers = {name: (lambda run: lambda: sample_kernel(run, dev, rep_ms, cpu_iters))(run) for name, run in runs.items()}
+        samplers = {name: (lambda r: lambda: sample_kernel(r, dev, rep_ms, cpu_iters))(run)
+                    for name, run in runs.items()}
         times, errors = run_rounds(samplers, rounds)
         for name in runs:
             s = spread(times[name])

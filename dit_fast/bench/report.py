@@ -49,7 +49,8 @@ def read_record(path: str) -> dict:
     except OSError as e:
         raise ValueError(f"{path}: cannot be read ({e.strerror or e})") from None
     if not isinstance(record, dict):
-        raise ValueError(f"{path}: expected a dit_fast results object (JSON object), got a JSON {type(record).__name__}")
+        raise ValueError(f"{path}: expected a dit_fast results object (JSON object), "
+                         f"got a JSON {type(record).__name__}")
     env = record.get("env")
     if not isinstance(env, dict) or not isinstance(env.get("date"), str):
         raise ValueError(f"{path}: expected an 'env' object with a 'date' string (a dit_fast results file), "
@@ -105,7 +106,8 @@ def env_lines(env: dict, ceilings: dict | None) -> str:
         f"- device: {dev}{extra}",
         f"- torch {env.get('torch')}, CUDA {env.get('cuda')}, triton {env.get('triton')}, "
         f"flash-attn {env.get('flash_attn')}, dit_fast._C built: {env.get('ext_built')}",
-        f"- commit {env.get('git_commit', 'unknown')[:12]}{' (dirty)' if env.get('git_dirty') else ''}, {env.get('date')}",
+        f"- commit {env.get('git_commit', 'unknown')[:12]}{' (dirty)' if env.get('git_dirty') else ''}, "
+        f"{env.get('date')}",
     ]
     if ceilings and ceilings.get("source"):
         lines.append(f"- ceilings: copy {ceilings.get('copy_gb_per_s')} GB/s, bf16 GEMM {ceilings.get('gemm_tflops')} "
@@ -119,10 +121,12 @@ def env_lines(env: dict, ceilings: dict | None) -> str:
 
 
 THROUGHPUT_COLS = [
-    ("mode", "mode"), ("contender", "contender"), ("batch", "batch"), ("ms_per_iter", "ms/iter"), ("spread_pct", "spread %"),
+    ("mode", "mode"), ("contender", "contender"), ("batch", "batch"), ("ms_per_iter", "ms/iter"),
+    ("spread_pct", "spread %"),
     ("images_per_s", "img/s"), ("tflops", "TFLOP/s"), ("mfu", "MFU"), ("peak_mem_gib", "peak GiB"),
     ("speedup_vs_eager", "x eager"), ("speedup_vs_eager_spread_pct", "spread %"),
-    ("speedup_vs_compile", "x compile"), ("speedup_vs_compile_spread_pct", "spread %"), ("noise", "noise"), ("error", "error"),
+    ("speedup_vs_compile", "x compile"), ("speedup_vs_compile_spread_pct", "spread %"), ("noise", "noise"),
+    ("error", "error"),
 ]
 # (flag key, what it is about) per table: a row is marked NOISY when any of them is set
 THROUGHPUT_NOISE = (("noisy", "time"), ("speedup_vs_eager_noisy", "x eager"), ("speedup_vs_compile_noisy", "x compile"))
@@ -156,7 +160,8 @@ PARITY_COLS = [
     ("max_abs_vs_ref", "max abs vs ref"), ("pass", "result"), ("worst_param", "worst param"), ("error", "error"),
 ]
 KERNEL_COLS = [
-    ("op", "op"), ("shape", "shape"), ("dtype", "dtype"), ("backend", "backend"), ("fwd_ms", "fwd ms"), ("fwd_gb_per_s", "fwd GB/s"),
+    ("op", "op"), ("shape", "shape"), ("dtype", "dtype"), ("backend", "backend"), ("fwd_ms", "fwd ms"),
+    ("fwd_gb_per_s", "fwd GB/s"),
     ("fwd_pct_copy", "fwd % copy"), ("fwd_bwd_ms", "fwd+bwd ms"), ("fwd_bwd_gb_per_s", "fwd+bwd GB/s"),
     ("fwd_bwd_pct_copy", "fwd+bwd % copy"), ("fwd_tflops", "fwd TFLOP/s"), ("fwd_spread_pct", "fwd spread %"),
     ("fwd_bwd_spread_pct", "fwd+bwd spread %"), ("fwd_speedup_vs_eager", "fwd x eager"),
@@ -168,8 +173,10 @@ SAMPLING_COLS = [
     ("spread_pct", "spread %"), ("ms_per_step", "ms per step"), ("images_per_s", "images/s"),
     ("speedup_vs_reference", "x reference"), ("noisy", "noisy"), ("error", "error"),
 ]
-PROFILE_KERNEL_COLS = [("name", "kernel / op"), ("calls", "calls"), ("total_us", "total µs"), ("mean_us", "mean µs"), ("pct", "% of step (kernel time)")]
-PROFILE_RANGE_COLS = [("range", "range"), ("calls", "calls"), ("total_us", "total µs"), ("mean_us", "mean µs"), ("pct", "%")]
+PROFILE_KERNEL_COLS = [("name", "kernel / op"), ("calls", "calls"), ("total_us", "total µs"), ("mean_us", "mean µs"),
+                       ("pct", "% of step (kernel time)")]
+PROFILE_RANGE_COLS = [("range", "range"), ("calls", "calls"), ("total_us", "total µs"), ("mean_us", "mean µs"),
+                      ("pct", "%")]
 
 
 def _clip_name(rows: list[dict], n: int = 90) -> list[dict]:
@@ -190,7 +197,8 @@ def markdown(record: dict) -> str:
                   f"({f['forward_gflops_per_image']:.1f} GFLOP; training step x3).", ""]
     if record.get("parity"):
         ok = all(r["pass"] for r in record["parity"])
-        parts += [f"## Parity against the reference ({'PASS' if ok else 'FAIL'})", "", md_table(record["parity"], PARITY_COLS), ""]
+        parts += [f"## Parity against the reference ({'PASS' if ok else 'FAIL'})", "",
+                  md_table(record["parity"], PARITY_COLS), ""]
     if record.get("throughput"):
         rows = [with_noise(r, THROUGHPUT_NOISE) for r in record["throughput"]]
         parts += ["## Throughput", "", md_table(rows, THROUGHPUT_COLS), "", *noise_lines(rows), ""]
@@ -198,11 +206,13 @@ def markdown(record: dict) -> str:
         parts += ["## Sampling (CFG, one call = all steps)", "", md_table(record["sampling"], SAMPLING_COLS), ""]
     if record.get("kernels"):
         rows = [with_noise(r, KERNEL_NOISE) for r in record["kernels"]]
-        parts += ["## Kernels", "", "Bytes: each input read once + each output written once; backward: output grads read, "
+        parts += ["## Kernels", "",
+                  "Bytes: each input read once + each output written once; backward: output grads read, "
                   "what the backward needs read (per op), input grads written (dit_fast/bench/kernels.py).", "",
                   md_table(rows, KERNEL_COLS), "", *noise_lines(rows), ""]
     if record.get("overhead"):
-        parts += ["## Host overhead per op call", "", OVERHEAD_INTRO, "", md_table(record["overhead"], OVERHEAD_COLS), ""]
+        parts += ["## Host overhead per op call", "", OVERHEAD_INTRO, "",
+                  md_table(record["overhead"], OVERHEAD_COLS), ""]
     if record.get("roofline"):
         from .roofline import markdown_section
 

@@ -53,7 +53,8 @@ class K:
         return max(self.flops / gemm_flops_per_s, self.bytes / copy_bytes_per_s)
 
 
-def fused_op_bytes(op: str, B: int, L: int, D: int, precision: str, patch: int = 2, channels: int = 4) -> dict[str, int]:
+def fused_op_bytes(op: str, B: int, L: int, D: int, precision: str, patch: int = 2,
+                   channels: int = 4) -> dict[str, int]:
     """{"fwd", "bwd"} bytes of a dit_fast fused op by the kernel benchmarks' exact byte model."""
     import torch
 
@@ -183,7 +184,8 @@ def step_ops(s: DiTShape, batch: int, mode: str = "forward", precision: str = "a
     eager_res_norm = [K(a.flops + b.flops, (a.bytes + b.bytes) * n, (a.launches + b.launches) * n)
                       for a, b in zip(eager_gate_res, eager_norm_mod)]
     add("gate*attn + residual + norm2 + modulate", "memory", 0, {
-        "eager": eager_res_norm, "inductor": fused("gated_residual_adaln", n), "dit_fast": fused("gated_residual_adaln", n),
+        "eager": eager_res_norm, "inductor": fused("gated_residual_adaln", n),
+        "dit_fast": fused("gated_residual_adaln", n),
     })
     fc1 = gemm(F["fc1"], Al, H * D, Hl, n)
     fc1_epilogue = gemm(F["fc1"], Al, H * D, Hl, n)
@@ -255,7 +257,8 @@ def predict(s: DiTShape, batch: int, mode: str, copy_gb_per_s: float, gemm_tflop
 
 
 OP_COLS = [("mode", "mode"), ("op", "op"), ("kind", "kind"), ("gflop", "GFLOP"),
-           ("eager_gb", "eager GB"), ("eager_ms", "eager ms"), ("inductor_gb", "inductor GB"), ("inductor_ms", "inductor ms"),
+           ("eager_gb", "eager GB"), ("eager_ms", "eager ms"),
+           ("inductor_gb", "inductor GB"), ("inductor_ms", "inductor ms"),
            ("dit_fast_gb", "dit_fast GB"), ("dit_fast_ms", "dit_fast ms")]
 SUMMARY_COLS = [("mode", "mode"), ("plan", "plan"), ("step_ms", "step ms"), ("images_per_s", "img/s"),
                 ("tflops", "TFLOP/s"), ("mfu", "MFU"), ("gb", "GB moved"), ("gemm_bound_ms", "GEMM-bound ms"),
@@ -270,7 +273,8 @@ def markdown_section(record: dict) -> list[str]:
     lines = ["## Roofline (PREDICTED, not measured)", "",
              f"Ceilings used: copy {c.get('copy_gb_per_s')} GB/s, bf16 GEMM {c.get('gemm_tflops')} TFLOP/s "
              f"({c.get('source', '')}).", "",
-             "Predicted step per plan (a floor: launch gaps, wave quantization and GEMM shape efficiency are not modelled):", "",
+             "Predicted step per plan (a floor: launch gaps, wave quantization and GEMM shape efficiency "
+             "are not modelled):", "",
              md_table(record.get("roofline_summary", []), SUMMARY_COLS), "",
              "Per op, whole step (all blocks):", "", md_table(record["roofline"], OP_COLS), ""]
     return lines

@@ -13,7 +13,8 @@ from .roofline import DEVICE_SPECS, MODES, PRECISIONS
 
 
 def add_parser(sub, positive, positive_float, model_name) -> None:
-    r = sub.add_parser("roofline", help="predicted per-op bytes, FLOPs and times from a device's ceilings (no GPU needed)")
+    r = sub.add_parser("roofline",
+                       help="predicted per-op bytes, FLOPs and times from a device's ceilings (no GPU needed)")
     r.add_argument("--model", type=model_name, default="DiT-XL/2", help="DiT config name")
     r.add_argument("--batch", type=positive, default=256, help="images per step")
     r.add_argument("--image-size", type=int, choices=(256, 512), default=256)
@@ -21,10 +22,12 @@ def add_parser(sub, positive, positive_float, model_name) -> None:
                    help="spec ceilings of this GPU (with --measure: only names the file when the GPU is not known)")
     r.add_argument("--mode", choices=MODES + ("both",), default="both", help="forward, train or both")
     r.add_argument("--precision", choices=PRECISIONS, default="autocast",
-                   help="autocast: fp32 weights and residual stream, bf16 GEMMs (the benchmarked policy); bf16: all bf16")
+                   help="autocast: fp32 weights and residual stream, bf16 GEMMs (the benchmarked policy); "
+                        "bf16: all bf16")
     r.add_argument("--eager-attention", choices=("math", "sdpa"), default="math",
                    help="attention of the eager reference (the reference code is math)")
-    r.add_argument("--copy-gbps", type=positive_float, default=None, help="override the copy bandwidth (GB/s, read+write)")
+    r.add_argument("--copy-gbps", type=positive_float, default=None,
+                   help="override the copy bandwidth (GB/s, read+write)")
     r.add_argument("--gemm-tflops", type=positive_float, default=None, help="override the bf16 GEMM rate (TFLOP/s)")
     r.add_argument("--measure", action="store_true", help="measure the ceilings on this machine's GPU now")
     r.add_argument("--out", default=None, help="also write JSON + Markdown here")

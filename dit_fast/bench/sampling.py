@@ -99,7 +99,7 @@ def run_sampling_bench(
         z = torch.randn(batch, shape.in_channels, shape.input_size, shape.input_size, device=device, generator=g)
         y = torch.randint(0, NUM_CLASSES, (batch,), device=device, generator=g)
 
-        def timed(fn):
+        def timed(fn, z=z, y=y):  # bind this batch's inputs
             def call() -> float:
                 _sync(device)
                 t0 = time.perf_counter()

@@ -107,9 +107,10 @@ def run_throughput(
         rows: list[dict] = []
         for phase in phases:
             timed, failed = _prepare(phase, mode, pristine, inputs[n], device, dtype, warmup, forward_models, progress)
-            bar = _progress_bar(iters * len(timed), f"{mode}: {len(timed)} contenders x {iters} rounds") if progress else None
+            bar = (_progress_bar(iters * len(timed), f"{mode}: {len(timed)} contenders x {iters} rounds")
+                   if progress else None)
 
-            def sampler(t: _Timed):
+            def sampler(t: _Timed, bar=bar):
                 def run():
                     ms = t.sample(device)
                     if bar:
@@ -117,7 +118,7 @@ def run_throughput(
                     return ms
                 return run
 
-            def rows_of(times, errors):
+            def rows_of(times, errors, phase=phase, failed=failed, mode=mode, n=n, flops=flops, timed=timed):
                 out = []
                 for c in phase:
                     if c.name in failed:
@@ -129,7 +130,7 @@ def run_throughput(
                 add_speedups(out)
                 return out
 
-            def save(_r, times, errors):
+            def save(_r, times, errors, done=done):
                 nonlocal rows
                 rows = rows_of(times, errors)
                 if on_update:

@@ -57,7 +57,8 @@ def time_fn(fn: Callable[[], object], device, warmup: int = 3, iters: int = 10, 
     return _summary(times)
 
 
-def time_kernel(fn: Callable[[], object], device, warmup_ms: float = 25, rep_ms: float = 100, cpu_iters: int = 5) -> dict:
+def time_kernel(fn: Callable[[], object], device, warmup_ms: float = 25, rep_ms: float = 100,
+                cpu_iters: int = 5) -> dict:
     """Microbenchmark timing: do_bench (median, L2 flushed) on CUDA when triton is present, else time_fn."""
     import torch
 

@@ -233,12 +233,12 @@ class GaussianDiffusion:
     def p_sample_loop(self, model, shape, noise=None, clip_denoised=True, denoised_fn=None, cond_fn=None,
                       model_kwargs=None, device=None, progress=False):
         """Samples of `shape` from the model; returns x_0."""
-        final = None
-        for final in self.p_sample_loop_progressive(
+        _final = None
+        for _final in self.p_sample_loop_progressive(
             model, shape, noise, clip_denoised, denoised_fn, cond_fn, model_kwargs, device, progress
         ):
             pass
-        return final["sample"]
+        return _final["sample"]
 
     def p_sample_loop_progressive(self, model, shape, noise=None, clip_denoised=True, denoised_fn=None,
                                   cond_fn=None, model_kwargs=None, device=None, progress=False):
@@ -299,12 +299,12 @@ class GaussianDiffusion:
 
     def ddim_sample_loop(self, model, shape, noise=None, clip_denoised=True, denoised_fn=None, cond_fn=None,
                          model_kwargs=None, device=None, progress=False, eta=0.0):
-        final = None
-        for final in self.ddim_sample_loop_progressive(
+        _final = None
+        for _final in self.ddim_sample_loop_progressive(
             model, shape, noise, clip_denoised, denoised_fn, cond_fn, model_kwargs, device, progress, eta
         ):
             pass
-        return final["sample"]
+        return _final["sample"]
 
     def ddim_sample_loop_progressive(self, model, shape, noise=None, clip_denoised=True, denoised_fn=None,
                                      cond_fn=None, model_kwargs=None, device=None, progress=False, eta=0.0):

@@ -27,7 +27,8 @@ def approx_standard_normal_cdf(x: torch.Tensor) -> torch.Tensor:
     return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x.pow(3))))
 
 
-def discretized_gaussian_log_likelihood(x: torch.Tensor, *, means: torch.Tensor, log_scales: torch.Tensor) -> torch.Tensor:
+def discretized_gaussian_log_likelihood(x: torch.Tensor, *, means: torch.Tensor,
+                                        log_scales: torch.Tensor) -> torch.Tensor:
     """log P(x) for data x in [-1, 1] quantized to 256 bins of width 2/255, under N(means, exp(log_scales)^2).
 
     The bin of x is [x - 1/255, x + 1/255]; the outermost bins extend to -inf / +inf. Returns

@@ -122,7 +122,8 @@ def _resolve(backend: str, device_type: str) -> str:
             why = f"importing the Triton kernel failed: {type(e).__name__}: {e}"
     if why is None:
         return "triton"
-    warn_once(("sampler_step", backend, device_type), f"dit_fast: sampler_step cannot use Triton ({why}); using 'torch'")
+    warn_once(("sampler_step", backend, device_type),
+              f"dit_fast: sampler_step cannot use Triton ({why}); using 'torch'")
     return "torch"
 
 
