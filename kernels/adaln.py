@@ -45,6 +45,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..ops.dtypes import compute_dtype  # the one definition every backend uses
 from . import common
 from .common import cast_for, interpreting, sum_partials
 
@@ -72,10 +73,6 @@ def poison_outputs():
 
 
 _empty = common.empty
-
-
-def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
 def _tl(dtype: torch.dtype):
