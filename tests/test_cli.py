@@ -80,7 +80,7 @@ def test_info_runs(capsys):
 
 
 @pytest.mark.parametrize("command, extra, flag", [
-    ("bench", ["--mode", "sample"], "--mode"),
+    ("bench", ["--mode", "bogus"], "--mode"),
     ("bench", ["--dtype", "int8"], "--dtype"),
     ("throughput", ["--iters", "0"], "--iters"),
     ("throughput", ["--iters", "-2"], "--iters"),
