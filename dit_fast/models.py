@@ -342,16 +342,15 @@ class DiT(nn.Module):
         linears = self._adaln_linears()
         ws = [lin.weight for lin in linears]
         bs = [lin.bias for lin in linears]
-        if any(_is_sharded(p) or p.is_meta for p in ws + bs) or len({(p.dtype, p.device) for p in ws + bs}) != 1:
+        # Parameters created under inference_mode cannot take views of new storage; keep them as they are.
+        if any(_is_sharded(p) or p.is_meta or p.is_inference() for p in ws + bs) or len(
+            {(p.dtype, p.device) for p in ws + bs}
+        ) != 1:
             self._adaln_fused = None
             return
         weight, bias = torch.cat([w.detach() for w in ws]), torch.cat([b.detach() for b in bs])
-        if any(p.is_inference() for p in ws + bs):
-            # Parameters created under inference_mode cannot take views of new storage; keep them as they are.
-            self._adaln_fused = None
-            return
         rows = 0
-        for _lin, w, b in zip(linears, ws, bs):
+        for w, b in zip(ws, bs):
             n = w.shape[0]
             w.data = weight[rows : rows + n]
             b.data = bias[rows : rows + n]
