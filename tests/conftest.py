@@ -69,3 +69,12 @@ def vae_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("vae")
     vae.save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny ops on a shared 2-core machine: more threads only add contention (measured 10-50x slower)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

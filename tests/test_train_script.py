@@ -20,12 +20,8 @@ TINY = ["--model", "DiT-S/2", "--depth", "1", "--hidden-size", "64", "--num-head
         "--no-progress"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# Tiny models: one thread (conftest's fixture)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

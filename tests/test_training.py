@@ -19,13 +19,8 @@ SMALL = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=384, depth=2
 TINY = dict(SMALL, hidden_size=64, num_heads=2)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny ops on a shared 2-core machine: more threads only add contention (measured 10-50x slower).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# Tiny models: one thread (conftest's fixture)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_pair(config=SMALL):
