@@ -45,7 +45,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ..ops.dtypes import compute_dtype  # the one definition every backend uses
+# The one compute-dtype rule of every backend; absolute, since scripts/check_triton_compile.py loads kernels/ alone.
+from dit_fast.ops.dtypes import compute_dtype
+
 from . import common
 from .common import cast_for, interpreting, sum_partials
 
