@@ -201,8 +201,9 @@ __global__ void __launch_bounds__(kMaxThreads) adaln_fwd_kernel(FwdParams p) {
     float v[kVec], yy[kVec];
     unpack(next_x, v);
     if (kHasGate) unpack(next_y, yy);
-    // Row statistics are taken of the row minus its first element (see ops.cpp: `mean`); every
-    // thread computes that pivot itself, with the same explicit fma as the owner of column 0.
+    // Row statistics are taken of the row minus its first element, so a large common offset costs
+    // no accuracy; every thread computes that pivot itself, with the same explicit fma as the owner
+    // of column 0. The saved mean is pivot + mu (ops.cpp: `mean`).
     float pivot = static_cast<float>(next_x0);
     const float y0 = static_cast<float>(next_y0);
     if (r + 1 < r_end) fetch(r + 1);
@@ -233,7 +234,7 @@ __global__ void __launch_bounds__(kMaxThreads) adaln_fwd_kernel(FwdParams p) {
       for (int i = 0; i < kVec; ++i) v[i] = (v[i] - mu) * rs * sc1[i] + sh[i];
       store8(h, off, nv, p.vec, v);
       if (threadIdx.x == 0) {
-        p.mean[r] = mu;
+        p.mean[r] = pivot + mu;
         p.rstd[r] = rs;
       }
     }
@@ -288,14 +289,12 @@ __global__ void __launch_bounds__(kMaxThreads) adaln_bwd_kernel(BwdParams p) {
     Pack<H> n_dh;
     Pack<T> n_xn, n_dout, n_dxo;
     Pack<Y> n_y;
-    T n_pivot = static_cast<T>(0.f);
     float n_mu = 0.f, n_rs = 0.f;
     auto fetch = [&](int64_t l) {
       const int64_t r = b * p.L + l, off = r * D + c0;
       if (kHasNorm) {
         load_raw(static_cast<const H*>(p.dout), off, nv, p.vec, n_dh);
         load_raw(xn, off, nv, p.vec, n_xn);
-        n_pivot = xn[r * D];
         n_mu = p.mean[r];
         n_rs = p.rstd[r];
         if (kHasGate && dx_out != nullptr) load_raw(dx_out, off, nv, p.vec, n_dxo);
@@ -317,22 +316,27 @@ __global__ void __launch_bounds__(kMaxThreads) adaln_bwd_kernel(BwdParams p) {
         unpack(n_dout, dtot);
       }
       if (kHasGate) unpack(n_y, yy);
-      const float pivot = static_cast<float>(n_pivot), mu = n_mu, rs = n_rs;
+      const float mu = n_mu, rs = n_rs;
       if (l + 1 < l1) fetch(l + 1);
       if (kHasNorm) {
+        // xc = x - mean, and mean(xc) corrects the saved mean's rounding (up to half an ulp of
+        // the mean, large next to the std at large offsets): xhat = (xc - mean(xc)) * rstd, and
+        // mean(g * xhat) = rstd * (mean(g * xc) - mean(xc) * mean(g)). One reduction of three sums.
         float gg[kVec];
-        float s[2] = {0.f, 0.f};
+        float s[3] = {0.f, 0.f, 0.f};
 #pragma unroll
         for (int i = 0; i < kVec; ++i) {
-          xh[i] = i < nv ? ((xh[i] - pivot) - mu) * rs : 0.f;
+          xh[i] = i < nv ? xh[i] - mu : 0.f;
           gg[i] = dh[i] * sc1[i];
           s[0] += gg[i];
           s[1] += gg[i] * xh[i];
+          s[2] += xh[i];
         }
-        block_sum<2>(s, smem);
-        const float c1 = s[0] / D, c2 = s[1] / D;
+        block_sum<3>(s, smem);
+        const float xc_mean = s[2] / D, c1 = s[0] / D, c2 = rs * (s[1] / D - xc_mean * c1);
 #pragma unroll
         for (int i = 0; i < kVec; ++i) {
+          xh[i] = i < nv ? (xh[i] - xc_mean) * rs : 0.f;
           dtot[i] = rs * (gg[i] - c1 - xh[i] * c2);
           a_shift[i] += dh[i];
           a_scale[i] += dh[i] * xh[i];

@@ -8,9 +8,10 @@
 #define DIT_FAST_STR(x) DIT_FAST_STR_(x)
 
 TORCH_LIBRARY(dit_fast_ext, m) {
-  // mean, rstd: [B, L] in the compute dtype (float32, float64 if any input is float64). `mean` is
-  // the mean of the row minus its first element (x[..., 0], resp. x_out[..., 0]): centring on a
-  // row element keeps float32 exact at large offsets; the backward reads the pivot from x again.
+  // mean, rstd: [B, L] in the compute dtype (float32, float64 if any input is float64): the row mean
+  // of x (resp. x_out), computed as pivot + mean(row - pivot) with the pivot the row's first element,
+  // and 1 / sqrt(var + eps). The same definition as the Triton ops; the backward corrects for the
+  // mean's rounding with mean(x - mean), so no pivot is re-read.
   m.def("adaln_modulate_fwd(Tensor x, Tensor shift, Tensor scale, float eps, ScalarType? h_dtype)"
         " -> (Tensor h, Tensor mean, Tensor rstd)");
   // dshift, dscale in the compute dtype.

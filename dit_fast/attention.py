@@ -205,7 +205,10 @@ def attention(qkv: torch.Tensor, num_heads: int, backend: str = "auto") -> torch
     elif name == "flash_attn_4":
         out = _run_flash_attn_4(qkv5)
     else:
-        q, k, v = qkv5.permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, L, Dh] views
+        # Unbound along the packed dim, then transposed: the same [B, H, L, Dh] views, but autograd's
+        # unbind backward stacks dq, dk, dv along dim 2, which is the packed [B, L, 3, H, Dh] layout of
+        # qkv itself: one write of the QKV gradient, no copy to make it contiguous afterwards.
+        q, k, v = (t.transpose(1, 2) for t in qkv5.unbind(2))
         out = math_attention(q, k, v) if name == "math" else F.scaled_dot_product_attention(q, k, v)
         out = out.transpose(1, 2)
     return out.reshape(B, L, D)

@@ -30,13 +30,17 @@ OPS = ADALN_OPS + EMBED_OPS
 class Capability:
     """What a kernel family runs: these ops, on tensors of these device types. Every backend takes
     float16, bfloat16 and float32 inputs (mixed freely); `float64` says whether float64 inputs run
-    (in float64), `max_d` bounds the feature dim D (x.shape[-1]) where the kernels have a limit."""
+    (in float64), `max_d` bounds the feature dim D (x.shape[-1]) where the kernels have a limit.
+    `fused_bias`: the gated ops add their optional `bias` (of the GEMM that made y) inside the kernel and
+    sum its gradient in their backward pass; without it the backend adds the bias in a separate pass,
+    so the model passes the bias to the gated op only where this is True (models.py)."""
 
     backend: str
     device_types: tuple[str, ...]
     ops: tuple[str, ...]
     float64: bool
     max_d: int | None = None
+    fused_bias: bool = False
 
     def refuses(self, float64: bool, d: int | None) -> str:
         """Why this row cannot run a call ("" if it can)."""
@@ -51,7 +55,7 @@ class Capability:
 # backend adds its rows here (docs/DESIGN.md, "Adding a backend"). Whether a family is usable at all on
 # this machine (installed, built, a GPU present) is its module's `available(device_type)`.
 CAPABILITIES = (
-    Capability("triton", ("cuda", "cpu"), ADALN_OPS, float64=True),
+    Capability("triton", ("cuda", "cpu"), ADALN_OPS, float64=True, fused_bias=True),
     Capability("triton", ("cuda", "cpu"), EMBED_OPS, float64=False),  # float32 accumulation only
     Capability("ext", ("cpu",), ADALN_OPS, float64=True),
     Capability("ext", ("cuda",), ADALN_OPS, float64=False, max_d=4096),  # kMaxD of csrc/adaln_cuda.cu
@@ -202,6 +206,12 @@ def resolve(backend: str, op: str, device_type: str, float64: bool = False, d: i
 # torch.compiler.assume_constant_result does; setting the mark directly keeps `import torch._dynamo`
 # (seconds, and it imports triton) out of `import dit_fast`.
 resolve._dynamo_marked_constant = True
+
+
+def fuses_bias(name: str, op: str, device_type: str) -> bool:
+    """Whether backend `name` (a resolved one) adds a gated op's bias inside its kernel (Capability.fused_bias)."""
+    row = capability(name, op, device_type)
+    return bool(row is not None and row.fused_bias)
 
 
 def why_not(backend: str, op: str, device_type: str, float64: bool = False, d: int | None = None) -> str:

@@ -27,6 +27,26 @@ def _attention_lines(device_type: str, dtype: torch.dtype, head_dim: int) -> lis
     return [f"  {name:<14} {why}" for name, why in rows.items()]
 
 
+def _gelu_epilogue_verdicts() -> dict:
+    """{dtype: [taken, why]} of fc1's cuBLASLt GELU epilogue on cuda:0 (dit_fast/ops/gelu_epilogue.py)."""
+    import warnings
+
+    from .ops import gelu_epilogue
+
+    out = {}
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # printed below, as a line of the report
+            try:
+                ok, why = gelu_epilogue.verdict(torch.device("cuda", 0), dtype)
+            except Exception as e:  # noqa: BLE001 - a report line, never a crash
+                ok, why = False, f"check failed: {type(e).__name__}: {e}"
+        if not gelu_epilogue.enabled():
+            ok, why = False, "off (DIT_FAST_GELU_EPILOGUE=0); " + why
+        out[str(dtype).replace("torch.", "")] = [ok, why]
+    return out
+
+
 def collect() -> dict:
     """Everything info prints, as a dict (also stored in benchmark results)."""
     from .backends import CAPABILITIES, probe, report
@@ -49,6 +69,7 @@ def collect() -> dict:
     info["ext"] = {"cpu": list(ext_cpu)}
     if torch.cuda.is_available():
         info["ext"]["cuda"] = list(probe("ext", "cuda"))
+        info["gelu_epilogue"] = _gelu_epilogue_verdicts()
     device_types = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     info["ops"] = {d: report(d) for d in device_types}
     info["capabilities"] = [
@@ -88,6 +109,8 @@ def main(argv=None) -> int:
     if "cuda" in info["ext"]:
         ok, why = info["ext"]["cuda"]
         print(f"dit_fast._C (CUDA kernels): {'built' if ok else 'not usable'} - {why}")
+    for dtype, (ok, why) in info.get("gelu_epilogue", {}).items():
+        print(f"fc1 GELU in cuBLASLt's epilogue (inference, {dtype}): {'taken' if ok else 'not used'} - {why}")
     print("\nCapability table (dit_fast/backends.py; every backend takes float16/bfloat16/float32):")
     for c in info["capabilities"]:
         limits = ("float64" if c["float64"] else "no float64") + (f", D <= {c['max_d']}" if c["max_d"] else "")

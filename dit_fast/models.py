@@ -18,7 +18,7 @@ from torch.utils.checkpoint import checkpoint
 
 from . import ops
 from .attention import attention
-from .backends import check_backend_name
+from .backends import check_backend_name, fuses_bias, resolve
 from .reference import (
     LabelEmbedder,
     TimestepEmbedder,
@@ -151,7 +151,11 @@ class Attention(nn.Module):
         self.backend = "auto"
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.proj(attention(self.qkv(h), self.num_heads, self.backend))
+        return self.proj(self.attend(h))
+
+    def attend(self, h: torch.Tensor) -> torch.Tensor:
+        """softmax attention of qkv(h), before the output projection."""
+        return attention(self.qkv(h), self.num_heads, self.backend)
 
 
 class Mlp(nn.Module):
@@ -163,9 +167,25 @@ class Mlp(nn.Module):
         self.backend = "auto"
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.hidden(h))
+
+    def hidden(self, h: torch.Tensor) -> torch.Tensor:
+        """act(fc1(h)): fused, or the published calls where fc1 or act is hooked."""
         if _has_hooks(self.fc1, self.act):
-            return self.fc2(self.act(self.fc1(h)))
-        return self.fc2(ops.linear_gelu_tanh(h, self.fc1.weight, self.fc1.bias, backend=self.backend))
+            return self.act(self.fc1(h))
+        return ops.linear_gelu_tanh(h, self.fc1.weight, self.fc1.bias, backend=self.backend)
+
+
+def _project_for_residual(module: nn.Module, kind: type, inner: str, proj: str, h: torch.Tensor, fuse_bias: bool):
+    """(y, bias) for the gated residual that consumes module(h): with fuse_bias, the output projection
+    runs without its bias, which the gated op adds and whose gradient its backward sums in the pass it
+    makes anyway (no separate reduction over the output gradient). The published call module(h), bias
+    None, whenever the module is not the plain class (wrapped, sharded, compiled) or it or the
+    projection is hooked, so wrappers and hooks see what they would see on the published model."""
+    linear = getattr(module, proj, None)
+    if not fuse_bias or type(module) is not kind or linear.bias is None or _has_hooks(module, linear):
+        return module(h), None
+    return F.linear(getattr(module, inner)(h), linear.weight), linear.bias
 
 
 class DiTBlock(nn.Module):
@@ -200,20 +220,30 @@ class DiTBlock(nn.Module):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods
         if h is None:
             h = _norm_modulate(self.norm1, x, shift_msa, scale_msa, h_dtype, self.backend)
-        a = self.attn(h)
+        fuse_bias = self._fuses_bias(x)
+        a, a_bias = _project_for_residual(self.attn, Attention, "attend", "proj", h, fuse_bias)
         if _has_hooks(self.norm2):
-            x = ops.gated_residual(x, a, gate_msa, backend=self.backend)
+            x = ops.gated_residual(x, a, gate_msa, bias=a_bias, backend=self.backend)
             h = _norm_modulate(self.norm2, x, shift_mlp, scale_mlp, h_dtype, self.backend)
         else:
             x, h = ops.gated_residual_adaln(
-                x, a, gate_msa, shift_mlp, scale_mlp, self.norm2.eps, h_dtype=h_dtype, backend=self.backend
+                x, a, gate_msa, shift_mlp, scale_mlp, self.norm2.eps, h_dtype=h_dtype, bias=a_bias,
+                backend=self.backend,
             )
-        m = self.mlp(h)
+        m, m_bias = _project_for_residual(self.mlp, Mlp, "hidden", "fc2", h, fuse_bias)
         if next_mod is None:
-            return ops.gated_residual(x, m, gate_mlp, backend=self.backend)
-        x, h_next = ops.gated_residual_adaln(x, m, gate_mlp, *next_mod, h_dtype=h_dtype, backend=self.backend)
+            return ops.gated_residual(x, m, gate_mlp, bias=m_bias, backend=self.backend)
+        x, h_next = ops.gated_residual_adaln(
+            x, m, gate_mlp, *next_mod, h_dtype=h_dtype, bias=m_bias, backend=self.backend
+        )
         carry.set_output(x, h_next, _has_hooks(self))
         return x
+
+
+    def _fuses_bias(self, x: torch.Tensor) -> bool:
+        """Whether the gated ops' backend here adds attn.proj's and mlp.fc2's biases in its kernels."""
+        op, dev = "gated_residual_adaln", x.device.type
+        return fuses_bias(resolve(self.backend, op, dev, x.dtype == torch.float64, x.shape[-1]), op, dev)
 
 
 def _norm_modulate(norm: nn.LayerNorm, x, shift, scale, h_dtype, backend):

@@ -13,7 +13,8 @@ along D (chunks of the model's [B, 6D] modulation tensor run without copies). Ma
 
 Tiles: each program owns BLOCK_R rows of one batch element per step, BLOCK_D = next_power_of_2(D)
 columns (masked), and walks several such row blocks, the next block's loads (x, y; dh, x_out, dx_out,
-mean, rstd in backward) issued before the current block's reductions, so memory latency overlaps math.
+mean, rstd in backward) issued before the current block's reductions, so memory latency overlaps math
+(PREFETCH, a constexpr: off, each block is loaded when reached, for fewer live registers).
 
 Statistics (forward): centred on a per-row pivot (the row's first element of x), so x - pivot is
 exact for rows far from zero; two reductions (mean, then the variance of the centred row). The saved
@@ -40,6 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 
 import torch
 import triton
@@ -60,6 +62,12 @@ _MAX_CHUNK_ROWS = 256
 # Registers per thread assumed for a backward kernel when the compiled kernel cannot be asked (CPU,
 # interpreter, an old triton): the largest seen in scripts/check_triton_compile.py, rounded up.
 _CONSERVATIVE_REGS = 128
+
+# Whether the kernels issue the next row block's loads before the current block's reductions (the
+# default), or load each block when it is reached (fewer live registers, maybe more CTAs per SM). A
+# switch for A/B runs on a GPU (DIT_FAST_ADALN_PREFETCH=0; benchmarks/gpu_check.sh times both); the
+# results are bitwise equal either way.
+PREFETCH = os.environ.get("DIT_FAST_ADALN_PREFETCH", "1") != "0"
 
 MODULATE, GATED, FUSED = 0, 1, 2
 
@@ -180,12 +188,24 @@ def _add3(a0, b0, c0, a1, b1, c1):
 
 
 @triton.jit
+def _fwd_tiles(x_base, x_sl, y_base, y_sl, rows, rmask, cols, mask, GATE: tl.constexpr, COMPUTE: tl.constexpr):
+    """The forward's inputs for one block of rows: (x, y, pivot); y is x when there is no gate."""
+    r64 = rows.to(tl.int64)
+    x = _load_rows(x_base, r64, x_sl, cols, mask, COMPUTE)
+    y = x
+    if GATE:
+        y = _load_rows(y_base, r64, y_sl, cols, mask, COMPUTE)
+    pivot = tl.load(x_base + r64 * x_sl, mask=rmask, other=0.0).to(COMPUTE)
+    return x, y, pivot
+
+
+@triton.jit
 def _adaln_fwd_kernel(
-    x_ptr, y_ptr, gate_ptr, shift_ptr, scale_ptr, xo_ptr, h_ptr, mean_ptr, rstd_ptr,
+    x_ptr, y_ptr, gate_ptr, bias_ptr, shift_ptr, scale_ptr, xo_ptr, h_ptr, mean_ptr, rstd_ptr,
     L, D, n_groups, steps,
     x_sb, x_sl, y_sb, y_sl, gate_sb, shift_sb, scale_sb,
     eps,
-    NORM: tl.constexpr, GATE: tl.constexpr,
+    NORM: tl.constexpr, GATE: tl.constexpr, HAS_BIAS: tl.constexpr, PREFETCH: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, COMPUTE: tl.constexpr, ROUND_BF16: tl.constexpr,
 ):
     """Program (batch element, group): row blocks group*steps .. +steps of that batch element."""
@@ -198,6 +218,8 @@ def _adaln_fwd_kernel(
     y_base = y_ptr + b * y_sb
     if GATE:
         gate = _load_vec(gate_ptr + b * gate_sb, cols, cmask, COMPUTE)
+        if HAS_BIAS:  # the bias of the GEMM that made y (attn.proj, mlp.fc2), added here instead
+            bias = _load_vec(bias_ptr, cols, cmask, COMPUTE)
     if NORM:
         shift = _load_vec(shift_ptr + b * shift_sb, cols, cmask, COMPUTE)
         scale1 = 1.0 + _load_vec(scale_ptr + b * scale_sb, cols, cmask, COMPUTE)
@@ -205,26 +227,24 @@ def _adaln_fwd_kernel(
     rows = first + tl.arange(0, BLOCK_R)
     rmask = rows < L
     mask = rmask[:, None] & cmask[None, :]
-    x = _load_rows(x_base, rows.to(tl.int64), x_sl, cols, mask, COMPUTE)
-    y = x
-    if GATE:
-        y = _load_rows(y_base, rows.to(tl.int64), y_sl, cols, mask, COMPUTE)
-    pivot = tl.load(x_base + rows.to(tl.int64) * x_sl, mask=rmask, other=0.0).to(COMPUTE)
+    if PREFETCH:
+        x, y, pivot = _fwd_tiles(x_base, x_sl, y_base, y_sl, rows, rmask, cols, mask, GATE, COMPUTE)
     for _ in range(0, steps):
-        # the next block's loads go out before this block's reductions
         nrows = rows + BLOCK_R
         nrmask = (nrows < L) & (nrows < first + steps * BLOCK_R)
         nmask = nrmask[:, None] & cmask[None, :]
-        x_next = _load_rows(x_base, nrows.to(tl.int64), x_sl, cols, nmask, COMPUTE)
-        y_next = x_next
-        if GATE:
-            y_next = _load_rows(y_base, nrows.to(tl.int64), y_sl, cols, nmask, COMPUTE)
-        pivot_next = tl.load(x_base + nrows.to(tl.int64) * x_sl, mask=nrmask, other=0.0).to(COMPUTE)
+        if PREFETCH:  # the next block's loads go out before this block's reductions
+            x_next, y_next, pivot_next = _fwd_tiles(x_base, x_sl, y_base, y_sl, nrows, nrmask, cols, nmask,
+                                                    GATE, COMPUTE)
+        else:
+            x, y, pivot = _fwd_tiles(x_base, x_sl, y_base, y_sl, rows, rmask, cols, mask, GATE, COMPUTE)
 
         row_idx = b * L + rows.to(tl.int64)  # outputs and statistics are contiguous
         v = x
         if GATE:
             # h is normalized from x_out as stored (rounded to x's dtype), as the unfused model does
+            if HAS_BIAS:
+                y += bias[None, :]
             xo = cast_for(x + gate[None, :] * y, xo_ptr, ROUND_BF16)
             tl.store(xo_ptr + row_idx[:, None] * D + cols[None, :], xo, mask=mask)
             v = xo.to(COMPUTE)
@@ -238,7 +258,9 @@ def _adaln_fwd_kernel(
             tl.store(mean_ptr + row_idx, pivot + mu, mask=rmask)
             tl.store(rstd_ptr + row_idx, rstd, mask=rmask)
 
-        rows, rmask, mask, x, y, pivot = nrows, nrmask, nmask, x_next, y_next, pivot_next
+        rows, rmask, mask = nrows, nrmask, nmask
+        if PREFETCH:
+            x, y, pivot = x_next, y_next, pivot_next
 
 
 @triton.jit
@@ -267,16 +289,19 @@ def _bwd_tiles(
 
 @triton.jit
 def _adaln_bwd_kernel(
-    dh_ptr, dxo_ptr, xn_ptr, y_ptr, gate_ptr, scale_ptr, mean_ptr, rstd_ptr,
+    dh_ptr, dxo_ptr, xn_ptr, y_ptr, gate_ptr, bias_ptr, scale_ptr, mean_ptr, rstd_ptr,
     dx_ptr, dy_ptr, part_ptr,
     L, D, n_chunks, chunk_rows,
     dh_sb, dh_sl, dxo_sb, dxo_sl, xn_sb, xn_sl, y_sb, y_sl, gate_sb, scale_sb,
     NORM: tl.constexpr, GATE: tl.constexpr, HAS_DXO: tl.constexpr, WRITE_DX: tl.constexpr, K: tl.constexpr,
+    HAS_BIAS: tl.constexpr, PREFETCH: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, COMPUTE: tl.constexpr, ROUND_BF16: tl.constexpr,
 ):
     """One chunk of rows of one batch element. Gradients in: dh (NORM) and/or dxo (d x_out; for GATED
     alone it is the only one). Out: dx (NORM: d of the normalized tensor + dxo; GATED: dxo itself, written
-    only with WRITE_DX), dy = total * gate (GATE), and the chunk's partial sums [K, D]: (dgate,) (dshift, dscale)."""
+    only with WRITE_DX), dy = total * gate (GATE), and the chunk's partial sums [K, D]: (dgate,) (dbias,)
+    (dshift, dscale). HAS_BIAS: y + bias was gated in the forward; dbias = sum of dy over the chunk (summed
+    over the batch by the launcher), so the GEMM's own bias gradient pass over dy is not needed."""
     pid = tl.program_id(0)
     b = (pid // n_chunks).to(tl.int64)
     chunk = pid % n_chunks
@@ -289,6 +314,9 @@ def _adaln_bwd_kernel(
     if GATE:
         gate = _load_vec(gate_ptr + b * gate_sb, cols, cmask, COMPUTE)
         acc_dgate = tl.zeros([BLOCK_R, BLOCK_D], dtype=COMPUTE)
+        if HAS_BIAS:
+            bias = _load_vec(bias_ptr, cols, cmask, COMPUTE)
+            acc_dbias = tl.zeros([BLOCK_R, BLOCK_D], dtype=COMPUTE)
     if NORM:
         scale1 = 1.0 + _load_vec(scale_ptr + b * scale_sb, cols, cmask, COMPUTE)
         acc_dshift = tl.zeros([BLOCK_R, BLOCK_D], dtype=COMPUTE)
@@ -298,20 +326,26 @@ def _adaln_bwd_kernel(
     rows = first + tl.arange(0, BLOCK_R)
     rmask = rows < L
     mask = rmask[:, None] & cmask[None, :]
-    dh, xn, dxo, y, mean, rstd = _bwd_tiles(
-        dh_base, dh_sl, xn_base, xn_sl, dxo_base, dxo_sl, y_base, y_sl, mean_ptr + b * L, rstd_ptr + b * L,
-        rows, rmask, cols, mask, NORM, HAS_DXO, GATE, BLOCK_R, BLOCK_D, COMPUTE,
-    )
+    if PREFETCH:
+        dh, xn, dxo, y, mean, rstd = _bwd_tiles(
+            dh_base, dh_sl, xn_base, xn_sl, dxo_base, dxo_sl, y_base, y_sl, mean_ptr + b * L, rstd_ptr + b * L,
+            rows, rmask, cols, mask, NORM, HAS_DXO, GATE, BLOCK_R, BLOCK_D, COMPUTE,
+        )
 
     for _ in range(0, chunk_rows, BLOCK_R):
-        # the next block's loads go out before this block's reductions
         nrows = rows + BLOCK_R
         nrmask = (nrows < L) & (nrows < first + chunk_rows)
         nmask = nrmask[:, None] & cmask[None, :]
-        dh_n, xn_n, dxo_n, y_n, mean_n, rstd_n = _bwd_tiles(
-            dh_base, dh_sl, xn_base, xn_sl, dxo_base, dxo_sl, y_base, y_sl, mean_ptr + b * L, rstd_ptr + b * L,
-            nrows, nrmask, cols, nmask, NORM, HAS_DXO, GATE, BLOCK_R, BLOCK_D, COMPUTE,
-        )
+        if PREFETCH:  # the next block's loads go out before this block's reductions
+            dh_n, xn_n, dxo_n, y_n, mean_n, rstd_n = _bwd_tiles(
+                dh_base, dh_sl, xn_base, xn_sl, dxo_base, dxo_sl, y_base, y_sl, mean_ptr + b * L, rstd_ptr + b * L,
+                nrows, nrmask, cols, nmask, NORM, HAS_DXO, GATE, BLOCK_R, BLOCK_D, COMPUTE,
+            )
+        else:
+            dh, xn, dxo, y, mean, rstd = _bwd_tiles(
+                dh_base, dh_sl, xn_base, xn_sl, dxo_base, dxo_sl, y_base, y_sl, mean_ptr + b * L, rstd_ptr + b * L,
+                rows, rmask, cols, mask, NORM, HAS_DXO, GATE, BLOCK_R, BLOCK_D, COMPUTE,
+            )
 
         row_idx = b * L + rows.to(tl.int64)
         total = dxo
@@ -331,17 +365,26 @@ def _adaln_bwd_kernel(
         if WRITE_DX:
             _store_rows(dx_ptr, row_idx, D, cols, total, mask, ROUND_BF16)
         if GATE:
-            acc_dgate += total * y
-            _store_rows(dy_ptr, row_idx, D, cols, total * gate[None, :], mask, ROUND_BF16)
+            dy = total * gate[None, :]
+            if HAS_BIAS:
+                acc_dgate += total * (y + bias[None, :])  # rows past L: total is 0 there
+                acc_dbias += dy
+            else:
+                acc_dgate += total * y
+            _store_rows(dy_ptr, row_idx, D, cols, dy, mask, ROUND_BF16)
 
         rows, rmask, mask = nrows, nrmask, nmask
-        dh, xn, dxo, y, mean, rstd = dh_n, xn_n, dxo_n, y_n, mean_n, rstd_n
+        if PREFETCH:
+            dh, xn, dxo, y, mean, rstd = dh_n, xn_n, dxo_n, y_n, mean_n, rstd_n
 
     part = part_ptr + (b * n_chunks + chunk) * K * D + cols
     k = 0
     if GATE:
         tl.store(part, tl.sum(acc_dgate, axis=0), mask=cmask)
         k = 1
+        if HAS_BIAS:
+            tl.store(part + D, tl.sum(acc_dbias, axis=0), mask=cmask)
+            k = 2
     if NORM:
         tl.store(part + k * D, tl.sum(acc_dshift, axis=0), mask=cmask)
         tl.store(part + (k + 1) * D, tl.sum(acc_dscale, axis=0), mask=cmask)
@@ -356,33 +399,37 @@ def _rows_strides(t: torch.Tensor) -> tuple[int, int]:
     return t.stride(0), t.stride(1)
 
 
-def _launch_fwd(mode, x, y, gate, shift, scale, eps, x_out, h, mean, rstd):
+def _launch_fwd(mode, x, y, gate, shift, scale, eps, x_out, h, mean, rstd, bias=None):
     B, L, D = x.shape
     norm, gated = mode != GATED, mode != MODULATE
     block_r, block_d, num_warps = _tile(D, L)
     steps, n_groups = _fwd_steps(B, L, block_r, x.device)
     y = y if gated else x  # absent tensors are never read (constexpr flags): any tensor stands in
     gate = gate if gated else x
+    has_bias = bias is not None
+    bias = bias if has_bias else x
     shift, scale = (shift, scale) if norm else (x, x)
     x_out = x_out if gated else x
     h, mean, rstd = (h, mean, rstd) if norm else (x, x, x)
-    ct = compute_dtype(x, y, gate, shift, scale)
+    ct = compute_dtype(x, y, gate, shift, scale, *((bias,) if has_bias else ()))
     _adaln_fwd_kernel[(B * n_groups,)](
-        x, y, gate, shift, scale, x_out, h, mean, rstd,
+        x, y, gate, bias, shift, scale, x_out, h, mean, rstd,
         L, D, n_groups, steps,
         *_rows_strides(x), *_rows_strides(y), gate.stride(0), shift.stride(0), scale.stride(0),
         eps,
-        NORM=norm, GATE=gated,
+        NORM=norm, GATE=gated, HAS_BIAS=has_bias, PREFETCH=PREFETCH,
         BLOCK_R=block_r, BLOCK_D=block_d, COMPUTE=_tl(ct), ROUND_BF16=interpreting(), num_warps=num_warps,
     )
 
 
-def _launch_bwd(mode, dh, dxo, xn, y, gate, scale, mean, rstd, dx, dy, ct, dtypes):
-    """Runs the backward kernel; returns the reduced modulation gradients (sum_partials, one launch)."""
+def _launch_bwd(mode, dh, dxo, xn, y, gate, scale, mean, rstd, dx, dy, ct, dtypes, bias=None):
+    """Runs the backward kernel; returns the reduced modulation gradients (sum_partials, one launch) in
+    the order (dgate,) (dbias per batch element, when bias is given,) (dshift, dscale)."""
     ref = xn if xn is not None else y
     B, L, D = ref.shape
     norm, gated = mode != GATED, mode != MODULATE
-    K = int(norm) * 2 + int(gated)
+    has_bias = bias is not None
+    K = int(norm) * 2 + int(gated) + int(has_bias)
     block_r, block_d, num_warps = _tile(D, L)
     stand_in = ref
     dh = dh if dh is not None else stand_in
@@ -391,23 +438,26 @@ def _launch_bwd(mode, dh, dxo, xn, y, gate, scale, mean, rstd, dx, dy, ct, dtype
     xn = xn if xn is not None else stand_in
     y = y if gated else stand_in
     gate = gate if gated else scale
+    bias = bias if has_bias else gate
     scale = scale if norm else gate
     mean = mean if norm else stand_in
     rstd = rstd if norm else stand_in
     write_dx = dx is not None
     dx = dx if write_dx else stand_in
     dy = dy if dy is not None else stand_in
-    consts = dict(NORM=norm, GATE=gated, HAS_DXO=has_dxo, WRITE_DX=write_dx, K=K, BLOCK_R=block_r, BLOCK_D=block_d,
+    consts = dict(NORM=norm, GATE=gated, HAS_DXO=has_dxo, WRITE_DX=write_dx, K=K, HAS_BIAS=has_bias,
+                  PREFETCH=PREFETCH,
+                  BLOCK_R=block_r, BLOCK_D=block_d,
                   COMPUTE=_tl(ct), ROUND_BF16=interpreting(), num_warps=num_warps)
 
     def args(part, n_chunks, chunk_rows):
-        return (dh, dxo, xn, y, gate, scale, mean, rstd, dx, dy, part,
+        return (dh, dxo, xn, y, gate, bias, scale, mean, rstd, dx, dy, part,
                 L, D, n_chunks, chunk_rows,
                 *_rows_strides(dh), *_rows_strides(dxo), *_rows_strides(xn), *_rows_strides(y),
                 gate.stride(0), scale.stride(0))
 
-    key = (mode, has_dxo, write_dx, block_r, block_d, num_warps, ct,
-           *(t.dtype for t in (dh, dxo, xn, y, gate, scale, dx, dy)), ref.device.type)
+    key = (mode, has_dxo, write_dx, has_bias, PREFETCH, block_r, block_d, num_warps, ct,
+           *(t.dtype for t in (dh, dxo, xn, y, gate, bias, scale, dx, dy)), ref.device.type)
     probe = torch.empty((B, 1, K, D), dtype=ct, device=ref.device)
     regs = _regs_of(_adaln_bwd_kernel, key, args(probe, 1, L), (B,), consts)
     chunk_rows, n_chunks = _chunking(B, L, block_r, num_warps, regs, ref.device)
@@ -444,67 +494,90 @@ def adaln_modulate_bwd(dh, x, scale, mean, rstd, shift_dtype: torch.dtype):
     return dx, dshift, dscale
 
 
-def gated_residual_fwd(x, y, gate):
-    """x + gate * y in x.dtype."""
-    x, y, gate = _unit_last(x), _unit_last(y), _unit_last(gate)
+def _bias_or_none(bias):
+    return None if bias is None else _unit_last(bias)
+
+
+def _bias_grad(sums, bias, B, D, device):
+    """dbias [D] (bias.dtype) from the per-batch-element sums of dy [B, D] (compute dtype), or None."""
+    if bias is None:
+        return None
+    if sums is None:
+        return torch.zeros((D,), dtype=bias.dtype, device=device)
+    return sums.sum(0).to(bias.dtype)
+
+
+def gated_residual_fwd(x, y, gate, bias=None):
+    """x + gate * (y + bias) in x.dtype (bias [D] or None)."""
+    x, y, gate, bias = _unit_last(x), _unit_last(y), _unit_last(gate), _bias_or_none(bias)
     B, L, D = x.shape
     out = _empty((B, L, D), x.dtype, x.device)
     if out.numel() == 0:
         return out
-    _launch_fwd(GATED, x, y, gate, None, None, 0.0, out, None, None, None)
+    _launch_fwd(GATED, x, y, gate, None, None, 0.0, out, None, None, None, bias)
     return out
 
 
-def gated_residual_bwd(dout, y, gate):
-    """(dy, dgate) of gated_residual given dout (dx is dout itself, cast to x.dtype by the caller)."""
-    dout, y, gate = _unit_last(dout), _unit_last(y), _unit_last(gate)
+def gated_residual_bwd(dout, y, gate, bias=None):
+    """(dy, dgate, dbias) of gated_residual given dout (dx is dout itself, cast to x.dtype by the caller);
+    dbias is None without a bias."""
+    dout, y, gate, bias = _unit_last(dout), _unit_last(y), _unit_last(gate), _bias_or_none(bias)
     B, L, D = y.shape
-    ct = compute_dtype(dout, y, gate)
+    ct = compute_dtype(dout, y, gate, *((bias,) if bias is not None else ()))
     dy = _empty((B, L, D), y.dtype, y.device)
     if dy.numel() == 0:
-        return dy, torch.zeros((B, D), dtype=gate.dtype, device=y.device)
-    (dgate,) = _launch_bwd(GATED, None, dout, None, y, gate, None, None, None, None, dy, ct, (gate.dtype,))
-    return dy, dgate
+        return dy, torch.zeros((B, D), dtype=gate.dtype, device=y.device), _bias_grad(None, bias, B, D, y.device)
+    sums = _launch_bwd(GATED, None, dout, None, y, gate, None, None, None, None, dy, ct,
+                       (gate.dtype,) + ((ct,) if bias is not None else ()), bias)
+    return dy, sums[0], _bias_grad(sums[1] if bias is not None else None, bias, B, D, y.device)
 
 
-def gated_residual_adaln_fwd(x, y, gate, shift, scale, eps: float, h_dtype=None):
-    """(x_out, h, mean, rstd): x_out = x + gate * y (x.dtype), h = adaln_modulate(x_out, shift, scale), one pass."""
-    x, y = _unit_last(x), _unit_last(y)
+def gated_residual_adaln_fwd(x, y, gate, shift, scale, eps: float, h_dtype=None, bias=None):
+    """(x_out, h, mean, rstd): x_out = x + gate * (y + bias) (x.dtype), h = adaln_modulate(x_out, shift, scale),
+    one pass."""
+    x, y, bias = _unit_last(x), _unit_last(y), _bias_or_none(bias)
     gate, shift, scale = _unit_last(gate), _unit_last(shift), _unit_last(scale)
     B, L, D = x.shape
-    ct = compute_dtype(x, y, gate, shift, scale)
+    ct = compute_dtype(x, y, gate, shift, scale, *((bias,) if bias is not None else ()))
     x_out = _empty((B, L, D), x.dtype, x.device)
     h = _empty((B, L, D), h_dtype or x.dtype, x.device)
     mean = _empty((B, L), ct, x.device)
     rstd = _empty((B, L), ct, x.device)
     if h.numel() == 0:
         return x_out, h, mean.zero_(), rstd.zero_()
-    _launch_fwd(FUSED, x, y, gate, shift, scale, eps, x_out, h, mean, rstd)
+    _launch_fwd(FUSED, x, y, gate, shift, scale, eps, x_out, h, mean, rstd, bias)
     return x_out, h, mean, rstd
 
 
-def gated_residual_adaln_bwd(dx_out, dh, x_out, y, gate, scale, mean, rstd, shift_dtype: torch.dtype):
-    """(dx, dy, dgate, dshift, dscale) of gated_residual_adaln in one pass; dx_out and/or dh may be None.
+def gated_residual_adaln_bwd(dx_out, dh, x_out, y, gate, scale, mean, rstd, shift_dtype: torch.dtype, bias=None):
+    """(dx, dy, dgate, dshift, dscale, dbias) of gated_residual_adaln in one pass; dx_out and/or dh may be
+    None; dbias is None without a bias.
 
     total = dx_out + LayerNorm-modulate backward of dh; dx = total, dy = total * gate,
-    dgate = sum_L total * y, dshift = sum_L dh, dscale = sum_L dh * xhat (deterministic reductions).
+    dgate = sum_L total * (y + bias), dshift = sum_L dh, dscale = sum_L dh * xhat, dbias = sum_B,L dy
+    (deterministic reductions).
     """
     x_out, y, gate, scale = _unit_last(x_out), _unit_last(y), _unit_last(gate), _unit_last(scale)
+    bias = _bias_or_none(bias)
     B, L, D = x_out.shape
     ct = mean.dtype
     dev = x_out.device
     if (dx_out is None and dh is None) or x_out.numel() == 0:
         zeros = torch.zeros((B, D), dtype=ct, device=dev)
         return (torch.zeros_like(x_out), torch.zeros_like(y, memory_format=torch.contiguous_format),
-                zeros.to(gate.dtype), zeros.to(shift_dtype), zeros.to(scale.dtype))
+                zeros.to(gate.dtype), zeros.to(shift_dtype), zeros.to(scale.dtype), _bias_grad(None, bias, B, D, dev))
     dx_out = None if dx_out is None else _unit_last(dx_out)
     dx = _empty((B, L, D), x_out.dtype, dev)
     dy = _empty((B, L, D), y.dtype, dev)
+    bias_dt = (ct,) if bias is not None else ()
     if dh is None:  # no norm gradient: the gated backward with total = dx_out
-        (dgate,) = _launch_bwd(GATED, None, dx_out, None, y, gate, None, None, None, dx, dy, ct, (gate.dtype,))
-        return (dx, dy, dgate, torch.zeros((B, D), dtype=shift_dtype, device=dev),
-                torch.zeros((B, D), dtype=scale.dtype, device=dev))
+        sums = _launch_bwd(GATED, None, dx_out, None, y, gate, None, None, None, dx, dy, ct,
+                           (gate.dtype,) + bias_dt, bias)
+        return (dx, dy, sums[0], torch.zeros((B, D), dtype=shift_dtype, device=dev),
+                torch.zeros((B, D), dtype=scale.dtype, device=dev),
+                _bias_grad(sums[1] if bias is not None else None, bias, B, D, dev))
     dh = _unit_last(dh)
-    dgate, dshift, dscale = _launch_bwd(FUSED, dh, dx_out, x_out, y, gate, scale, mean, rstd, dx, dy, ct,
-                                        (gate.dtype, shift_dtype, scale.dtype))
-    return dx, dy, dgate, dshift, dscale
+    sums = _launch_bwd(FUSED, dh, dx_out, x_out, y, gate, scale, mean, rstd, dx, dy, ct,
+                       (gate.dtype,) + bias_dt + (shift_dtype, scale.dtype), bias)
+    dgate, dshift, dscale = sums[0], sums[-2], sums[-1]
+    return dx, dy, dgate, dshift, dscale, _bias_grad(sums[1] if bias is not None else None, bias, B, D, dev)

@@ -65,9 +65,9 @@ def empty(shape, dtype, device):
 
 
 @triton.jit
-def _sum_partials_kernel(part_ptr, out0_ptr, out1_ptr, out2_ptr, n_chunks, D,
+def _sum_partials_kernel(part_ptr, out0_ptr, out1_ptr, out2_ptr, out3_ptr, n_chunks, D,
                          K: tl.constexpr, BLOCK_D: tl.constexpr, ROUND_BF16: tl.constexpr):
-    """out_k[b, :] = sum over c of part[b, c, k, :], c in increasing order (deterministic), k < K <= 3."""
+    """out_k[b, :] = sum over c of part[b, c, k, :], c in increasing order (deterministic), k < K <= 4."""
     b = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     cmask = cols < D
@@ -77,6 +77,8 @@ def _sum_partials_kernel(part_ptr, out0_ptr, out1_ptr, out2_ptr, n_chunks, D,
         acc1 = tl.load(base + D, mask=cmask, other=0.0)
     if K > 2:
         acc2 = tl.load(base + 2 * D, mask=cmask, other=0.0)
+    if K > 3:
+        acc3 = tl.load(base + 3 * D, mask=cmask, other=0.0)
     for c in range(1, n_chunks):
         row = base + c * K * D
         acc0 += tl.load(row, mask=cmask, other=0.0)
@@ -84,22 +86,26 @@ def _sum_partials_kernel(part_ptr, out0_ptr, out1_ptr, out2_ptr, n_chunks, D,
             acc1 += tl.load(row + D, mask=cmask, other=0.0)
         if K > 2:
             acc2 += tl.load(row + 2 * D, mask=cmask, other=0.0)
+        if K > 3:
+            acc3 += tl.load(row + 3 * D, mask=cmask, other=0.0)
     tl.store(out0_ptr + b * D + cols, cast_for(acc0, out0_ptr, ROUND_BF16), mask=cmask)
     if K > 1:
         tl.store(out1_ptr + b * D + cols, cast_for(acc1, out1_ptr, ROUND_BF16), mask=cmask)
     if K > 2:
         tl.store(out2_ptr + b * D + cols, cast_for(acc2, out2_ptr, ROUND_BF16), mask=cmask)
+    if K > 3:
+        tl.store(out3_ptr + b * D + cols, cast_for(acc3, out3_ptr, ROUND_BF16), mask=cmask)
 
 
 def sum_partials(part, dtypes):
     """[B, n_chunks, K, D] partial sums -> K tensors [B, D] (dtypes[k]): chunks added in a fixed order,
     all K in one launch."""
     B, n_chunks, K, D = part.shape
-    if K != len(dtypes) or not 1 <= K <= 3:
-        raise ValueError(f"sum_partials: part has K={K} sums, dtypes gives {len(dtypes)} (1 to 3 expected)")
+    if K != len(dtypes) or not 1 <= K <= 4:
+        raise ValueError(f"sum_partials: part has K={K} sums, dtypes gives {len(dtypes)} (1 to 4 expected)")
     outs = [empty((B, D), dt, part.device) for dt in dtypes]
     block_d = min(triton.next_power_of_2(D), 1024)
-    ptrs = outs + [outs[0]] * (3 - K)  # unused pointers are never touched (K is constexpr)
+    ptrs = outs + [outs[0]] * (4 - K)  # unused pointers are never touched (K is constexpr)
     _sum_partials_kernel[(B, triton.cdiv(D, block_d))](
         part, *ptrs, n_chunks, D, K=K, BLOCK_D=block_d, ROUND_BF16=interpreting(), num_warps=4,
     )

@@ -1,8 +1,9 @@
 """GELU (tanh approximation) forward and backward as elementwise Triton kernels.
 
-fc1's GEMM runs in cuBLAS (F.linear); these kernels apply the activation to its output and, in the
-backward, turn d(out) into d(pre-activation) from the saved pre-activation and sum it into d(bias) in the
-same pass. Math in float32 whatever the storage dtype, one rounding on store, like PyTorch's gelu kernels.
+fc1's GEMM runs in cuBLAS (F.linear, without its bias); these kernels add the bias and apply the
+activation to its output and, in the backward, turn d(out) into d(pre-activation) from the saved GEMM
+output and bias and sum it into d(bias) in the same pass. Math in float32 whatever the storage dtypes
+(the bias is read as it is stored: no cast of it per call), one rounding on store.
 
 GELU_tanh(x) = 0.5 x (1 + tanh(u)), u = sqrt(2/pi) (x + 0.044715 x^3), written as x * sigmoid(2u)
 (the same function): exp-based, so it needs no libdevice tanh and runs under the interpreter, and it
@@ -27,18 +28,22 @@ def _sigmoid_2u(x):
 
 
 @triton.jit
-def _gelu_tanh_fwd_kernel(pre_ptr, out_ptr, n, BLOCK: tl.constexpr, INTERPRET: tl.constexpr):
+def _gelu_tanh_fwd_kernel(
+    pre_ptr, bias_ptr, out_ptr, n, N, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr, INTERPRET: tl.constexpr,
+):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     x = tl.load(pre_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:  # the bias row stays in L1/L2: N floats against BLOCK elements of pre
+        x += tl.load(bias_ptr + offs % N, mask=mask, other=0.0).to(tl.float32)
     y = x * _sigmoid_2u(x)
     tl.store(out_ptr + offs, cast_for(y, out_ptr, INTERPRET), mask=mask)
 
 
 @triton.jit
 def _gelu_tanh_bwd_kernel(
-    dout_ptr, pre_ptr, dpre_ptr, dbias_part_ptr, M, N, rows_per_prog,
-    HAS_DBIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, INTERPRET: tl.constexpr,
+    dout_ptr, pre_ptr, bias_ptr, dpre_ptr, dbias_part_ptr, M, N, rows_per_prog,
+    HAS_BIAS: tl.constexpr, HAS_DBIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     """One program: BN columns of a chunk of rows_per_prog rows of the [M, N] pre-activation. With
     HAS_DBIAS it also writes the chunk's column sums of d(pre) (fc1's d(bias)), so d(bias) costs no
@@ -48,12 +53,16 @@ def _gelu_tanh_bwd_kernel(
     cols = pid_n * BN + tl.arange(0, BN)
     cmask = cols < N
     acc = tl.zeros((BN,), dtype=tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
     row0 = pid_c.to(tl.int64) * rows_per_prog
     for r in range(0, rows_per_prog, BM):
         rows = row0 + r + tl.arange(0, BM)
         m = (rows < M)[:, None] & cmask[None, :]
         offs = rows[:, None] * N + cols[None, :]
         x = tl.load(pre_ptr + offs, mask=m, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            x += bias[None, :]
         g = tl.load(dout_ptr + offs, mask=m, other=0.0).to(tl.float32)
         s = _sigmoid_2u(x)
         # d/dx [x s(2u)] = s + x * 2 s (1 - s) * du/dx, du/dx = sqrt(2/pi) (1 + 3 * 0.044715 x^2)
@@ -70,15 +79,28 @@ def _grid(n: int):
     return (triton.cdiv(n, BLOCK),)
 
 
-def gelu_tanh_fwd(pre: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """GELU_tanh(pre) into `out` (new tensor of pre's dtype if None; `out=pre` works in place)."""
+def _bias_arg(bias: torch.Tensor | None, pre: torch.Tensor) -> torch.Tensor:
+    if bias is None:
+        return pre  # a stand-in pointer, never read (HAS_BIAS=False)
+    N = pre.shape[-1] if pre.dim() else 1
+    assert bias.shape == (N,), f"bias must have shape [{N}], got {tuple(bias.shape)}"
+    return bias.contiguous()
+
+
+def gelu_tanh_fwd(
+    pre: torch.Tensor, out: torch.Tensor | None = None, *, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """GELU_tanh(pre + bias) into `out` (new tensor of pre's dtype if None; `out=pre` works in place);
+    bias [N] broadcasts over pre's last dim, in any float dtype."""
     pre = pre.contiguous()
     if out is None:
         out = torch.empty_like(pre)
     assert out.is_contiguous() and out.shape == pre.shape, "out must be contiguous with pre's shape"
     n = pre.numel()
     if n:
-        _gelu_tanh_fwd_kernel[_grid(n)](pre, out, n, BLOCK=BLOCK, INTERPRET=interpreting())
+        N = pre.shape[-1] if pre.dim() else 1
+        _gelu_tanh_fwd_kernel[_grid(n)](pre, _bias_arg(bias, pre), out, n, N, HAS_BIAS=bias is not None,
+                                        BLOCK=BLOCK, INTERPRET=interpreting())
     return out
 
 
@@ -95,9 +117,10 @@ def _bwd_tiling(M: int, N: int, device: torch.device):
     return BM, BN, warps, n_col, triton.cdiv(M, rows_per_prog), rows_per_prog
 
 
-def gelu_tanh_bwd(dout: torch.Tensor, pre: torch.Tensor, need_bias_grad: bool = False, out: torch.Tensor | None = None):
-    """(d(pre), d(bias)): d(pre) = dout * GELU_tanh'(pre) in pre's dtype; d(bias) = d(pre) summed over all
-    but the last dim, in float32, when need_bias_grad (else None)."""
+def gelu_tanh_bwd(dout: torch.Tensor, pre: torch.Tensor, need_bias_grad: bool = False, out: torch.Tensor | None = None,
+                  *, bias: torch.Tensor | None = None):
+    """(d(pre), d(bias)) of GELU_tanh(pre + bias): d(pre) = dout * GELU_tanh'(pre + bias) in pre's dtype;
+    d(bias) = d(pre) summed over all but the last dim, in float32, when need_bias_grad (else None)."""
     dout = dout.contiguous()
     pre = pre.contiguous()
     if out is None:
@@ -110,7 +133,7 @@ def gelu_tanh_bwd(dout: torch.Tensor, pre: torch.Tensor, need_bias_grad: bool = 
     BM, BN, warps, n_col, n_chunks, rows_per_prog = _bwd_tiling(M, N, pre.device)
     part = torch.empty((n_chunks, N), device=pre.device, dtype=torch.float32) if need_bias_grad else out
     _gelu_tanh_bwd_kernel[(n_col, n_chunks)](
-        dout, pre, out, part, M, N, rows_per_prog,
-        HAS_DBIAS=need_bias_grad, BM=BM, BN=BN, INTERPRET=interpreting(), num_warps=warps,
+        dout, pre, _bias_arg(bias, pre), out, part, M, N, rows_per_prog,
+        HAS_BIAS=bias is not None, HAS_DBIAS=need_bias_grad, BM=BM, BN=BN, INTERPRET=interpreting(), num_warps=warps,
     )
     return out, (part.sum(0) if need_bias_grad else None)

@@ -95,10 +95,12 @@ class Scenario:
     D: int
     patch: int
     hot: bool  # a spill here fails the check (main configs at bf16 activations)
+    prefetch: bool = True  # kernels/adaln.py's PREFETCH switch
 
     @property
     def label(self) -> str:
-        return f"{self.config} {self.latent * 8}px {self.family} B={self.batch}"
+        tag = "" if self.prefetch else " no-prefetch"
+        return f"{self.config} {self.latent * 8}px {self.family} B={self.batch}{tag}"
 
 
 # Hot paths: the /2 configs (the ones trained and sampled in practice: XL/2 is the paper's model), forward
@@ -120,6 +122,8 @@ def scenarios(quick: bool) -> list[Scenario]:
             for family in families:
                 for batch in (1, TRAIN_BATCH):
                     out.append(Scenario(name, family, batch, latent, D, p, p == HOT_PATCH and family in HOT_FAMILIES))
+    # the adaLN kernels' PREFETCH=False alternative (an A/B switch for the GPU) at DiT-XL/2's hot shapes
+    out += [Scenario("DiT-XL/2", "amp", b, 32, 1152, 2, True, prefetch=False) for b in (1, TRAIN_BATCH)]
     if not quick:  # an fp16 model (same code as bf16 but for the conversions) and an odd width
         out += [Scenario("DiT-XL/2", "fp16", 2, 32, 1152, 2, False)]
         out += [Scenario("D=72", f, 2, 32, 72, 2, False) for f in ("bf16", "fp32")]
@@ -143,6 +147,7 @@ def load_kernel_modules():
 def run_launchers(mods, sc: Scenario) -> None:
     """Every launcher of kernels/*.py, forward and backward, at one scenario's shapes and dtypes."""
     dt = FAMILIES[sc.family]
+    mods["adaln"].PREFETCH = sc.prefetch
     B, D, PATCH, LATENT = sc.batch, sc.D, sc.patch, sc.latent
     L, N_F, K_MLP = (LATENT // PATCH) ** 2, PATCH * PATCH * C_OUT, MLP_RATIO * D
     dev = "cuda"
@@ -156,12 +161,14 @@ def run_launchers(mods, sc: Scenario) -> None:
     shift, scale, gate = (mod.narrow(1, i * D, D) for i in range(3))
     h, mean, rstd = A.adaln_modulate_fwd(x, shift, scale, EPS, dt["h"])
     A.adaln_modulate_bwd(torch.empty_like(h), x, scale, mean, rstd, shift.dtype)
-    A.gated_residual_fwd(x, y, gate)
-    A.gated_residual_bwd(torch.empty_like(x), y, gate)
-    xo, h, mean, rstd = A.gated_residual_adaln_fwd(x, y, gate, shift, scale, EPS, dt["h"])
-    dxo, dh = torch.empty_like(xo), torch.empty_like(h)
-    for grads in ((dxo, dh), (dxo, None), (None, dh)):
-        A.gated_residual_adaln_bwd(*grads, xo, y, gate, scale, mean, rstd, shift.dtype)
+    # the model passes attn.proj's / mlp.fc2's bias (a parameter: dt["pos"]) to the gated ops; direct calls may not
+    for bias in (t(D, dtype=dt["pos"]), None):
+        A.gated_residual_fwd(x, y, gate, bias)
+        A.gated_residual_bwd(torch.empty_like(x), y, gate, bias)
+        xo, h, mean, rstd = A.gated_residual_adaln_fwd(x, y, gate, shift, scale, EPS, dt["h"], bias)
+        dxo, dh = torch.empty_like(xo), torch.empty_like(h)
+        for grads in ((dxo, dh), (dxo, None), (None, dh)):
+            A.gated_residual_adaln_bwd(*grads, xo, y, gate, scale, mean, rstd, shift.dtype, bias)
 
     img = t(B, C_IN, LATENT, LATENT, dtype=dt["act"])
     PE.patch_embed_fwd(img, t(D, C_IN, PATCH, PATCH, dtype=dt["act"]), t(D, dtype=dt["act"]),
@@ -171,9 +178,10 @@ def run_launchers(mods, sc: Scenario) -> None:
     for need_weight in (True, False):
         FL.final_layer_bwd(torch.empty_like(out), x, shift, scale, w_fl, PATCH, C_OUT, EPS, need_weight=need_weight)
     pre = t(B, L, K_MLP, dtype=dt["act"])
-    G.gelu_tanh_fwd(pre)
-    for need_bias in (True, False):
-        G.gelu_tanh_bwd(torch.empty_like(pre), pre, need_bias)
+    b_mlp = t(K_MLP, dtype=dt["pos"])  # fc1's bias is a parameter: fp32 under autocast, read as stored
+    for bias in (b_mlp, None):
+        G.gelu_tanh_fwd(pre, bias=bias)
+        G.gelu_tanh_bwd(torch.empty_like(pre), pre, bias is not None, bias=bias)
 
     S = mods.get("sampler_step")
     if S is not None and sc.family == "fp32":  # sampling runs on the fp32 latents whatever the model's dtype

@@ -61,6 +61,31 @@ def test_backward_matches_float64(backend):
     assert_close(qkv.grad, qkv64.grad, torch.float32, name=f"{backend} dqkv")
 
 
+@pytest.mark.parametrize("backend", ["sdpa", "math"])
+def test_backward_writes_packed_qkv_grad_once(backend):
+    """Between the attention kernel's backward and the QKV GEMM's backward the packed gradient is
+    written once (one stack into [B, L, 3, H, Dh]), with no clone or copy to make it contiguous."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    B, L, H, Dh = 2, 9, 2, 24
+    qkv = torch.randn(B, L, 3 * H * Dh, requires_grad=True)
+    out = attention(qkv, H, backend)
+    seen = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            result = func(*args, **(kwargs or {}))
+            if isinstance(result, torch.Tensor) and result.numel() == qkv.numel():
+                seen.append(func.overloadpacket.__name__)
+            return result
+
+    with Record():
+        (dqkv,) = torch.autograd.grad(out, qkv, torch.randn_like(out))
+    packed_writes = [n for n in seen if n in ("stack", "cat", "clone", "copy_", "contiguous", "_to_copy")]
+    assert packed_writes == ["stack"], f"{backend}: ops producing a qkv-sized tensor in backward: {seen}"
+    assert dqkv.is_contiguous()
+
+
 def test_strided_qkv_input():
     # A qkv whose rows are padded (a slice of a wider buffer) still works and is not copied by views.
     B, L, H, Dh = 2, 5, 2, 16

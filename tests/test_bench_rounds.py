@@ -93,3 +93,40 @@ def test_kernel_table_is_interleaved_with_spread_and_noise_flags():
 
 def test_noise_threshold_is_ten_percent():
     assert rounds.NOISY_SPREAD_PCT == 10.0
+
+
+def test_a_contenders_kernel_switch_is_held_over_forward_and_backward():
+    """make_pass enters a contender's bench_context for the whole pass, backward included (the
+    triton-noprefetch contender's PREFETCH switch is read by the backward launcher too)."""
+    import contextlib
+
+    from dit_fast.bench.kernels import _with_context, make_case, make_pass
+
+    state = {"on": False, "seen": []}
+
+    @contextlib.contextmanager
+    def switch():
+        state["on"] = True
+        try:
+            yield
+        finally:
+            state["on"] = False
+
+    class Probe(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, y, gate):
+            state["seen"].append(("fwd", state["on"]))
+            return x + gate.unsqueeze(1) * y
+
+        @staticmethod
+        def backward(ctx, g):
+            state["seen"].append(("bwd", state["on"]))
+            return g, g, g.sum(1)
+
+    case = make_case("gated_residual", 1, 4, 8, torch.float32, torch.device("cpu"))
+    fn = _with_context(Probe.apply, switch)
+    for pass_ in ("fwd", "fwd+bwd"):
+        run, _ = make_pass(case, fn, "cpu", torch.float32, pass_)
+        run()
+    assert state["seen"] and all(on for _, on in state["seen"]), state["seen"]
+    assert ("bwd", True) in state["seen"] and not state["on"]

@@ -319,13 +319,17 @@ def test_hook_skipping_a_block_and_backward_hooks():
     assert rel_err(grads["fast"], grads["ref"]) < FP32_RTOL
 
 
-def test_hooks_on_bypassed_submodules_fire():
-    """Hooks on modules the fast path fuses away (norms, fc1, act, SiLU, x_embedder, final_layer)
-    fire as on the published model, and see the same values."""
-    ref, fast = _pair()
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_hooks_on_bypassed_submodules_fire(backend):
+    """Hooks on modules the fast path fuses away (norms, fc1, act, SiLU, x_embedder, final_layer; on
+    Triton also attn.proj and mlp.fc2, whose biases go to the gated residual) fire as on the published
+    model, and see the same values."""
+    _skip_unless_runs(backend)
+    ref, fast = _pair(backend)
     x, t, y = _inputs()
     names = ["blocks.0.norm1", "blocks.1.norm2", "blocks.0.mlp.fc1", "blocks.2.mlp.act", "blocks.1.adaLN_modulation.0",
-             "x_embedder", "final_layer", "final_layer.norm_final"]
+             "x_embedder", "final_layer", "final_layer.norm_final", "blocks.0.attn.proj", "blocks.2.mlp.fc2",
+             "blocks.1.attn", "blocks.1.mlp"]
     seen = {"ref": {}, "fast": {}}
     for key, m in (("ref", ref), ("fast", fast)):
         for n in names:
@@ -335,6 +339,52 @@ def test_hooks_on_bypassed_submodules_fire():
     for n in names:
         assert n in seen["fast"], f"hook on {n} did not fire"
         assert rel_err(seen["fast"][n], seen["ref"][n]) < FP32_RTOL, n
+
+
+def _linear_calls_with_bias(model, x, t, y):
+    """How many GEMMs of the forward add a bias in their epilogue (aten addmm), and the output."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    calls = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            calls.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    with torch.no_grad(), Record():
+        out = model(x, t, y)
+    return calls.count("addmm"), out
+
+
+def test_triton_blocks_hand_the_projection_biases_to_the_gated_residual(monkeypatch):
+    """On Triton, attn.proj and mlp.fc2 run without their bias (the gated residual adds it and sums its
+    gradient): 2 fewer biased GEMMs per block, same result; a wrapped (non-plain) submodule keeps the
+    published call."""
+    _skip_unless_runs("triton")
+    ref, fast = _pair("triton")
+    x, t, y = _inputs()
+    with_bias_triton, out_triton = _linear_calls_with_bias(fast, x, t, y)
+    with monkeypatch.context() as m:
+        m.setattr(models, "fuses_bias", lambda *a: False)
+        with_bias_unfused, out_torch = _linear_calls_with_bias(fast, x, t, y)
+    assert with_bias_unfused - with_bias_triton == 2 * len(fast.blocks)
+    assert rel_err(out_triton, out_torch) < FP32_RTOL
+    assert rel_err(out_triton, ref(x, t, y)) < FP32_RTOL
+
+    class Wrapped(torch.nn.Module):  # what a checkpoint or FSDP wrapper looks like from the block
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, h):
+            return self.inner(h)
+
+    for block in fast.blocks:
+        block.attn = Wrapped(block.attn)
+    with_bias_wrapped, out_wrapped = _linear_calls_with_bias(fast, x, t, y)
+    assert with_bias_wrapped - with_bias_triton == len(fast.blocks)
+    assert rel_err(out_wrapped, out_torch) < FP32_RTOL
 
 
 # -- 4. timesteps ---------------------------------------------------------------------------------

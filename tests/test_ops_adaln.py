@@ -58,20 +58,23 @@ def make_inputs(op, B, L, D, dtype, mod_dtype=None, offset=0.0):
 
 
 def call(op, inp, backend, h_dtype=None):
-    """Outputs of `op` as a tuple, through dit_fast.ops (backend name) or torch_backend ("reference")."""
+    """Outputs of `op` as a tuple, through dit_fast.ops (backend name) or torch_backend ("reference").
+    An input named "bias" goes to the gated ops' bias."""
+    bias = inp.get("bias")
     if backend == "reference":
         fn = getattr(torch_backend, op)
         if op == "adaln_modulate":
             return (fn(inp["x"], inp["shift"], inp["scale"], EPS, h_dtype),)
         if op == "gated_residual":
-            return (fn(inp["x"], inp["y"], inp["gate"]),)
-        return fn(inp["x"], inp["y"], inp["gate"], inp["shift"], inp["scale"], EPS, h_dtype)
+            return (fn(inp["x"], inp["y"], inp["gate"], bias),)
+        return fn(inp["x"], inp["y"], inp["gate"], inp["shift"], inp["scale"], EPS, h_dtype, bias)
     if op == "adaln_modulate":
         return (ops.adaln_modulate(inp["x"], inp["shift"], inp["scale"], EPS, h_dtype=h_dtype, backend=backend),)
     if op == "gated_residual":
-        return (ops.gated_residual(inp["x"], inp["y"], inp["gate"], backend=backend),)
+        return (ops.gated_residual(inp["x"], inp["y"], inp["gate"], bias=bias, backend=backend),)
     return tuple(ops.gated_residual_adaln(
-        inp["x"], inp["y"], inp["gate"], inp["shift"], inp["scale"], EPS, h_dtype=h_dtype, backend=backend))
+        inp["x"], inp["y"], inp["gate"], inp["shift"], inp["scale"], EPS, h_dtype=h_dtype, bias=bias,
+        backend=backend))
 
 
 def eager_lowp(op, inp):
@@ -81,7 +84,8 @@ def eager_lowp(op, inp):
 
     if op == "adaln_modulate":
         return (modulate(inp["x"]),)
-    x_out = inp["x"] + inp["gate"].unsqueeze(1) * inp["y"]
+    y = inp["y"] if "bias" not in inp else inp["y"] + inp["bias"]
+    x_out = inp["x"] + inp["gate"].unsqueeze(1) * y
     return (x_out,) if op == "gated_residual" else (x_out, modulate(x_out))
 
 
@@ -101,7 +105,7 @@ def float64_reference(op, inp, cotangents, round_x_out=False):
     def fn(t):
         if not round_x_out:
             return call(op, t, "reference")
-        x_out = torch_backend.gated_residual(t["x"], t["y"], t["gate"])
+        x_out = torch_backend.gated_residual(t["x"], t["y"], t["gate"], t.get("bias"))
         x_out = x_out + (x_out.to(inp["x"].dtype).double() - x_out).detach()
         return x_out, torch_backend.adaln_modulate(x_out, t["shift"], t["scale"], EPS, None)
 
@@ -167,6 +171,39 @@ def test_mixed_dtypes(backend, op):
         assert outs[-1].dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, "mixed"])
+@pytest.mark.parametrize("B,L,D", [(3, 16, 72), (1, 64, 1152), (2, 1, 64)])
+@pytest.mark.parametrize("op", ["gated_residual", "gated_residual_adaln"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bias(backend, op, B, L, D, dtype):
+    """x + gate * (y + bias): the bias of the GEMM that made y, with its gradient (Triton: summed in the
+    backward's own pass). "mixed": autocast-style, float32 x and bias (a parameter), bfloat16 y and gate."""
+    need(backend, op)
+    mixed = dtype == "mixed"
+    inp = make_inputs(op, B, L, D, torch.float32 if mixed else dtype, mod_dtype=torch.bfloat16 if mixed else None)
+    if mixed:
+        inp["y"] = inp["y"].bfloat16()
+    inp["bias"] = torch.randn(D, device=DEVICE).to(torch.float32 if mixed else dtype)
+    h_dtype = torch.bfloat16 if mixed and op == "gated_residual_adaln" else None
+    if mixed:
+        eager_fn = lambda t: call(op, t, "reference", h_dtype)  # noqa: E731
+    else:
+        eager_fn = (lambda t: eager_lowp(op, t)) if dtype != torch.float32 else None
+    outs, grads = run_and_check(op, backend, inp, h_dtype=h_dtype, eager_fn=eager_fn)
+    assert grads["bias"].dtype == inp["bias"].dtype and grads["bias"].shape == (D,)
+    # and the bias really is used: without it the output differs
+    no_bias = call(op, {k: v for k, v in inp.items() if k != "bias"}, backend, h_dtype)
+    assert not torch.equal(outs[0], no_bias[0])
+
+
+def test_model_passes_the_bias_only_to_a_fusing_backend():
+    """The model hands attn.proj's and mlp.fc2's biases to the gated ops only where the kernel adds them
+    (capability fused_bias: Triton); elsewhere the GEMM keeps its bias (no extra pass)."""
+    assert backends.capability("triton", "gated_residual_adaln", "cuda").fused_bias
+    assert not backends.capability("ext", "gated_residual_adaln", "cuda").fused_bias
+    assert not backends.capability("torch", "gated_residual_adaln", "cpu").fused_bias
+
+
 def _transposed_view(shape, dtype):
     B, L, D = shape
     return torch.randn(B, D, L, device=DEVICE).to(dtype).transpose(1, 2)
@@ -205,6 +242,49 @@ def test_large_offset_float32(backend, op):
                   round_x_out=op == "gated_residual_adaln")
 
 
+def _registered_fwd(backend, op):
+    """The backend's registered forward op: (x[, y, gate], shift, scale, eps, h_dtype) -> (..., mean, rstd)."""
+    if backend == "triton":
+        import dit_fast.ops.triton_adaln  # noqa: F401  (registers dit_fast_triton::*)
+        fwd = getattr(torch.ops.dit_fast_triton, f"{op}_fwd")
+        if op == "gated_residual_adaln":  # Triton's schema has the optional bias after gate
+            return lambda x, y, gate, *rest: fwd(x, y, gate, None, *rest)
+        return fwd
+    import dit_fast.ops.ext_backend  # noqa: F401
+    return getattr(torch.ops.dit_fast_ext, f"{op}_fwd")
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e4])
+@pytest.mark.parametrize("op", ["adaln_modulate", "gated_residual_adaln"])
+@pytest.mark.parametrize("backend", ["triton", "ext"])
+def test_saved_statistics_are_the_row_mean_and_rstd(backend, op, offset):
+    """One contract for what a norm op saves: mean is the row mean of x (resp. x_out as stored), to
+    within the compute dtype's rounding at the row's scale, rstd = 1 / sqrt(var + eps); and one backend's backward takes
+    another's saved statistics."""
+    need(backend, op)
+    B, L, D = 2, 5, 1152
+    inp = make_inputs(op, B, L, D, torch.float32, offset=offset)
+    args = [inp[k] for k in TOKENS[op] + MODS[op]]
+    *_, mean, rstd = _registered_fwd(backend, op)(*args, EPS, None)
+    normed = inp["x"]
+    if op == "gated_residual_adaln":  # x_out as stored
+        normed = ops.gated_residual(inp["x"], inp["y"], inp["gate"], backend="torch")
+    x64 = normed.double()
+    mean64 = x64.mean(-1)
+    rstd64 = (x64.var(-1, unbiased=False) + EPS).rsqrt()
+    # pivot + mu rounds at the scale of the row's elements, not of the mean
+    ulp = 2 * torch.finfo(torch.float32).eps * x64.abs().amax(-1)
+    err = (mean.double() - mean64).abs()
+    assert (err <= ulp).all(), f"{backend} saved mean off by {err.max():.3g}"
+    torch.testing.assert_close(rstd.double(), rstd64, rtol=1e-5, atol=0)
+    for other in ("triton", "ext"):
+        if other == backend or not backends.probe(other, DEVICE)[0] or not backends.implements(other, op):
+            continue
+        *_, mean_o, rstd_o = _registered_fwd(other, op)(*args, EPS, None)
+        assert ((mean_o.double() - mean.double()).abs() <= 2 * ulp).all(), f"{other} and {backend} save different means"
+        torch.testing.assert_close(rstd_o, rstd, rtol=2e-6, atol=0)
+
+
 @pytest.mark.parametrize("B,L,D", [(3, 17, 72), (2, 5, 1152)])
 @pytest.mark.parametrize("op", OP_NAMES)
 def test_triton_writes_every_element(op, B, L, D):
@@ -216,8 +296,9 @@ def test_triton_writes_every_element(op, B, L, D):
         run_and_check(op, "triton", make_inputs(op, B, L, D, torch.float32))
 
 
+@pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("which", ["dh only", "dx_out only", "neither"])
-def test_triton_gated_residual_adaln_backward_missing_grads(which):
+def test_triton_gated_residual_adaln_backward_missing_grads(which, bias):
     """The fused backward takes None for an unused output's gradient, same as passing zeros."""
     need("triton", "gated_residual_adaln")
     from dit_fast.kernels import adaln as kernels
@@ -225,17 +306,20 @@ def test_triton_gated_residual_adaln_backward_missing_grads(which):
     B, L, D = 2, 5, 72
     x, y = torch.randn(2, B, L, D, device=DEVICE)
     gate, shift, scale = torch.randn(3, B, D, device=DEVICE)
-    x_out, _, mean, rstd = kernels.gated_residual_adaln_fwd(x, y, gate, shift, scale, EPS)
+    b = torch.randn(D, device=DEVICE) if bias else None
+    x_out, _, mean, rstd = kernels.gated_residual_adaln_fwd(x, y, gate, shift, scale, EPS, None, b)
     dx_out, dh = torch.randn(2, B, L, D, device=DEVICE)
     zeros = torch.zeros_like(x)
     given = {"dh only": (None, dh), "dx_out only": (dx_out, None), "neither": (None, None)}[which]
     as_zeros = tuple(zeros if g is None else g for g in given)
     saved = (x_out, y, gate, scale, mean, rstd, torch.float32)
     with kernels.poison_outputs():
-        got = kernels.gated_residual_adaln_bwd(*given, *saved)
-    want = kernels.gated_residual_adaln_bwd(*as_zeros, *saved)
-    for name, g, w in zip(("dx", "dy", "dgate", "dshift", "dscale"), got, want):
-        torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-6, msg=lambda m, name=name: f"{which}: {name}: {m}")
+        got = kernels.gated_residual_adaln_bwd(*given, *saved, bias=b)
+    want = kernels.gated_residual_adaln_bwd(*as_zeros, *saved, bias=b)
+    assert (got[-1] is None) == (not bias)
+    for name, g, w in zip(("dx", "dy", "dgate", "dshift", "dscale", "dbias"), got, want):
+        if g is not None:
+            torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-6, msg=lambda m, name=name: f"{which}: {name}: {m}")
 
 
 def _opcheck_cases():
@@ -243,15 +327,20 @@ def _opcheck_cases():
     x, y, dx_out, dh = torch.randn(4, B, L, D, device=DEVICE)
     gate, shift, scale = torch.randn(3, B, D, device=DEVICE)
     mean, rstd = torch.randn(B, L, device=DEVICE), torch.rand(B, L, device=DEVICE) + 0.5
+    bias = torch.randn(D, device=DEVICE)
     bf = torch.bfloat16
     return {
         "adaln_modulate_fwd": (x, shift, scale, EPS, None),
         "adaln_modulate_bwd": (dh, x, mean, rstd, scale, torch.float32),
-        "gated_residual_fwd": (x, y.to(bf), gate.to(bf)),
-        "gated_residual_bwd": (dh, y, gate),
-        "gated_residual_adaln_fwd": (x, y, gate, shift, scale, EPS, bf),
-        "gated_residual_adaln_bwd": (dh, dx_out, x, y, gate, mean, rstd, scale, torch.float32),
-        "gated_residual_adaln_bwd_no_dxo": (dh, None, x, y, gate, mean, rstd, scale, bf),
+        "gated_residual_fwd": (x, y.to(bf), gate.to(bf), None),
+        "gated_residual_fwd_bias": (x, y.to(bf), gate.to(bf), bias),
+        "gated_residual_bwd": (dh, y, gate, None),
+        "gated_residual_bwd_bias": (dh, y, gate, bias),
+        "gated_residual_adaln_fwd": (x, y, gate, None, shift, scale, EPS, bf),
+        "gated_residual_adaln_fwd_bias": (x, y, gate, bias.to(bf), shift, scale, EPS, bf),
+        "gated_residual_adaln_bwd": (dh, dx_out, x, y, gate, None, mean, rstd, scale, torch.float32),
+        "gated_residual_adaln_bwd_bias": (dh, dx_out, x, y, gate, bias, mean, rstd, scale, torch.float32),
+        "gated_residual_adaln_bwd_no_dxo": (dh, None, x, y, gate, None, mean, rstd, scale, bf),
     }
 
 
@@ -261,9 +350,9 @@ def test_triton_opcheck(name):
     import dit_fast.ops.triton_backend  # noqa: F401  (registers the ops)
 
     args = _opcheck_cases()[name]
-    if name.endswith("_fwd"):
+    if "_fwd" in name:
         args = tuple(a.requires_grad_() if isinstance(a, torch.Tensor) else a for a in args)
-    op = getattr(torch.ops.dit_fast_triton, name.replace("_no_dxo", ""))
+    op = getattr(torch.ops.dit_fast_triton, name.replace("_no_dxo", "").replace("_bias", ""))
     torch.library.opcheck(op, args)
 
 
@@ -298,6 +387,25 @@ def test_torch_compile_matches_eager(backend, through):
         torch.testing.assert_close(
             g, w, rtol=1e-5, atol=1e-6, msg=lambda m, name=name: f"{backend} compiled {name}: {m}"
         )
+
+
+@pytest.mark.parametrize("op", OP_NAMES)
+def test_triton_prefetch_switch_is_bitwise_neutral(op, monkeypatch):
+    """kernels.adaln.PREFETCH (DIT_FAST_ADALN_PREFETCH) changes when loads are issued, never a result:
+    outputs and every gradient bitwise equal, over several row blocks per program and a ragged last one."""
+    need("triton", op)
+    from dit_fast.kernels import adaln as kernels
+
+    inp = make_inputs(op, 2, 203, 72, torch.float32)
+    cot = random_cotangents(call(op, inp, "triton"))
+    runs = []
+    for prefetch in (True, False):
+        monkeypatch.setattr(kernels, "PREFETCH", prefetch)
+        runs.append(with_grads(lambda t: call(op, t, "triton"), inp, cot))
+    (outs_a, grads_a), (outs_b, grads_b) = runs
+    assert all(torch.equal(a, b) for a, b in zip(outs_a, outs_b)), f"{op}: outputs differ with PREFETCH off"
+    for k in inp:
+        assert torch.equal(grads_a[k], grads_b[k]), f"{op}: grad of {k} differs with PREFETCH off"
 
 
 @pytest.mark.parametrize("op", OP_NAMES)

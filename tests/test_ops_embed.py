@@ -211,6 +211,32 @@ def test_linear_gelu_tanh_saturates():
     assert not torch.isnan(d).any() and not torch.isnan(db).any()
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_linear_gelu_tanh_casts_the_weight_through_autocasts_cache(backend):
+    """Under autocast the fp32 weight is cast by autocast itself (its cache: once per autocast region,
+    reused by an activation checkpoint's recompute), never by an explicit .to() per call."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    _skip_unless(backend, "linear_gelu_tanh")
+    x = torch.randn(2, 4, 32, device=DEVICE, requires_grad=True)
+    w = torch.randn(64, 32, device=DEVICE, requires_grad=True)
+    b = torch.randn(64, device=DEVICE, requires_grad=True)
+    casts = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket.__name__ in ("_to_copy", "to", "copy_") and tuple(args[0].shape) == (64, 32):
+                casts.append(func)
+            return func(*args, **(kwargs or {}))
+
+    with torch.autocast(torch.device(DEVICE).type, torch.bfloat16), Record():
+        outs = [ops.linear_gelu_tanh(x, w, b, backend=backend) for _ in range(2)]
+    assert len(casts) == 1, f"weight cast {len(casts)} times in two calls: {casts}"
+    assert all(o.dtype == torch.bfloat16 for o in outs)
+    ref = tb.linear_gelu_tanh(x.double(), w.double(), b.double())
+    assert rel_err(outs[1], ref) < 2e-2
+
+
 # ------------------------------------------------------------------------------------ autocast (mixed)
 
 
@@ -285,6 +311,19 @@ def test_launchers_write_every_element():
     assert_close(dpre, ref_d, torch.float32, name="dpre")
     assert_close(dbias, ref_d.sum(0), torch.float32, name="dbias")
 
+    # with the bias added in the pass (fc1's GEMM runs without it); bf16 bias read as stored
+    for bias in (torch.randn(300, device=DEVICE), torch.randn(300, device=DEVICE).bfloat16()):
+        out = poison_(torch.empty_like(pre))
+        gelu.gelu_tanh_fwd(pre, out=out, bias=bias)
+        pd = pre.double().requires_grad_()
+        ref = F.gelu(pd + bias.double(), approximate="tanh")
+        assert_close(out, ref, torch.float32, name="gelu(pre + bias)")
+        dpre = poison_(torch.empty_like(pre))
+        _, dbias = gelu.gelu_tanh_bwd(g, pre, True, out=dpre, bias=bias)
+        (ref_d,) = torch.autograd.grad(ref, pd, g.double())
+        assert_close(dpre, ref_d, torch.float32, name="dpre with bias")
+        assert_close(dbias, ref_d.sum(0), torch.float32, name="dbias with bias")
+
 
 @needs_triton
 def test_final_layer_backward_is_deterministic():
@@ -305,12 +344,16 @@ def _op_samples():
     N, C, H, W, p, D = 2, 4, 8, 8, 2, 32
     pe_args = [torch.randn(N, C, H, W), torch.randn(D, C, p, p), torch.randn(D), torch.randn(1, 16, D)]
     fl_args = _final_layer_inputs(2, 2, 4, 2, 32)
-    lg_args = [torch.randn(3, 5, 32), torch.randn(48, 32), torch.randn(48)]
+    pre, bias = torch.randn(3, 5, 48), torch.randn(48)
     return [
         ("patch_embed_fwd", [t.to(DEVICE).requires_grad_() for t in pe_args] + [p]),
         ("final_layer_fwd", [t.to(DEVICE).requires_grad_() for t in fl_args] + [2, 4, 1e-6]),
-        ("linear_gelu_tanh_fwd", [t.to(DEVICE).requires_grad_() for t in lg_args]),
-        ("gelu_tanh_bwd", [torch.randn(4, 40, device=DEVICE), torch.randn(4, 40, device=DEVICE), True]),
+        ("bias_gelu_tanh_fwd", [pre.to(DEVICE).requires_grad_(), bias.to(DEVICE).requires_grad_()]),
+        ("bias_gelu_tanh_fwd_no_bias", [pre.to(DEVICE).requires_grad_(), None]),
+        ("bias_gelu_tanh_bwd", [torch.randn(4, 40, device=DEVICE), torch.randn(4, 40, device=DEVICE),
+                                torch.randn(40, device=DEVICE), True]),
+        ("bias_gelu_tanh_bwd_no_bias", [torch.randn(4, 40, device=DEVICE), torch.randn(4, 40, device=DEVICE),
+                                        None, False]),
         ("final_layer_bwd", [torch.randn(2, 4, 4, 4, device=DEVICE)] + [t.detach() for t in fl_args[:4]]
          + [2, 4, 1e-6, True]),
     ]
@@ -321,7 +364,7 @@ def _op_samples():
 def test_opcheck(name, args):
     import dit_fast.ops.triton_embed  # noqa: F401 (registers the ops)
 
-    torch.library.opcheck(getattr(torch.ops.dit_fast_triton, name).default, args)
+    torch.library.opcheck(getattr(torch.ops.dit_fast_triton, name.removesuffix("_no_bias")).default, args)
 
 
 @needs_triton

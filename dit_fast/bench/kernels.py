@@ -4,8 +4,9 @@ The one engine behind `dit-fast kernels` and benchmarks/bench_ops.py (pytest-ben
 inputs with `make_case` and the timed callables and byte counts with `make_pass`.
 
 Contenders per op (CONTENDERS): "eager" (the plain-PyTorch torch_backend op), "compile" (torch.compile
-of that same op), "triton" and "ext" (the kernel families, where they run and implement the op);
-`contender_status` says why one does not run.
+of that same op), "triton" and "ext" (the kernel families, where they run and implement the op), and
+"triton-noprefetch" (the Triton adaLN kernels with kernels.adaln.PREFETCH off: the A/B of the next row
+block's early loads against the registers they cost); `contender_status` says why one does not run.
 
 Inputs mirror the model under autocast: the residual stream x is float32 (weights too), the
 GEMM outputs feeding an op (y, gate, shift, scale, h) are in the low-precision dtype, and h is
@@ -33,17 +34,18 @@ comparison of ext against eager and torch.compile:
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
 
-from ..backends import OPS, implements, module_for, probe
+from ..backends import ADALN_OPS, OPS, implements, module_for, probe
 from .contenders import autocast_ctx
 from .rounds import ratio_stats, run_rounds, spread
 from .timing import sample_kernel, timer_name, warm_up
 
-CONTENDERS = ("eager", "compile", "triton", "ext")
+CONTENDERS = ("eager", "compile", "triton", "triton-noprefetch", "ext")
 PASSES = ("fwd", "fwd+bwd")
 TOKENS_512PX = 1024  # DiT /2 models at 512px: a 64x64 latent in 2x2 patches
 
@@ -135,11 +137,11 @@ def contender_status(name: str, device_type: str) -> tuple[bool, str]:
     """(runs, why not) for one contender on a device type, whatever the op."""
     if name in ("eager", "compile"):
         return True, ""
-    if name == "triton" and device_type == "cpu":
+    if name.startswith("triton") and device_type == "cpu":
         return False, "triton on the CPU is the interpreter, a correctness tool, not a speed path"
-    if name not in ("triton", "ext"):
+    if name not in ("triton", "triton-noprefetch", "ext"):
         raise ValueError(f"contender must be one of {CONTENDERS}, got {name!r}")
-    ok, why = probe(name, device_type)
+    ok, why = probe(name.removesuffix("-noprefetch"), device_type)
     return ok, "" if ok else why
 
 
@@ -156,7 +158,32 @@ def op_fn(name: str, op: str) -> Callable | None:
         if op not in _compiled:
             _compiled[op] = torch.compile(getattr(torch_backend, op), dynamic=False)
         return _compiled[op]
+    if name == "triton-noprefetch":
+        if op not in ADALN_OPS or not implements("triton", op):
+            return None
+        fn = _with_context(getattr(module_for("triton"), op), _adaln_prefetch_off)
+        return fn
     return getattr(module_for(name), op) if implements(name, op) else None
+
+
+@contextlib.contextmanager
+def _adaln_prefetch_off():
+    from ..kernels import adaln
+
+    old, adaln.PREFETCH = adaln.PREFETCH, False
+    try:
+        yield
+    finally:
+        adaln.PREFETCH = old
+
+
+def _with_context(fn: Callable, context: Callable) -> Callable:
+    """fn, marked to run (forward and backward) inside context(): make_pass enters it for the whole pass."""
+    def wrapped(*args):
+        return fn(*args)
+
+    wrapped.bench_context = context
+    return wrapped
 
 
 def kernel_contenders(device_type: str, compile_: bool) -> dict[str, Callable[[str], Callable | None]]:
@@ -176,23 +203,25 @@ def make_pass(case: OpCase, fn: Callable, device, dtype, pass_: str) -> tuple[Ca
         raise ValueError(f"pass_ must be one of {PASSES}, got {pass_!r}")
     dev = torch.device(device)
     args = case.args
+    context = getattr(fn, "bench_context", contextlib.nullcontext)  # a kernel switch held over the whole pass
     if pass_ == "fwd":
         def fwd():
-            with torch.no_grad(), autocast_ctx(dev, dtype):
+            with torch.no_grad(), autocast_ctx(dev, dtype), context():
                 return fn(*args)
 
         return fwd, case_bytes(case, _outputs(fwd()))["fwd"]
     grad_args = [args[i] for i in case.grad_inputs]
-    with autocast_ctx(dev, dtype):
+    with autocast_ctx(dev, dtype), context():
         outs = _outputs(fn(*args))
     cots = [torch.randn_like(o) for o in outs]
     nbytes = case_bytes(case, [o.detach() for o in outs])["fwd+bwd"]
     del outs
 
     def fwd_bwd():
-        with autocast_ctx(dev, dtype):
-            o = _outputs(fn(*args))
-        return torch.autograd.grad(o, grad_args, cots)
+        with context():
+            with autocast_ctx(dev, dtype):
+                o = _outputs(fn(*args))
+            return torch.autograd.grad(o, grad_args, cots)
 
     return fwd_bwd, nbytes
 

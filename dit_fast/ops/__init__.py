@@ -89,16 +89,35 @@ def adaln_modulate(x, shift, scale, eps: float = 1e-6, *, h_dtype=None, backend:
     return _impl(backend, "adaln_modulate", x.device, x.shape[-1], x, shift, scale)(x, shift, scale, eps, h_dtype)
 
 
-def gated_residual(x, y, gate, *, backend: str = "auto"):
-    """x + gate * y, with x, y: [B, L, D] and gate: [B, D]; returns x.dtype."""
+def _check_bias(bias, x: torch.Tensor) -> None:
+    if bias is None:
+        return
+    _check_float("bias", bias)
+    if tuple(bias.shape) != (x.shape[-1],):
+        raise ValueError(f"bias must have shape [D] = [{x.shape[-1]}] for x of shape {_shape(x)}, got {_shape(bias)}")
+    if bias.device != x.device:
+        raise ValueError(f"bias must be on {x.device} like x, got {bias.device}")
+
+
+def gated_residual(x, y, gate, *, bias=None, backend: str = "auto"):
+    """x + gate * (y + bias), with x, y: [B, L, D], gate: [B, D], bias: [D] or None; returns x.dtype.
+
+    bias is the bias of the GEMM that made y: passing it here (and running the GEMM without it) lets the
+    backward produce its gradient in the pass it already makes (Triton; other backends add it first).
+    """
     _check_tokens("x", x)
     _check_like("y", y, "x", x)
     _check_mod("gate", gate, x)
-    return _impl(backend, "gated_residual", x.device, x.shape[-1], x, y, gate)(x, y, gate)
+    _check_bias(bias, x)
+    impl = _impl(backend, "gated_residual", x.device, x.shape[-1], x, y, gate, bias)
+    return impl(x, y, gate) if bias is None else impl(x, y, gate, bias)
 
 
-def gated_residual_adaln(x, y, gate, shift, scale, eps: float = 1e-6, *, h_dtype=None, backend: str = "auto"):
-    """(x_out, h): x_out = x + gate * y (x.dtype), h = adaln_modulate(x_out, shift, scale) (h_dtype or x.dtype)."""
+def gated_residual_adaln(
+    x, y, gate, shift, scale, eps: float = 1e-6, *, h_dtype=None, bias=None, backend: str = "auto"
+):
+    """(x_out, h): x_out = x + gate * (y + bias) (x.dtype), h = adaln_modulate(x_out, shift, scale)
+    (h_dtype or x.dtype); bias as in gated_residual."""
     _check_tokens("x", x)
     _check_like("y", y, "x", x)
     _check_mod("gate", gate, x)
@@ -106,8 +125,10 @@ def gated_residual_adaln(x, y, gate, shift, scale, eps: float = 1e-6, *, h_dtype
     _check_mod("scale", scale, x)
     _check_eps(eps)
     _check_h_dtype(h_dtype)
-    impl = _impl(backend, "gated_residual_adaln", x.device, x.shape[-1], x, y, gate, shift, scale)
-    return impl(x, y, gate, shift, scale, eps, h_dtype)
+    _check_bias(bias, x)
+    impl = _impl(backend, "gated_residual_adaln", x.device, x.shape[-1], x, y, gate, shift, scale, bias)
+    return impl(x, y, gate, shift, scale, eps, h_dtype) if bias is None else impl(
+        x, y, gate, shift, scale, eps, h_dtype, bias)
 
 
 def patch_embed(x, weight, bias, pos_embed, patch_size: int, *, backend: str = "auto"):

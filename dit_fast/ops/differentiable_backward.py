@@ -60,20 +60,20 @@ def adaln_modulate(x, shift_dtype, scale, eps, h_dtype, dh):
     return _vjp(lambda x, s, c: torch_backend.adaln_modulate(x, s, c, eps, h_dtype), (x, shift, scale), (dh,))
 
 
-def gated_residual(x_dtype, y, gate, dout):
-    """(dx, dy, dgate) of x_out = gated_residual(x, y, gate)."""
+def gated_residual(x_dtype, y, gate, bias, dout):
+    """(dx, dy, dgate, dbias) of x_out = gated_residual(x, y, gate, bias); dbias None without a bias."""
     x = _placeholder(y, x_dtype)
-    return _vjp(torch_backend.gated_residual, (x, y, gate), (dout,))
+    return _vjp(torch_backend.gated_residual, (x, y, gate, bias), (dout,))
 
 
-def gated_residual_adaln(x_out, y, gate, shift_dtype, scale, eps, h_dtype, dx_out, dh):
-    """(dx, dy, dgate, dshift, dscale) of (x_out, h) = gated_residual_adaln(x, y, gate, shift, scale, ...),
-    from the saved output x_out (h is a function of x_out; x_out's own history carries the rest)."""
+def gated_residual_adaln(x_out, y, gate, bias, shift_dtype, scale, eps, h_dtype, dx_out, dh):
+    """(dx, dy, dgate, dbias, dshift, dscale) of (x_out, h) = gated_residual_adaln(x, y, gate, shift, scale,
+    ..., bias), from the saved output x_out (h is a function of x_out; x_out's own history carries the rest)."""
     dxo_h, dshift, dscale = adaln_modulate(x_out, shift_dtype, scale, eps, h_dtype, dh)
     parts = [g for g in (dx_out, dxo_h) if g is not None]
     total = None if not parts else parts[0] if len(parts) == 1 else parts[0] + parts[1]
-    dx, dy, dgate = gated_residual(x_out.dtype, y, gate, total)
-    return dx, dy, dgate, dshift, dscale
+    dx, dy, dgate, dbias = gated_residual(x_out.dtype, y, gate, bias, total)
+    return dx, dy, dgate, dbias, dshift, dscale
 
 
 def final_layer(x, shift, scale, weight, bias, patch_size, out_channels, eps, dout):
@@ -90,3 +90,11 @@ def final_layer(x, shift, scale, weight, bias, patch_size, out_channels, eps, do
 def linear_gelu_tanh(x, weight, bias, dout):
     """(dx, dweight, dbias) of GELU_tanh(x @ weight.T + bias)."""
     return _vjp(torch_backend.linear_gelu_tanh, (x, weight, bias), (dout,))
+
+
+def bias_gelu_tanh(pre, bias, dout):
+    """(dpre, dbias) of GELU_tanh(pre + bias) (bias may be None): the Triton linear_gelu_tanh's second half."""
+    def fn(pre, bias):
+        return F.gelu(pre if bias is None else pre + bias, approximate="tanh")
+
+    return _vjp(fn, (pre, bias), (dout,))

@@ -179,7 +179,7 @@ def _backward_gated(ctx, dout):
         return None, None, None
     y, gate = ctx.saved_tensors
     if DB.wanted():
-        return DB.gated_residual(ctx.x_dtype, y, gate, dout)
+        return DB.gated_residual(ctx.x_dtype, y, gate, None, dout)[:3]
     dy, dgate = torch.ops.dit_fast_ext.gated_residual_bwd(dout, y, gate)
     return dout, dy, _cast(dgate, gate.dtype)
 
@@ -197,8 +197,9 @@ def _backward_fused(ctx, dx_out, dh, _dmean, _drstd):
     if dh is None and dx_out is None:
         return (None,) * 7
     if DB.wanted():
-        grads = DB.gated_residual_adaln(x_out, y, gate, ctx.shift_dtype, scale, ctx.eps, ctx.h_dtype, dx_out, dh)
-        return (*grads, None, None)
+        dx, dy, dgate, _, dshift, dscale = DB.gated_residual_adaln(
+            x_out, y, gate, None, ctx.shift_dtype, scale, ctx.eps, ctx.h_dtype, dx_out, dh)
+        return dx, dy, dgate, dshift, dscale, None, None
     if dh is None:
         dy, dgate = torch.ops.dit_fast_ext.gated_residual_bwd(dx_out, y, gate)
         return dx_out, dy, _cast(dgate, gate.dtype), None, None, None, None
@@ -239,12 +240,23 @@ def adaln_modulate(x, shift, scale, eps: float = 1e-6, h_dtype: torch.dtype | No
     return torch.ops.dit_fast_ext.adaln_modulate_fwd(x, shift, scale, float(eps), h_dtype)[0]
 
 
-def gated_residual(x, y, gate):
-    """x + gate * y in x.dtype, fused."""
-    return torch.ops.dit_fast_ext.gated_residual_fwd(x, y, gate)
+def _add_bias(y, gate, bias):
+    """y + bias in the compute dtype (unrounded, as the op defines it): the extension's kernels take no bias,
+    so it is added here and its gradient comes from autograd (a separate pass; the Triton kernels fuse it)."""
+    if bias is None:
+        return y
+    ct = compute_dtype(y, gate, bias)
+    return y.to(ct) + bias.to(ct)
 
 
-def gated_residual_adaln(x, y, gate, shift, scale, eps: float = 1e-6, h_dtype: torch.dtype | None = None):
-    """(x_out, h): x_out = x + gate * y and h = adaln_modulate(x_out, shift, scale), in one pass."""
-    x_out, h, _, _ = torch.ops.dit_fast_ext.gated_residual_adaln_fwd(x, y, gate, shift, scale, float(eps), h_dtype)
+def gated_residual(x, y, gate, bias=None):
+    """x + gate * (y + bias) in x.dtype, fused (the bias added first)."""
+    return torch.ops.dit_fast_ext.gated_residual_fwd(x, _add_bias(y, gate, bias), gate)
+
+
+def gated_residual_adaln(x, y, gate, shift, scale, eps: float = 1e-6, h_dtype: torch.dtype | None = None,
+                         bias=None):
+    """(x_out, h): x_out = x + gate * (y + bias) and h = adaln_modulate(x_out, shift, scale), in one pass."""
+    x_out, h, _, _ = torch.ops.dit_fast_ext.gated_residual_adaln_fwd(
+        x, _add_bias(y, gate, bias), gate, shift, scale, float(eps), h_dtype)
     return x_out, h

@@ -25,18 +25,25 @@ def adaln_modulate(x, shift, scale, eps: float = 1e-6, h_dtype: torch.dtype | No
     return h.to(h_dtype or x.dtype)
 
 
-def gated_residual(x, y, gate):
-    """x + gate * y. x, y: [B, L, D]; gate: [B, D]. Output dtype: x.dtype."""
-    ct = compute_dtype(x, y, gate)
-    return (x.to(ct) + gate.to(ct).unsqueeze(1) * y.to(ct)).to(x.dtype)
+def gated_residual(x, y, gate, bias=None):
+    """x + gate * (y + bias). x, y: [B, L, D]; gate: [B, D]; bias: [D] or None. Output dtype: x.dtype.
+
+    bias is the bias of the GEMM that made y (attn.proj, mlp.fc2), added here instead of in the GEMM so
+    that its gradient comes out of this op's backward pass over the output gradient (no separate
+    reduction). y + bias is not rounded: the sum is taken in the compute dtype.
+    """
+    ct = compute_dtype(x, y, gate, *(() if bias is None else (bias,)))
+    y = y.to(ct) if bias is None else y.to(ct) + bias.to(ct)
+    return (x.to(ct) + gate.to(ct).unsqueeze(1) * y).to(x.dtype)
 
 
-def gated_residual_adaln(x, y, gate, shift, scale, eps: float = 1e-6, h_dtype: torch.dtype | None = None):
-    """(x_out, h) with x_out = x + gate * y and h = adaln_modulate(x_out, shift, scale).
+def gated_residual_adaln(x, y, gate, shift, scale, eps: float = 1e-6, h_dtype: torch.dtype | None = None,
+                         bias=None):
+    """(x_out, h) with x_out = gated_residual(x, y, gate, bias) and h = adaln_modulate(x_out, shift, scale).
 
     h is normalized from x_out as stored (rounded to x.dtype), as the unfused model would.
     """
-    x_out = gated_residual(x, y, gate)
+    x_out = gated_residual(x, y, gate, bias)
     return x_out, adaln_modulate(x_out, shift, scale, eps, h_dtype)
 
 

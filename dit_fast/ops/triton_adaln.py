@@ -5,11 +5,14 @@ statistics mean, rstd [B, L] (compute dtype, dtypes.py) saved for backward; back
 gradients first, then the saved tensors, then dtype arguments.
   dit_fast_triton::adaln_modulate_fwd(x, shift, scale, eps, h_dtype) -> (h, mean, rstd)
   dit_fast_triton::adaln_modulate_bwd(dh, x, mean, rstd, scale, shift_dtype) -> (dx, dshift, dscale)
-  dit_fast_triton::gated_residual_fwd(x, y, gate) -> x_out
-  dit_fast_triton::gated_residual_bwd(dout, y, gate) -> (dy, dgate)
-  dit_fast_triton::gated_residual_adaln_fwd(x, y, gate, shift, scale, eps, h_dtype) -> (x_out, h, mean, rstd)
-  dit_fast_triton::gated_residual_adaln_bwd(dh?, dx_out?, x_out, y, gate, mean, rstd, scale, shift_dtype)
-      -> (dx, dy, dgate, dshift, dscale)
+  dit_fast_triton::gated_residual_fwd(x, y, gate, bias?) -> x_out
+  dit_fast_triton::gated_residual_bwd(dout, y, gate, bias?) -> (dy, dgate, dbias)
+  dit_fast_triton::gated_residual_adaln_fwd(x, y, gate, bias?, shift, scale, eps, h_dtype) -> (x_out, h, mean, rstd)
+  dit_fast_triton::gated_residual_adaln_bwd(dh?, dx_out?, x_out, y, gate, bias?, mean, rstd, scale, shift_dtype)
+      -> (dx, dy, dgate, dbias, dshift, dscale)
+bias [D] (optional): the bias of the GEMM that made y, added in the kernel (x + gate * (y + bias)); its
+gradient is summed in the backward's pass. Without a bias the registered backwards return dbias as an
+empty tensor.
 Gradients come back in their inputs' dtypes. float64 inputs are computed in float64 by the same kernels.
 The three call paths of each op (compiled, eager with grad, eager without) come from one spec (triton_op.py).
 """
@@ -66,36 +69,59 @@ def _(dh, x, mean, rstd, scale, shift_dtype):
     return x.new_empty(x.shape), x.new_empty((B, D), dtype=shift_dtype), x.new_empty((B, D), dtype=scale.dtype)
 
 
+def _dbias_out(dbias: Optional[Tensor], like: Tensor) -> Tensor:
+    """A registered op returns tensors only: no bias -> an empty dbias."""
+    return like.new_empty(0) if dbias is None else dbias
+
+
+def _dbias_fake(bias: Optional[Tensor], like: Tensor) -> Tensor:
+    return like.new_empty(0) if bias is None else bias.new_empty(bias.shape)
+
+
+def _with_bias(*inputs: Tensor, bias: Optional[Tensor]) -> tuple[Tensor, ...]:
+    return inputs if bias is None else (*inputs, bias)
+
+
 @torch.library.custom_op("dit_fast_triton::gated_residual_fwd", mutates_args=())
-def _gated_residual_fwd(x: Tensor, y: Tensor, gate: Tensor) -> Tensor:
-    return K.gated_residual_fwd(x, y, gate)
+def _gated_residual_fwd(x: Tensor, y: Tensor, gate: Tensor, bias: Optional[Tensor]) -> Tensor:
+    return K.gated_residual_fwd(x, y, gate, bias)
 
 
 @_gated_residual_fwd.register_fake
-def _(x, y, gate):
+def _(x, y, gate, bias):
     return x.new_empty(x.shape)
 
 
+def _launch_gated_residual_bwd(dout, y, gate, bias):
+    dy, dgate, dbias = K.gated_residual_bwd(dout, y, gate, bias)
+    return dy, dgate, _dbias_out(dbias, y)
+
+
 @torch.library.custom_op("dit_fast_triton::gated_residual_bwd", mutates_args=())
-def _gated_residual_bwd(dout: Tensor, y: Tensor, gate: Tensor) -> tuple[Tensor, Tensor]:
-    return K.gated_residual_bwd(dout, y, gate)
+def _gated_residual_bwd(dout: Tensor, y: Tensor, gate: Tensor, bias: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    return _launch_gated_residual_bwd(dout, y, gate, bias)
 
 
 @_gated_residual_bwd.register_fake
-def _(dout, y, gate):
-    return y.new_empty(y.shape), gate.new_empty(gate.shape)
+def _(dout, y, gate, bias):
+    return y.new_empty(y.shape), gate.new_empty(gate.shape), _dbias_fake(bias, y)
+
+
+def _launch_gated_residual_adaln_fwd(x, y, gate, bias, shift, scale, eps, h_dtype):
+    return K.gated_residual_adaln_fwd(x, y, gate, shift, scale, eps, h_dtype, bias)
 
 
 @torch.library.custom_op("dit_fast_triton::gated_residual_adaln_fwd", mutates_args=())
 def _gated_residual_adaln_fwd(
-    x: Tensor, y: Tensor, gate: Tensor, shift: Tensor, scale: Tensor, eps: float, h_dtype: Optional[torch.dtype]
+    x: Tensor, y: Tensor, gate: Tensor, bias: Optional[Tensor], shift: Tensor, scale: Tensor, eps: float,
+    h_dtype: Optional[torch.dtype],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return K.gated_residual_adaln_fwd(x, y, gate, shift, scale, eps, h_dtype)
+    return _launch_gated_residual_adaln_fwd(x, y, gate, bias, shift, scale, eps, h_dtype)
 
 
 @_gated_residual_adaln_fwd.register_fake
-def _(x, y, gate, shift, scale, eps, h_dtype):
-    inputs = (x, y, gate, shift, scale)
+def _(x, y, gate, bias, shift, scale, eps, h_dtype):
+    inputs = _with_bias(x, y, gate, shift, scale, bias=bias)
     return (
         x.new_empty(x.shape),
         x.new_empty(x.shape, dtype=h_dtype or x.dtype),
@@ -104,8 +130,10 @@ def _(x, y, gate, shift, scale, eps, h_dtype):
     )
 
 
-def _launch_gated_residual_adaln_bwd(dh, dx_out, x_out, y, gate, mean, rstd, scale, shift_dtype):
-    return K.gated_residual_adaln_bwd(dx_out, dh, x_out, y, gate, scale, mean, rstd, shift_dtype)
+def _launch_gated_residual_adaln_bwd(dh, dx_out, x_out, y, gate, bias, mean, rstd, scale, shift_dtype):
+    dx, dy, dgate, dshift, dscale, dbias = K.gated_residual_adaln_bwd(
+        dx_out, dh, x_out, y, gate, scale, mean, rstd, shift_dtype, bias)
+    return dx, dy, dgate, _dbias_out(dbias, y), dshift, dscale
 
 
 @torch.library.custom_op("dit_fast_triton::gated_residual_adaln_bwd", mutates_args=())
@@ -115,21 +143,23 @@ def _gated_residual_adaln_bwd(
     x_out: Tensor,
     y: Tensor,
     gate: Tensor,
+    bias: Optional[Tensor],
     mean: Tensor,
     rstd: Tensor,
     scale: Tensor,
     shift_dtype: torch.dtype,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return _launch_gated_residual_adaln_bwd(dh, dx_out, x_out, y, gate, mean, rstd, scale, shift_dtype)
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return _launch_gated_residual_adaln_bwd(dh, dx_out, x_out, y, gate, bias, mean, rstd, scale, shift_dtype)
 
 
 @_gated_residual_adaln_bwd.register_fake
-def _(dh, dx_out, x_out, y, gate, mean, rstd, scale, shift_dtype):
+def _(dh, dx_out, x_out, y, gate, bias, mean, rstd, scale, shift_dtype):
     B, _, D = x_out.shape
     return (
         x_out.new_empty(x_out.shape),
         y.new_empty(y.shape),
         gate.new_empty((B, D)),
+        _dbias_fake(bias, y),
         gate.new_empty((B, D), dtype=shift_dtype),
         scale.new_empty((B, D)),
     )
@@ -138,7 +168,7 @@ def _(dh, dx_out, x_out, y, gate, mean, rstd, scale, shift_dtype):
 # The backward kernels, reached directly (eager) or as registered ops (compiled); same signatures.
 _EAGER = SimpleNamespace(
     adaln_modulate_bwd=_launch_adaln_modulate_bwd,
-    gated_residual_bwd=K.gated_residual_bwd,
+    gated_residual_bwd=_launch_gated_residual_bwd,
     gated_residual_adaln_bwd=_launch_gated_residual_adaln_bwd,
 )
 _COMPILED = SimpleNamespace(
@@ -170,14 +200,15 @@ def _graph_backward_adaln_modulate(ctx, dh):
 
 
 def _setup_gated_residual(ctx, inputs, output):
-    x, y, gate = inputs
-    ctx.save_for_backward(y, gate)
+    x, y, gate, bias = inputs
+    ctx.save_for_backward(y, gate, bias)
     ctx.x_dtype = x.dtype
 
 
 def _backward_gated_residual(ctx, kernels, dout):
-    dy, dgate = kernels.gated_residual_bwd(dout, *ctx.saved_tensors)
-    return dout.to(ctx.x_dtype), dy, dgate
+    y, gate, bias = ctx.saved_tensors
+    dy, dgate, dbias = kernels.gated_residual_bwd(dout, y, gate, bias)
+    return dout.to(ctx.x_dtype), dy, dgate, dbias if bias is not None else None
 
 
 def _graph_backward_gated_residual(ctx, dout):
@@ -185,21 +216,22 @@ def _graph_backward_gated_residual(ctx, dout):
 
 
 def _setup_gated_residual_adaln(ctx, inputs, output):
-    _, y, gate, shift, scale, eps, h_dtype = inputs
+    _, y, gate, bias, shift, scale, eps, h_dtype = inputs
     x_out, _, mean, rstd = output
     # x_out is also the next op's saved input, so keeping it costs no extra memory.
-    ctx.save_for_backward(x_out, y, gate, mean, rstd, scale)
+    ctx.save_for_backward(x_out, y, gate, bias, mean, rstd, scale)
     ctx.shift_dtype, ctx.eps, ctx.h_dtype = shift.dtype, eps, h_dtype
 
 
 def _backward_gated_residual_adaln(ctx, kernels, dx_out, dh):
-    grads = kernels.gated_residual_adaln_bwd(dh, dx_out, *ctx.saved_tensors, ctx.shift_dtype)
-    return (*grads, None, None)
+    dx, dy, dgate, dbias, dshift, dscale = kernels.gated_residual_adaln_bwd(
+        dh, dx_out, *ctx.saved_tensors, ctx.shift_dtype)
+    return dx, dy, dgate, dbias if ctx.saved_tensors[3] is not None else None, dshift, dscale, None, None
 
 
 def _graph_backward_gated_residual_adaln(ctx, dx_out, dh):
-    x_out, y, gate, _, _, scale = ctx.saved_tensors
-    grads = DB.gated_residual_adaln(x_out, y, gate, ctx.shift_dtype, scale, ctx.eps, ctx.h_dtype, dx_out, dh)
+    x_out, y, gate, bias, _, _, scale = ctx.saved_tensors
+    grads = DB.gated_residual_adaln(x_out, y, gate, bias, ctx.shift_dtype, scale, ctx.eps, ctx.h_dtype, dx_out, dh)
     return (*grads, None, None)
 
 
@@ -212,7 +244,7 @@ _GATED_RESIDUAL = TritonOp(
     _graph_backward_gated_residual, eager_kernels=_EAGER, compiled_kernels=_COMPILED, n_out=1,
 )
 _GATED_RESIDUAL_ADALN = TritonOp(
-    _gated_residual_adaln_fwd, K.gated_residual_adaln_fwd, _setup_gated_residual_adaln,
+    _gated_residual_adaln_fwd, _launch_gated_residual_adaln_fwd, _setup_gated_residual_adaln,
     _backward_gated_residual_adaln, _graph_backward_gated_residual_adaln,
     eager_kernels=_EAGER, compiled_kernels=_COMPILED, n_out=2,
 )
@@ -227,11 +259,12 @@ def adaln_modulate(x, shift, scale, eps: float = 1e-6, h_dtype: Optional[torch.d
     return _ADALN_MODULATE(x, shift, scale, float(eps), h_dtype)
 
 
-def gated_residual(x, y, gate):
-    """x + gate * y in x.dtype, fused."""
-    return _GATED_RESIDUAL(x, y, gate)
+def gated_residual(x, y, gate, bias=None):
+    """x + gate * (y + bias) in x.dtype, fused."""
+    return _GATED_RESIDUAL(x, y, gate, bias)
 
 
-def gated_residual_adaln(x, y, gate, shift, scale, eps: float = 1e-6, h_dtype: Optional[torch.dtype] = None):
-    """(x_out, h): x_out = x + gate * y and h = adaln_modulate(x_out, shift, scale), in one pass."""
-    return tuple(_GATED_RESIDUAL_ADALN(x, y, gate, shift, scale, float(eps), h_dtype))
+def gated_residual_adaln(x, y, gate, shift, scale, eps: float = 1e-6, h_dtype: Optional[torch.dtype] = None,
+                         bias=None):
+    """(x_out, h): x_out = x + gate * (y + bias) and h = adaln_modulate(x_out, shift, scale), in one pass."""
+    return tuple(_GATED_RESIDUAL_ADALN(x, y, gate, bias, shift, scale, float(eps), h_dtype))

@@ -28,6 +28,7 @@ from ..kernels import final_layer as _fl
 from ..kernels import gelu as _gelu
 from ..kernels import patch_embed as _pe
 from . import differentiable_backward as DB
+from . import gelu_epilogue
 from .triton_op import TritonOp
 
 __all__ = ["patch_embed", "final_layer", "linear_gelu_tanh"]
@@ -212,82 +213,86 @@ def final_layer(x, shift, scale, weight, bias, patch_size, out_channels, eps=1e-
 
 
 # ------------------------------------------------------------------------------------ linear_gelu_tanh
-# Forward: cuBLAS GEMM + bias (F.linear) writes the pre-activation, one Triton pass applies GELU-tanh.
-# torch._addmm_activation's cuBLASLt GELU epilogue would save that pass, but it is the erf GELU on the CPU
-# and unverified on the GPU, so it is not used. The pre-activation is kept for the backward (as eager
-# PyTorch keeps it): the registered op returns it as a second output; without grad it is overwritten in place.
+# fc1 = F.linear(x, weight) without its bias, then one Triton pass adds the bias and applies GELU-tanh
+# (forward), or turns d(out) into d(pre) and sums d(bias) (backward). The GEMM is F.linear itself, so
+# under autocast the weight is cast by autocast, through its weight cache (reused by an activation
+# checkpoint's recompute), exactly as the torch backend's F.linear casts it; the bias is read in its own
+# dtype by the kernel, never cast. The GEMM output is saved for the backward (eager PyTorch saves its
+# pre-activation too); without grad GELU runs in place on it, or, on a GPU whose cuBLASLt GELU epilogue
+# was checked to be the tanh form, in the GEMM's epilogue (gelu_epilogue.py).
 
 
-def _launch_linear_gelu(x, weight, bias):
-    pre = F.linear(x, _cast(weight, x.dtype), _cast(bias, x.dtype))
-    return _gelu.gelu_tanh_fwd(pre), pre
+def _launch_bias_gelu(pre, bias):
+    return _gelu.gelu_tanh_fwd(pre, bias=bias)
 
 
-def _launch_linear_gelu_no_grad(x, weight, bias):
-    pre = F.linear(x, weight, bias)
-    return _gelu.gelu_tanh_fwd(pre, out=pre)  # nothing to save: GELU in place, one buffer less
+def _launch_bias_gelu_no_grad(pre, bias):
+    # pre is always the GEMM output made by linear_gelu_tanh below: nobody else holds it
+    return _gelu.gelu_tanh_fwd(pre, out=pre, bias=bias)
 
 
-@torch.library.custom_op("dit_fast_triton::linear_gelu_tanh_fwd", mutates_args=())
-def _linear_gelu_fwd(
-    x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    return _launch_linear_gelu(x, weight, bias)
+@torch.library.custom_op("dit_fast_triton::bias_gelu_tanh_fwd", mutates_args=())
+def _bias_gelu_fwd(pre: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    return _launch_bias_gelu(pre, bias)
 
 
-@_linear_gelu_fwd.register_fake
-def _(x, weight, bias):
-    out = x.new_empty((*x.shape[:-1], weight.shape[0]))
-    return out, torch.empty_like(out)
+@_bias_gelu_fwd.register_fake
+def _(pre, bias):
+    return torch.empty_like(pre, memory_format=torch.contiguous_format)
 
 
-def _launch_gelu_bwd(dout, pre, need_bias_grad):
-    dpre, dbias = _gelu.gelu_tanh_bwd(dout, pre, need_bias_grad)
+def _launch_bias_gelu_bwd(dout, pre, bias, need_bias_grad):
+    dpre, dbias = _gelu.gelu_tanh_bwd(dout, pre, need_bias_grad, bias=bias)
     return dpre, dbias if dbias is not None else pre.new_empty(0, dtype=torch.float32)
 
 
-@torch.library.custom_op("dit_fast_triton::gelu_tanh_bwd", mutates_args=())
-def _gelu_bwd(dout: torch.Tensor, pre: torch.Tensor, need_bias_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    return _launch_gelu_bwd(dout, pre, need_bias_grad)
+@torch.library.custom_op("dit_fast_triton::bias_gelu_tanh_bwd", mutates_args=())
+def _bias_gelu_bwd(
+    dout: torch.Tensor, pre: torch.Tensor, bias: Optional[torch.Tensor], need_bias_grad: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _launch_bias_gelu_bwd(dout, pre, bias, need_bias_grad)
 
 
-@_gelu_bwd.register_fake
-def _(dout, pre, need_bias_grad):
+@_bias_gelu_bwd.register_fake
+def _(dout, pre, bias, need_bias_grad):
     n = pre.shape[-1] if need_bias_grad else 0
     return torch.empty_like(pre, memory_format=torch.contiguous_format), pre.new_empty(n, dtype=torch.float32)
 
 
-def _linear_gelu_setup(ctx, inputs, output):
-    x, weight, bias = inputs
-    ctx.save_for_backward(x, weight, bias, output[1])
-    ctx.mark_non_differentiable(output[1])  # pre is returned only to be saved; no zeros grad to add
+def _bias_gelu_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
 
 
-def _linear_gelu_backward(ctx, kernels, dout):
-    x, weight, bias, pre = ctx.saved_tensors
-    need_x, need_w, need_b = ctx.needs_input_grad[:3]
-    need_b = bool(need_b and bias is not None)
-    dpre, db = kernels.gelu_tanh_bwd(dout, pre, need_b)  # d(bias) comes out of the same pass over d(pre)
-    d2 = dpre.reshape(-1, dpre.shape[-1])
-    dx = (dpre @ weight.to(dpre.dtype)).to(x.dtype) if need_x else None
-    dw = (d2.t() @ x.reshape(-1, x.shape[-1]).to(dpre.dtype)).to(weight.dtype) if need_w else None
-    return dx, dw, db.to(bias.dtype) if need_b else None
+def _bias_gelu_backward(ctx, kernels, dout):
+    pre, bias = ctx.saved_tensors
+    need_b = bool(ctx.needs_input_grad[1] and bias is not None)
+    dpre, db = kernels.bias_gelu_tanh_bwd(dout, pre, bias, need_b)  # d(bias) from the same pass over d(pre)
+    return dpre, db.to(bias.dtype) if need_b else None
 
 
-def _linear_gelu_graph_backward(ctx, dout):
-    x, weight, bias, _ = ctx.saved_tensors
-    return DB.linear_gelu_tanh(x, weight, bias, dout)
+def _bias_gelu_graph_backward(ctx, dout):
+    pre, bias = ctx.saved_tensors
+    return DB.bias_gelu_tanh(pre, bias, dout)
 
 
-_LINEAR_GELU = TritonOp(
-    _linear_gelu_fwd, _launch_linear_gelu, _linear_gelu_setup, _linear_gelu_backward, _linear_gelu_graph_backward,
-    eager_kernels=SimpleNamespace(gelu_tanh_bwd=_launch_gelu_bwd),
-    compiled_kernels=SimpleNamespace(gelu_tanh_bwd=_gelu_bwd),
-    launch_no_grad=_launch_linear_gelu_no_grad,
+_BIAS_GELU = TritonOp(
+    _bias_gelu_fwd, _launch_bias_gelu, _bias_gelu_setup, _bias_gelu_backward, _bias_gelu_graph_backward,
+    eager_kernels=SimpleNamespace(bias_gelu_tanh_bwd=_launch_bias_gelu_bwd),
+    compiled_kernels=SimpleNamespace(bias_gelu_tanh_bwd=_bias_gelu_bwd),
+    launch_no_grad=_launch_bias_gelu_no_grad,
 )
 
 
 def linear_gelu_tanh(x, weight, bias):
     """GELU_tanh(x @ weight.T + bias); see the notes above on the forward and dtypes."""
-    act = _act_dtype(x)
-    return _LINEAR_GELU(_cast(x, act), _cast(weight, act), _cast(bias, act))
+    autocasting = x.dtype != torch.float64 and torch.is_autocast_enabled(x.device.type)
+    if not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or _requires_grad(bias))):
+        out = gelu_epilogue.linear_gelu_tanh(x, weight, bias, _act_dtype(x))
+        if out is not None:
+            return out
+    pre = F.linear(x, weight) if autocasting else F.linear(x, _cast(weight, x.dtype))
+    return _BIAS_GELU(pre, bias)
+
+
+def _requires_grad(t: Optional[torch.Tensor]) -> bool:
+    return t is not None and t.requires_grad
