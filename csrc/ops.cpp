@@ -17,13 +17,16 @@ TORCH_LIBRARY(dit_fast_ext, m) {
   // dshift, dscale in the compute dtype.
   m.def("adaln_modulate_bwd(Tensor dh, Tensor x, Tensor mean, Tensor rstd, Tensor scale)"
         " -> (Tensor dx, Tensor dshift, Tensor dscale)");
-  m.def("gated_residual_fwd(Tensor x, Tensor y, Tensor gate) -> Tensor");
+  // bias: [D] or None, x_out = x + gate * (y + bias) (adaln_ops.h: add_bias); dbias is empty without one.
+  m.def("gated_residual_fwd(Tensor x, Tensor y, Tensor gate, Tensor? bias) -> Tensor");
   // dx is dout itself.
-  m.def("gated_residual_bwd(Tensor dout, Tensor y, Tensor gate) -> (Tensor dy, Tensor dgate)");
-  m.def("gated_residual_adaln_fwd(Tensor x, Tensor y, Tensor gate, Tensor shift, Tensor scale, float eps,"
-        " ScalarType? h_dtype) -> (Tensor x_out, Tensor h, Tensor mean, Tensor rstd)");
-  m.def("gated_residual_adaln_bwd(Tensor dh, Tensor? dx_out, Tensor x_out, Tensor y, Tensor gate, Tensor mean,"
-        " Tensor rstd, Tensor scale) -> (Tensor dx, Tensor dy, Tensor dgate, Tensor dshift, Tensor dscale)");
+  m.def("gated_residual_bwd(Tensor dout, Tensor y, Tensor gate, Tensor? bias) -> (Tensor dy, Tensor dgate,"
+        " Tensor dbias)");
+  m.def("gated_residual_adaln_fwd(Tensor x, Tensor y, Tensor gate, Tensor? bias, Tensor shift, Tensor scale,"
+        " float eps, ScalarType? h_dtype) -> (Tensor x_out, Tensor h, Tensor mean, Tensor rstd)");
+  m.def("gated_residual_adaln_bwd(Tensor dh, Tensor? dx_out, Tensor x_out, Tensor y, Tensor gate, Tensor? bias,"
+        " Tensor mean, Tensor rstd, Tensor scale) -> (Tensor dx, Tensor dy, Tensor dgate, Tensor dbias,"
+        " Tensor dshift, Tensor dscale)");
 }
 
 #define DIT_FAST_TORCH_VERSION \

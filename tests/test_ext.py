@@ -181,7 +181,9 @@ def test_cpu_bad_input_names_argument():
     with pytest.raises(RuntimeError, match=r"scale must have shape \[B, D\] = \[2, 8\]"):
         torch.ops.dit_fast_ext.adaln_modulate_fwd(x, torch.randn(2, 8), torch.randn(2, 7), EPS, None)
     with pytest.raises(RuntimeError, match="y must have shape"):
-        torch.ops.dit_fast_ext.gated_residual_fwd(x, torch.randn(2, 3, 9), torch.randn(2, 8))
+        torch.ops.dit_fast_ext.gated_residual_fwd(x, torch.randn(2, 3, 9), torch.randn(2, 8), None)
+    with pytest.raises(RuntimeError, match=r"bias must have shape \[D\] = \[8\]"):
+        torch.ops.dit_fast_ext.gated_residual_fwd(x, torch.randn(2, 3, 8), torch.randn(2, 8), torch.randn(7))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -199,11 +201,17 @@ def _opcheck_cases():
         ("adaln_modulate_fwd", lambda: (r(B, L, D), r(B, D, dt=torch.bfloat16), r(B, D, dt=torch.bfloat16), EPS,
                                         torch.bfloat16), True),
         ("adaln_modulate_bwd", lambda: (r(B, L, D), x, *stats, r(B, D)), False),
-        ("gated_residual_fwd", lambda: (r(B, L, D), r(B, L, D), r(B, D)), True),
-        ("gated_residual_bwd", lambda: (r(B, L, D), y, r(B, D)), False),
-        ("gated_residual_adaln_fwd", lambda: (r(B, L, D), r(B, L, D), r(B, D), r(B, D), r(B, D), EPS, None), True),
-        ("gated_residual_adaln_bwd", lambda: (r(B, L, D), r(B, L, D), x, y, r(B, D), *stats, r(B, D)), False),
-        ("gated_residual_adaln_bwd", lambda: (r(B, L, D), None, x, y, r(B, D), *stats, r(B, D)), False),
+        ("gated_residual_fwd", lambda: (r(B, L, D), r(B, L, D), r(B, D), None), True),
+        ("gated_residual_fwd", lambda: (r(B, L, D), r(B, L, D, dt=torch.bfloat16), r(B, D), r(D)), True),
+        ("gated_residual_bwd", lambda: (r(B, L, D), y, r(B, D), None), False),
+        ("gated_residual_bwd", lambda: (r(B, L, D), y, r(B, D), r(D)), False),
+        ("gated_residual_adaln_fwd", lambda: (r(B, L, D), r(B, L, D), r(B, D), None, r(B, D), r(B, D), EPS, None),
+         True),
+        ("gated_residual_adaln_fwd", lambda: (r(B, L, D), r(B, L, D), r(B, D), r(D), r(B, D), r(B, D), EPS, None),
+         True),
+        ("gated_residual_adaln_bwd", lambda: (r(B, L, D), r(B, L, D), x, y, r(B, D), None, *stats, r(B, D)), False),
+        ("gated_residual_adaln_bwd", lambda: (r(B, L, D), r(B, L, D), x, y, r(B, D), r(D), *stats, r(B, D)), False),
+        ("gated_residual_adaln_bwd", lambda: (r(B, L, D), None, x, y, r(B, D), None, *stats, r(B, D)), False),
     ]
 
 

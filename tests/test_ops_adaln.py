@@ -196,6 +196,19 @@ def test_bias(backend, op, B, L, D, dtype):
     assert not torch.equal(outs[0], no_bias[0])
 
 
+def test_one_schema_for_both_kernel_namespaces():
+    """dit_fast_triton:: and dit_fast_ext:: declare the gated ops with the same arguments (bias included)."""
+    need("triton", "gated_residual_adaln")
+    need("ext", "gated_residual_adaln")
+    import dit_fast.ops.ext_backend  # noqa: F401
+    import dit_fast.ops.triton_adaln  # noqa: F401
+
+    for name in ("gated_residual_fwd", "gated_residual_adaln_fwd"):
+        args = [[a.name for a in getattr(getattr(torch.ops, ns), name).default._schema.arguments]
+                for ns in ("dit_fast_triton", "dit_fast_ext")]
+        assert args[0] == args[1], name
+
+
 def test_model_passes_the_bias_only_to_a_fusing_backend():
     """The model hands attn.proj's and mlp.fc2's biases to the gated ops only where the kernel adds them
     (capability fused_bias: Triton); elsewhere the GEMM keeps its bias (no extra pass)."""
@@ -247,11 +260,12 @@ def _registered_fwd(backend, op):
     if backend == "triton":
         import dit_fast.ops.triton_adaln  # noqa: F401  (registers dit_fast_triton::*)
         fwd = getattr(torch.ops.dit_fast_triton, f"{op}_fwd")
-        if op == "gated_residual_adaln":  # Triton's schema has the optional bias after gate
-            return lambda x, y, gate, *rest: fwd(x, y, gate, None, *rest)
-        return fwd
-    import dit_fast.ops.ext_backend  # noqa: F401
-    return getattr(torch.ops.dit_fast_ext, f"{op}_fwd")
+    else:
+        import dit_fast.ops.ext_backend  # noqa: F401
+        fwd = getattr(torch.ops.dit_fast_ext, f"{op}_fwd")
+    if op == "gated_residual_adaln":  # the schema has the optional bias after gate
+        return lambda x, y, gate, *rest: fwd(x, y, gate, None, *rest)
+    return fwd
 
 
 @pytest.mark.parametrize("offset", [0.0, 1e4])

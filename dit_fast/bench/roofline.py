@@ -104,7 +104,7 @@ def step_ops(s: DiTShape, batch: int, mode: str = "forward", precision: str = "a
     F = {k: 2 * v * B for k, v in forward_macs_per_image(s).items()}  # forward FLOPs of the step, per kind
     n_cast, n_linear, n_params = _param_counts(s)
 
-    def gemm(flops, x_bytes, w_elems, out_bytes, calls, dgrad=True):
+    def gemm(flops, x_bytes, w_elems, out_bytes, calls, dgrad=True):  # flops and bytes: totals over the calls
         ks = [K(flops, x_bytes + w_elems * lp + out_bytes, calls)]
         if train:
             if dgrad:
@@ -112,10 +112,13 @@ def step_ops(s: DiTShape, batch: int, mode: str = "forward", precision: str = "a
             ks.append(K(flops, out_bytes + x_bytes + w_elems * lp, calls))
         return ks
 
-    def cast(nbytes_from, nbytes_to, calls):  # a dtype cast kernel, and its backward's cast of the gradient
+    def cast(nbytes_from, nbytes_to, calls):  # dtype casts (bytes: totals), and the backward's casts of the gradient
         if not autocast:
             return []
         return [K(0, nbytes_from + nbytes_to, calls)] + ([K(0, nbytes_to + nbytes_from, calls)] if train else [])
+
+    def blk(flops, block_bytes):  # one kernel per block: total flops, bytes of one block's call
+        return K(flops, n * block_bytes, n)
 
     def mem(fwd_bytes, fwd_launches, bwd_bytes=0, bwd_launches=0):
         return [K(0, fwd_bytes, fwd_launches)] + ([K(0, bwd_bytes, bwd_launches)] if train and bwd_bytes else [])
@@ -143,7 +146,8 @@ def step_ops(s: DiTShape, batch: int, mode: str = "forward", precision: str = "a
     add("conditioning: t-embedder + adaLN projections", "gemm", mult * cond_flops, {
         "eager": gemm(cond_flops, cond_x, cond_w, cond_out, n + 3),
         "inductor": gemm(cond_flops, cond_x, cond_w, cond_out, n + 3),
-        "dit_fast": gemm(cond_flops, cond_x, cond_w, cond_out, 3),  # one GEMM for every block's adaLN
+        # per block too: batch_adaln=True (one GEMM for every block's adaLN) is off by default, inference only
+        "dit_fast": gemm(cond_flops, cond_x, cond_w, cond_out, n + 3),
     })
     if autocast:
         w = [K(0, n_cast * (4 + 2), n_linear)] + ([K(0, n_cast * (2 + 4), n_linear)] if train else [])
@@ -159,27 +163,29 @@ def step_ops(s: DiTShape, batch: int, mode: str = "forward", precision: str = "a
         "inductor": fused("adaln_modulate", 1),  # first block; later ones ride on the residual kernels
         "dit_fast": fused("adaln_modulate", 1),
     })
-    qkv = gemm(F["qkv"], Al, 3 * D * D, 3 * Al, n)
-    add("qkv GEMM", "gemm", mult * F["qkv"], {"eager": cast(Ar, Al, n) + qkv, "inductor": qkv, "dit_fast": qkv})
+    qkv = gemm(F["qkv"], n * Al, n * 3 * D * D, n * 3 * Al, n)
+    add("qkv GEMM", "gemm", mult * F["qkv"], {"eager": cast(n * Ar, n * Al, n) + qkv, "inductor": qkv, "dit_fast": qkv})
     fa = F["attention_qk"] + F["attention_pv"]
     pad = -(-head_dim // 32) * 32 / head_dim
     sm = 4 if autocast else lp  # softmax output dtype (autocast runs softmax in fp32)
-    math_attn = [K(0, 2 * Al, n), K(fa / 2, 2 * Al + S * lp, n), K(0, S * lp + S * sm, n)]
-    math_attn += [K(0, S * sm + S * lp, n)] if autocast else []
-    math_attn += [K(fa / 2, S * lp + 2 * Al, n), K(0, 2 * Al, n)]
+    math_attn = [blk(0, 2 * Al), blk(fa / 2, 2 * Al + S * lp), blk(0, S * lp + S * sm)]
+    math_attn += [blk(0, S * sm + S * lp)] if autocast else []
+    math_attn += [blk(fa / 2, S * lp + 2 * Al), blk(0, 2 * Al)]
     if train:
-        math_attn += [K(0, 2 * Al, n), K(fa / 2, 2 * Al + S * lp, n), K(fa / 2, S * lp + 2 * Al, n)]
-        math_attn += [K(0, S * lp + S * 4, n), K(0, S * 4 + S * lp, n)] if autocast else []
-        math_attn += [K(0, 3 * S * sm, n), K(fa / 2, S * lp + 2 * Al, n), K(fa / 2, S * lp + 2 * Al, n),
-                      K(0, 2 * Al, n), K(0, 6 * Al, n)]  # q*scale backward, dq/dk/dv stacked into dqkv
-    flash = [K(fa * pad, 4 * Al, n)] + ([K(2.5 * fa * pad, 8 * Al, n)] if train else [])
-    stack = [K(0, 6 * Al, n)] if train else []
+        math_attn += [blk(0, 2 * Al), blk(fa / 2, 2 * Al + S * lp), blk(fa / 2, S * lp + 2 * Al)]
+        math_attn += [blk(0, S * lp + S * 4), blk(0, S * 4 + S * lp)] if autocast else []
+        math_attn += [blk(0, 3 * S * sm), blk(fa / 2, S * lp + 2 * Al), blk(fa / 2, S * lp + 2 * Al),
+                      blk(0, 2 * Al), blk(0, 6 * Al)]  # q*scale backward, dq/dk/dv stacked into dqkv
+    flash = [blk(fa * pad, 4 * Al)] + ([blk(2.5 * fa * pad, 8 * Al)] if train else [])
+    stack = [blk(0, 6 * Al)] if train else []  # dq, dk, dv written once into the packed dqkv
+    # the published permute + unbind(0) of qkv: its stacked gradient is copied again to be contiguous
+    clone = [blk(0, 6 * Al)] if train else []
     add("attention", "attention", fa * (3 if train else 1), {
-        "eager": math_attn if eager_attention == "math" else flash + stack,
+        "eager": (math_attn if eager_attention == "math" else flash + stack) + clone,
         "inductor": flash + stack,
-        "dit_fast": flash,
+        "dit_fast": flash + stack,  # SDPA; flash-attn 2's packed kernel would write dqkv itself
     })
-    proj = gemm(F["proj"], Al, D * D, Al, n)
+    proj = gemm(F["proj"], n * Al, n * D * D, n * Al, n)
     add("proj GEMM", "gemm", mult * F["proj"], {plan: proj for plan in PLANS})
     eager_res_norm = [K(a.flops + b.flops, (a.bytes + b.bytes) * n, (a.launches + b.launches) * n)
                       for a, b in zip(eager_gate_res, eager_norm_mod)]
@@ -187,16 +193,18 @@ def step_ops(s: DiTShape, batch: int, mode: str = "forward", precision: str = "a
         "eager": eager_res_norm, "inductor": fused("gated_residual_adaln", n),
         "dit_fast": fused("gated_residual_adaln", n),
     })
-    fc1 = gemm(F["fc1"], Al, H * D, Hl, n)
-    fc1_epilogue = gemm(F["fc1"], Al, H * D, Hl, n)
-    if train:  # the epilogue also stores the pre-activation for GELU's backward
-        fc1_epilogue[0] = K(fc1_epilogue[0].flops, fc1_epilogue[0].bytes + Hl, n)
-    add("fc1 GEMM (dit_fast: + bias + GELU epilogue)", "gemm", mult * F["fc1"],
-        {"eager": cast(Ar, Al, n) + fc1, "inductor": fc1, "dit_fast": fc1_epilogue})
-    gelu_bwd = [K(0, 3 * Hl, n)] if train else []
-    add("GELU (tanh)", "memory", 0, {"eager": [K(0, 2 * Hl, n)] + gelu_bwd, "inductor": [K(0, 2 * Hl, n)] + gelu_bwd,
-                                     "dit_fast": gelu_bwd})
-    fc2 = gemm(F["fc2"], Hl, D * H, Al, n)
+    fc1 = gemm(F["fc1"], n * Al, n * H * D, n * Hl, n)
+    # dit_fast as built: fc1's GEMM without its bias, then one pass adds the bias and applies GELU. Only
+    # inference of a bf16 model (weights already in the GEMM's dtype) takes cuBLASLt's GELU epilogue, and
+    # only once gelu_epilogue.py's check passed on the device; under autocast the separate pass stays.
+    gelu_in_epilogue = not train and precision == "bf16"
+    add("fc1 GEMM (dit_fast: GELU epilogue for a bf16 model's inference)", "gemm", mult * F["fc1"],
+        {"eager": cast(n * Ar, n * Al, n) + fc1, "inductor": fc1, "dit_fast": fc1})
+    gelu_fwd = [blk(0, 2 * Hl)]
+    gelu_bwd = [blk(0, 3 * Hl)] if train else []
+    add("GELU (tanh)", "memory", 0, {"eager": gelu_fwd + gelu_bwd, "inductor": gelu_fwd + gelu_bwd,
+                                     "dit_fast": ([] if gelu_in_epilogue else gelu_fwd) + gelu_bwd})
+    fc2 = gemm(F["fc2"], n * Hl, n * D * H, n * Al, n)
     add("fc2 GEMM", "gemm", mult * F["fc2"], {plan: fc2 for plan in PLANS})
     add("gate*mlp + residual (+ next norm1 + modulate)", "memory", 0, {
         "eager": [K(k.flops, k.bytes * n, k.launches * n) for k in eager_gate_res],
@@ -211,6 +219,14 @@ def step_ops(s: DiTShape, batch: int, mode: str = "forward", precision: str = "a
         "dit_fast": fl,  # the linear writes the unpatchified layout
     })
     if train:
+        # bias gradients = sums of the linear layers' output gradients over the tokens (adaLN's are tiny):
+        # eager reduces each one separately; an Inductor-like fusion rides fc1's on GELU's backward;
+        # dit_fast also rides proj's and fc2's on the gated residual's backward (Capability.fused_bias)
+        add("bias gradients of qkv, proj, fc1, fc2", "memory", 0, {
+            "eager": [K(0, n * (3 * Al + Al + Hl + Al), 4 * n)],
+            "inductor": [K(0, n * (3 * Al + Al + Al), 3 * n)],
+            "dit_fast": [blk(0, 3 * Al)],
+        })
         add("optimizer: AdamW (fused, fp32)", "memory", 0,
             {plan: [K(0, OPTIMIZER_BYTES_PER_PARAM * n_params, 1)] for plan in PLANS})
     return ops

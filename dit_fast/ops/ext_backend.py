@@ -106,19 +106,24 @@ def _fake_modulate_bwd(dh, x, mean, rstd, scale):
     return _empty(x.shape, x.dtype, dev), _empty((B, D), ct, dev), _empty((B, D), ct, dev)
 
 
-def _fake_gated_fwd(x, y, gate):
-    return _empty(x.shape, x.dtype, _device("gated_residual_fwd", x=x, y=y, gate=gate))
+def _fake_dbias(bias, y, dev):
+    return _empty((0,), y.dtype, dev) if bias is None else _empty(bias.shape, bias.dtype, dev)
 
 
-def _fake_gated_bwd(dout, y, gate):
-    dev = _device("gated_residual_bwd", dout=dout, y=y, gate=gate)
+def _fake_gated_fwd(x, y, gate, bias):
+    return _empty(x.shape, x.dtype, _device("gated_residual_fwd", x=x, y=y, gate=gate, bias=bias))
+
+
+def _fake_gated_bwd(dout, y, gate, bias):
+    dev = _device("gated_residual_bwd", dout=dout, y=y, gate=gate, bias=bias)
     B, _, D = y.shape
-    return _empty(y.shape, y.dtype, dev), _empty((B, D), compute_dtype(dout, y, gate), dev)
+    return (_empty(y.shape, y.dtype, dev), _empty((B, D), compute_dtype(dout, y, gate, bias), dev),
+            _fake_dbias(bias, y, dev))
 
 
-def _fake_fused_fwd(x, y, gate, shift, scale, eps, h_dtype):
-    dev = _device("gated_residual_adaln_fwd", x=x, y=y, gate=gate, shift=shift, scale=scale)
-    ct = compute_dtype(x, y, gate, shift, scale)
+def _fake_fused_fwd(x, y, gate, bias, shift, scale, eps, h_dtype):
+    dev = _device("gated_residual_adaln_fwd", x=x, y=y, gate=gate, bias=bias, shift=shift, scale=scale)
+    ct = compute_dtype(x, y, gate, bias, shift, scale)
     B, L, _ = x.shape
     return (
         _empty(x.shape, x.dtype, dev),
@@ -128,15 +133,16 @@ def _fake_fused_fwd(x, y, gate, shift, scale, eps, h_dtype):
     )
 
 
-def _fake_fused_bwd(dh, dx_out, x_out, y, gate, mean, rstd, scale):
+def _fake_fused_bwd(dh, dx_out, x_out, y, gate, bias, mean, rstd, scale):
     dev = _device(
-        "gated_residual_adaln_bwd", dh=dh, dx_out=dx_out, x_out=x_out, y=y, gate=gate, mean=mean, rstd=rstd,
-        scale=scale,
+        "gated_residual_adaln_bwd", dh=dh, dx_out=dx_out, x_out=x_out, y=y, gate=gate, bias=bias, mean=mean,
+        rstd=rstd, scale=scale,
     )
-    ct = compute_dtype(dh, dx_out, x_out, y, gate, mean, scale)
+    ct = compute_dtype(dh, dx_out, x_out, y, gate, bias, mean, scale)
     B, _, D = x_out.shape
-    mod = [_empty((B, D), ct, dev) for _ in range(3)]
-    return (_empty(x_out.shape, x_out.dtype, dev), _empty(y.shape, y.dtype, dev), *mod)
+    dgate, dshift, dscale = (_empty((B, D), ct, dev) for _ in range(3))
+    return (_empty(x_out.shape, x_out.dtype, dev), _empty(y.shape, y.dtype, dev), dgate, _fake_dbias(bias, y, dev),
+            dshift, dscale)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -168,45 +174,45 @@ def _backward_modulate(ctx, dh, _dmean, _drstd):
 
 
 def _setup_gated(ctx, inputs, output):
-    x, y, gate = inputs
-    ctx.save_for_backward(y, gate)
+    x, y, gate, bias = inputs
+    ctx.save_for_backward(y, gate, bias)
     ctx.x_dtype = x.dtype
     ctx.set_materialize_grads(False)
 
 
 def _backward_gated(ctx, dout):
     if dout is None:
-        return None, None, None
-    y, gate = ctx.saved_tensors
+        return None, None, None, None
+    y, gate, bias = ctx.saved_tensors
     if DB.wanted():
-        return DB.gated_residual(ctx.x_dtype, y, gate, None, dout)[:3]
-    dy, dgate = torch.ops.dit_fast_ext.gated_residual_bwd(dout, y, gate)
-    return dout, dy, _cast(dgate, gate.dtype)
+        return DB.gated_residual(ctx.x_dtype, y, gate, bias, dout)
+    dy, dgate, dbias = torch.ops.dit_fast_ext.gated_residual_bwd(dout, y, gate, bias)
+    return dout, dy, _cast(dgate, gate.dtype), dbias if bias is not None else None
 
 
 def _setup_fused(ctx, inputs, output):
-    _x, y, gate, shift, scale, eps, h_dtype = inputs
+    _x, y, gate, bias, shift, scale, eps, h_dtype = inputs
     x_out, _h, mean, rstd = output
-    ctx.save_for_backward(x_out, y, gate, mean, rstd, scale)
+    ctx.save_for_backward(x_out, y, gate, bias, mean, rstd, scale)
     ctx.shift_dtype, ctx.eps, ctx.h_dtype = shift.dtype, eps, h_dtype
     ctx.set_materialize_grads(False)
 
 
 def _backward_fused(ctx, dx_out, dh, _dmean, _drstd):
-    x_out, y, gate, mean, rstd, scale = ctx.saved_tensors
+    x_out, y, gate, bias, mean, rstd, scale = ctx.saved_tensors
     if dh is None and dx_out is None:
-        return (None,) * 7
+        return (None,) * 8
     if DB.wanted():
-        dx, dy, dgate, _, dshift, dscale = DB.gated_residual_adaln(
-            x_out, y, gate, None, ctx.shift_dtype, scale, ctx.eps, ctx.h_dtype, dx_out, dh)
-        return dx, dy, dgate, dshift, dscale, None, None
+        return (*DB.gated_residual_adaln(x_out, y, gate, bias, ctx.shift_dtype, scale, ctx.eps, ctx.h_dtype,
+                                         dx_out, dh), None, None)
     if dh is None:
-        dy, dgate = torch.ops.dit_fast_ext.gated_residual_bwd(dx_out, y, gate)
-        return dx_out, dy, _cast(dgate, gate.dtype), None, None, None, None
-    dx, dy, dgate, dshift, dscale = torch.ops.dit_fast_ext.gated_residual_adaln_bwd(
-        dh, dx_out, x_out, y, gate, mean, rstd, scale
+        dy, dgate, dbias = torch.ops.dit_fast_ext.gated_residual_bwd(dx_out, y, gate, bias)
+        return dx_out, dy, _cast(dgate, gate.dtype), dbias if bias is not None else None, None, None, None, None
+    dx, dy, dgate, dbias, dshift, dscale = torch.ops.dit_fast_ext.gated_residual_adaln_bwd(
+        dh, dx_out, x_out, y, gate, bias, mean, rstd, scale
     )
-    return dx, dy, _cast(dgate, gate.dtype), _cast(dshift, ctx.shift_dtype), _cast(dscale, scale.dtype), None, None
+    return (dx, dy, _cast(dgate, gate.dtype), dbias if bias is not None else None, _cast(dshift, ctx.shift_dtype),
+            _cast(dscale, scale.dtype), None, None)
 
 
 def _register():
@@ -240,23 +246,14 @@ def adaln_modulate(x, shift, scale, eps: float = 1e-6, h_dtype: torch.dtype | No
     return torch.ops.dit_fast_ext.adaln_modulate_fwd(x, shift, scale, float(eps), h_dtype)[0]
 
 
-def _add_bias(y, gate, bias):
-    """y + bias in the compute dtype (unrounded, as the op defines it): the extension's kernels take no bias,
-    so it is added here and its gradient comes from autograd (a separate pass; the Triton kernels fuse it)."""
-    if bias is None:
-        return y
-    ct = compute_dtype(y, gate, bias)
-    return y.to(ct) + bias.to(ct)
-
-
 def gated_residual(x, y, gate, bias=None):
-    """x + gate * (y + bias) in x.dtype, fused (the bias added first)."""
-    return torch.ops.dit_fast_ext.gated_residual_fwd(x, _add_bias(y, gate, bias), gate)
+    """x + gate * (y + bias) in x.dtype, fused (the bias is added before the kernel: csrc/adaln_ops.h)."""
+    return torch.ops.dit_fast_ext.gated_residual_fwd(x, y, gate, bias)
 
 
 def gated_residual_adaln(x, y, gate, shift, scale, eps: float = 1e-6, h_dtype: torch.dtype | None = None,
                          bias=None):
     """(x_out, h): x_out = x + gate * (y + bias) and h = adaln_modulate(x_out, shift, scale), in one pass."""
-    x_out, h, _, _ = torch.ops.dit_fast_ext.gated_residual_adaln_fwd(
-        x, _add_bias(y, gate, bias), gate, shift, scale, float(eps), h_dtype)
+    x_out, h, _, _ = torch.ops.dit_fast_ext.gated_residual_adaln_fwd(x, y, gate, bias, shift, scale, float(eps),
+                                                                     h_dtype)
     return x_out, h
