@@ -167,6 +167,49 @@ def find_resume_checkpoint(spec: str, ckpt_dir: Path, device, say) -> tuple[Path
     raise SystemExit(f"--resume: no loadable checkpoint (STEP.pt) in {path}")
 
 
+def resume_on_every_rank(spec: str, ckpt_dir: Path, device, say, rank: int, broadcast, all_ok):
+    """find_resume_checkpoint decided once, by rank 0, and loaded by every rank from that same path.
+
+    Ranks that each listed the directory could pick different checkpoints (a file still being copied in,
+    a stale network-filesystem cache) and train on from different states without a word. broadcast(obj)
+    returns rank 0's obj on every rank; all_ok(flag) is True when every rank's flag is. A rank that cannot
+    load the chosen file stops every rank, with the reason."""
+    decision, found, why = None, None, ""
+    if rank == 0:
+        try:
+            found = find_resume_checkpoint(spec, ckpt_dir, device, say)
+            decision = ("path", None if found is None else str(found[0]))
+        except SystemExit as e:
+            decision = ("error", str(e))
+    kind, value = broadcast(decision)
+    if kind == "error":
+        raise SystemExit(value)
+    if rank != 0 and value is not None:
+        try:
+            found = Path(value), load_training_checkpoint(Path(value), map_location=device)
+        except (OSError, ValueError, UnsafeCheckpointError) as e:
+            why = f"{type(e).__name__}: {e}"
+    if not all_ok(value is None or found is not None):
+        where = f" (rank {rank}: {why})" if why else ""
+        raise SystemExit(f"--resume: rank 0 chose {value}, which not every rank could load{where}")
+    return found
+
+
+def _collectives(device):
+    """(broadcast, all_ok) over the default process group, for resume_on_every_rank."""
+    def broadcast(obj):
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def all_ok(flag: bool) -> bool:
+        t = torch.tensor([1 if flag else 0], device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        return bool(t.item())
+
+    return broadcast, all_ok
+
+
 def apply_optimizer_settings(opt: torch.optim.Optimizer, settings: dict) -> list[str]:
     """Set each given (not None) hyperparameter on every param group; the changes, as text."""
     changes = []
@@ -252,7 +295,11 @@ def main(argv=None) -> dict:
                                                    for k, v in optimizer_settings.items()})
     ckpt_dir = Path(args.results_dir) / "checkpoints"
     step = 0
-    resumed = find_resume_checkpoint(args.resume, ckpt_dir, device, say) if args.resume else None
+    resumed = None
+    if args.resume and world > 1:  # one choice for all ranks (see resume_on_every_rank)
+        resumed = resume_on_every_rank(args.resume, ckpt_dir, device, say, rank, *_collectives(device))
+    elif args.resume:
+        resumed = find_resume_checkpoint(args.resume, ckpt_dir, device, say)
     if resumed is not None:
         path, ckpt = resumed
         model.load_state_dict(ckpt["model"])

@@ -64,3 +64,23 @@ def test_matches_single_process(distributed_results, single_process, mode):
     assert len(got["losses"]) == worker.STEPS
     if mode == "fsdp2":
         assert got["sharded"], "fully_shard left the block parameters unsharded"
+
+
+@pytest.mark.distributed
+def test_train_script_resumes_every_rank_from_one_checkpoint(tmp_path):
+    """benchmarks/train.py under torchrun (2 gloo ranks): --resume auto is decided by rank 0 and loaded by
+    both ranks (the broadcast and the all-ranks check run for real)."""
+    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    root = HERE.parent
+    tiny = ["--model", "DiT-S/2", "--depth", "1", "--hidden-size", "64", "--num-heads", "2", "--image-size", "64",
+            "--num-classes", "10", "--global-batch-size", "4", "--device", "cpu", "--no-progress",
+            "--ckpt-every", "1", "--results-dir", str(tmp_path / "run")]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    for extra in (["--max-steps", "2"], ["--max-steps", "3", "--resume", "auto"]):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               str(root / "benchmarks" / "train.py"), *tiny, *extra]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+        assert proc.returncode == 0, f"{extra}: torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    assert "(step 2)" in proc.stdout and "resuming from" in proc.stdout, proc.stdout[-2000:]
+    assert torch.load(tmp_path / "run" / "checkpoints" / "0000003.pt", weights_only=True)["step"] == 3

@@ -126,6 +126,36 @@ def test_resume_skips_a_truncated_newest_checkpoint(tmp_path, train, capsys):
     assert _load(newest)["step"] == 3, "the broken checkpoint was written again"
 
 
+def test_every_rank_resumes_from_rank_0s_choice(tmp_path, train, capsys):
+    """Under DDP, rank 0 picks the checkpoint and every rank loads that path: a rank whose own listing
+    would pick another file (a newer one half copied in) still loads rank 0's; a rank that cannot load it
+    stops every rank; an error on rank 0 reaches every rank."""
+    results = tmp_path / "run"
+    train.main(TINY + ["--ckpt-every", "1", "--results-dir", str(results), "--max-steps", "2"])
+    ckpts = results / "checkpoints"
+    sent = {}
+
+    def broadcast_from_rank0(obj):
+        sent["decision"] = obj
+        return obj
+
+    found = train.resume_on_every_rank("auto", ckpts, "cpu", print, 0, broadcast_from_rank0, lambda ok: ok)
+    assert found[0] == ckpts / "0000002.pt" and sent["decision"] == ("path", str(ckpts / "0000002.pt"))
+    (ckpts / "0000003.pt").write_bytes(b"half copied")  # only "rank 1" would see this one
+    found = train.resume_on_every_rank("auto", ckpts, "cpu", print, 1, lambda obj: sent["decision"], lambda ok: ok)
+    assert found[0] == ckpts / "0000002.pt" and found[1]["step"] == 2
+    (ckpts / "0000002.pt").write_bytes(b"")  # rank 1 cannot read rank 0's choice: everyone stops
+    flags = []
+    with pytest.raises(SystemExit, match="rank 0 chose .*0000002.pt, which not every rank could load .rank 1"):
+        train.resume_on_every_rank("auto", ckpts, "cpu", print, 1, lambda obj: sent["decision"],
+                                   lambda ok: flags.append(ok) or all(flags))
+    assert flags == [False]
+    with pytest.raises(SystemExit, match="neither a checkpoint file nor a directory"):
+        train.resume_on_every_rank(str(tmp_path / "missing"), ckpts, "cpu", print, 1,
+                                   lambda obj: ("error", "--resume: x is neither a checkpoint file nor a directory"),
+                                   lambda ok: ok)
+
+
 def test_resume_auto_without_checkpoints_starts_fresh_and_a_broken_file_is_an_error(tmp_path, train, capsys):
     results = tmp_path / "run"
     first = train.main(TINY + ["--max-steps", "1", "--results-dir", str(results), "--resume", "auto"])
