@@ -93,3 +93,21 @@ def test_inference_takes_the_epilogue_once_checked(monkeypatch, fresh_verdicts, 
     with torch.no_grad():
         ops.linear_gelu_tanh(x, w.to(torch.float16), b, backend="triton")  # a cast would be needed
     assert calls == []
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_epilogue_verdict_and_use_gpu(fresh_verdicts, dtype):
+    """On the GPU: the check runs and answers; if it takes the epilogue, a bf16 model's fc1 + GELU under
+    no_grad matches float64 GELU-tanh within the low-precision tolerance."""
+    ok, why = gelu_epilogue.verdict(torch.device("cuda"), dtype)
+    print(f"cuBLASLt GELU epilogue, {dtype}: {'taken' if ok else 'not used'} - {why}")
+    x = torch.randn(4, 256, 1152, device="cuda").to(dtype)
+    w = (torch.randn(4608, 1152, device="cuda") / 34).to(dtype)
+    b = torch.randn(4608, device="cuda").to(dtype)
+    with torch.no_grad():
+        out = ops.linear_gelu_tanh(x, w, b, backend="triton")
+    ref = tb.linear_gelu_tanh(x.double(), w.double(), b.double())
+    eager = F.gelu(F.linear(x, w, b), approximate="tanh")
+    assert_close(out, ref, dtype, eager_lowp=eager, name="fc1 + GELU (no grad)")

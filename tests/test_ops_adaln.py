@@ -537,6 +537,14 @@ def test_dit_xl_shapes_gpu(backend, op, dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("op", ["gated_residual", "gated_residual_adaln"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bias_dit_xl_shapes_gpu(backend, op):
+    """The model's call at DiT-XL/2 shapes under autocast: float32 x and bias, bfloat16 y and gate."""
+    test_bias(backend, op, 4, 256, 1152, "mixed")
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("op", OP_NAMES)
 def test_triton_poison_and_determinism_gpu(op):
     need("triton", op)
