@@ -87,11 +87,6 @@ def final_layer(x, shift, scale, weight, bias, patch_size, out_channels, eps, do
     return (*_vjp(fn, (x, shift, scale, weight, bias), (dout,)), None, None, None)
 
 
-def linear_gelu_tanh(x, weight, bias, dout):
-    """(dx, dweight, dbias) of GELU_tanh(x @ weight.T + bias)."""
-    return _vjp(torch_backend.linear_gelu_tanh, (x, weight, bias), (dout,))
-
-
 def bias_gelu_tanh(pre, bias, dout):
     """(dpre, dbias) of GELU_tanh(pre + bias) (bias may be None): the Triton linear_gelu_tanh's second half."""
     def fn(pre, bias):
