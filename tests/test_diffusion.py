@@ -122,6 +122,28 @@ def test_q_sample_and_eps_round_trip():
     assert torch.allclose(d._predict_eps_from_xstart(xt, t, x0), noise, rtol=1e-3, atol=1e-3)
 
 
+def test_schedule_tables_are_copied_to_the_device_once(monkeypatch):
+    """Gathering from a schedule table copies it to t's device on first use only (a host-to-device copy
+    synchronizes the stream); tables computed on the fly are recognized by their contents."""
+    from dit_fast.diffusion import gaussian
+
+    monkeypatch.setattr(gaussian, "_DEVICE_TABLES", {})
+    copies = []
+    real = torch.from_numpy
+    monkeypatch.setattr(gaussian.torch, "from_numpy", lambda a: copies.append(a.shape) or real(a))
+    d = create_diffusion("")
+    x0, t = torch.randn(2, 3, 4, 4), torch.tensor([3, 700])
+    first = d.q_mean_variance(x0, t)
+    n_first = len(copies)
+    assert n_first == 3
+    again = d.q_mean_variance(x0, t)  # 1 - alphas_cumprod is a new array each call: same contents
+    assert len(copies) == n_first
+    for a, b in zip(first, again):
+        assert torch.equal(a, b)
+    changed = create_diffusion("", noise_schedule="squaredcos_cap_v2").q_mean_variance(x0, t)
+    assert len(copies) == n_first + 3 and not torch.equal(changed[0], first[0])
+
+
 def test_normal_kl_matches_torch_distributions():
     m1, m2 = torch.randn(100, dtype=torch.float64), torch.randn(100, dtype=torch.float64)
     lv1, lv2 = torch.randn(100, dtype=torch.float64), torch.randn(100, dtype=torch.float64)

@@ -45,9 +45,26 @@ class LossType(enum.Enum):
         return self in (LossType.KL, LossType.RESCALED_KL)
 
 
+# Schedule tables already on a device, keyed by their contents: a host-to-device copy of pageable memory
+# synchronizes the stream, and a training step gathers from the tables several times (also from arrays
+# computed on the fly, like 1 - alphas_cumprod, hence contents, not identity). A few KB each, few of them.
+_DEVICE_TABLES: dict = {}
+_MAX_DEVICE_TABLES = 256
+
+
+def _device_table(table: np.ndarray, device: torch.device) -> torch.Tensor:
+    key = (table.dtype.str, table.shape, table.tobytes(), str(device))
+    out = _DEVICE_TABLES.get(key)
+    if out is None:
+        if len(_DEVICE_TABLES) >= _MAX_DEVICE_TABLES:
+            _DEVICE_TABLES.clear()
+        out = _DEVICE_TABLES[key] = torch.from_numpy(np.ascontiguousarray(table)).to(device=device)
+    return out
+
+
 def _gather(table: np.ndarray, t: torch.Tensor, shape) -> torch.Tensor:
     """table[t] (float64) cast to float32, broadcast to `shape` with t indexing dim 0."""
-    vals = torch.from_numpy(table).to(device=t.device)[t].float()
+    vals = _device_table(table, t.device)[t].float()
     while vals.dim() < len(shape):
         vals = vals[..., None]
     return vals.expand(shape)
