@@ -191,22 +191,36 @@ def test_training_loss_curve_matches_reference():
         a = alphas_cumprod[t].view(-1, 1, 1, 1)
         batches.append((a.sqrt() * data_x[idx] + (1 - a).sqrt() * eps, t, data_y[idx], eps))
 
-    def train(model):
+    def train(model, dtype=torch.float32):
         opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
         losses = []
         for step, (x_t, t, y, eps) in enumerate(batches):
             torch.manual_seed(step)  # the same label dropout draws for both models
-            loss = F.mse_loss(model(x_t, t, y)[:, :4], eps)
+            loss = F.mse_loss(model(x_t.to(dtype), t, y)[:, :4], eps.to(dtype))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             losses.append(loss.item())
         return torch.tensor(losses, dtype=torch.float64)
 
+    exact = train(copy.deepcopy(ref).double(), torch.float64)
     ref_losses, fast_losses = train(ref), train(fast)
     assert fast_losses[-20:].mean() < 0.5 * fast_losses[:20].mean(), f"loss did not go down: {fast_losses}"
-    rel = ((fast_losses - ref_losses).abs() / ref_losses).max().item()
-    assert rel < 1e-5, f"loss curves differ by up to {rel:.2e} (relative)"
+
+    def drift(losses):  # largest relative distance from the float64 run's curve
+        return ((losses - exact).abs() / exact).max().item()
+
+    # Both float32 runs drift from the float64 curve. Adam turns the rounding of a gradient coordinate
+    # that is nearly zero into a step of up to lr, and which coordinates those are depends on the
+    # summation order and the weights drawn: over 120 steps a float32 run drifts 1e-7..1e-5 typically and
+    # up to ~6e-5 for some draws, whichever implementation it is (seed 1300379908: the reference 2.4e-6,
+    # the fast model 5.7e-5 on both the ext and the torch backend, from step 17, at the 1st step's
+    # near-zero coordinates of final_layer.linear). So: twice the reference's drift, or 1e-4 at least; a
+    # wrong gradient or a missed update drifts by 1e-2 and more. Per-step gradients are held to 1e-5 by
+    # test_model.py's parity tests.
+    bound = max(2 * drift(ref_losses), 1e-4)
+    assert drift(fast_losses) <= bound, (
+        f"fast drifts {drift(fast_losses):.2e} from the float64 curve, the reference {drift(ref_losses):.2e}")
 
 
 # -- on a GPU --------------------------------------------------------------------------------------
