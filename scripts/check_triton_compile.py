@@ -377,10 +377,32 @@ def judge(cap: int, usage: dict, scs: list) -> tuple[str, str]:
     return "", ""
 
 
+def write_json(path: Path, records: list, api: str, quick: bool) -> None:
+    """The compiled variants with versions and commit, written atomically (dit_fast/atomic.py, loaded as a
+    file like reference.py above, so the package need not import)."""
+    import datetime
+    import json
+
+    spec = importlib.util.spec_from_file_location("dit_fast_atomic_aot", ROOT / "dit_fast" / "atomic.py")
+    atomic = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(atomic)
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    dirty = bool(subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True).stdout)
+    record = {"what": "check_triton_compile: resources of every compiled variant (compiled, not run)",
+              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "git_commit": commit or None, "git_dirty": dirty, "torch": torch.__version__,
+              "triton": triton.__version__, "triton_api": api, "targets": [f"sm_{c}" for c in TARGETS],
+              "quick": quick, "variants": records}
+    atomic.write_text(path, json.dumps(record, indent=1) + "\n")
+    print(f"wrote {path}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="compile processes (default 2)")
     ap.add_argument("--quick", action="store_true", help="DiT-XL/2 only")
+    ap.add_argument("--json", type=Path, default=None,
+                    help="also write every variant's resources (registers, stack, shared memory) to this file")
     args = ap.parse_args()
     t0 = time.perf_counter()
     try:
@@ -409,7 +431,7 @@ def main() -> int:
     print(f"hot paths (a spill fails): /{HOT_PATCH} configs with {'/'.join(HOT_FAMILIES)} activations; "
           f"shared memory limits: " + ", ".join(f"sm_{c} {v} B" for c, v in SHARED_LIMIT.items()))
     jobs = [(i, cap) for i in range(len(_SPECS)) for cap in TARGETS]
-    errors, verdicts, spills = [], [], 0
+    errors, verdicts, spills, records = [], [], 0, []
     try:
         with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("fork")) as pool:
             for index, cap, usage, err, secs in pool.map(compile_one, jobs):
@@ -425,6 +447,9 @@ def main() -> int:
                 print(f"{verdict or 'ok':4s} {head}  regs={usage.get('REG', '?')} stack={stack}B "
                       f"shared={usage['shared_meta']}B {'SPILL ' if stack else ''}({secs:.1f} s)", flush=True)
                 spills += bool(stack)
+                records.append({"kernel": fn.__name__, "arch": f"sm_{cap}", "scenarios": [sc.label for sc in scs_of],
+                                "variant": describe(params, options), "regs": usage.get("REG"), "stack_bytes": stack,
+                                "shared_bytes": usage["shared_meta"], "verdict": verdict or "ok"})
                 if verdict:
                     verdicts.append((verdict, f"{fn.__name__} sm_{cap} [{', '.join(sc.label for sc in scs_of[:3])}"
                                               f"{more}] {describe(params, options)}: {why}"))
@@ -436,6 +461,8 @@ def main() -> int:
         print(f"{'FAILED' if verdict == 'FAIL' else 'note'}: {line}",
               file=sys.stderr if verdict == "FAIL" else sys.stdout)
     n_fail = sum(v == "FAIL" for v, _ in verdicts)
+    if args.json is not None:
+        write_json(args.json, records, api, quick=args.quick)
     print(f"{len(jobs) - len(errors)}/{len(jobs)} compiled, {len(errors)} failed, {n_fail} over a limit "
           f"(shared memory, or a spill on a hot path), {spills} spill, {time.perf_counter() - t0:.0f} s total")
     return 1 if errors or n_fail else 0
