@@ -74,7 +74,7 @@ def collect() -> dict:
     info["ops"] = {d: report(d) for d in device_types}
     info["capabilities"] = [
         {"backend": c.backend, "device_types": list(c.device_types), "ops": list(c.ops), "float64": c.float64,
-         "max_d": c.max_d}
+         "max_d": c.max_d, "fused_bias": c.fused_bias}
         for c in CAPABILITIES
     ]
     return info
@@ -114,6 +114,7 @@ def main(argv=None) -> int:
     print("\nCapability table (dit_fast/backends.py; every backend takes float16/bfloat16/float32):")
     for c in info["capabilities"]:
         limits = ("float64" if c["float64"] else "no float64") + (f", D <= {c['max_d']}" if c["max_d"] else "")
+        limits += ", fused bias" if c["fused_bias"] else ""
         print(f"  {c['backend']:<7} {'/'.join(c['device_types']):<9} {limits:<22} {', '.join(c['ops'])}")
     for device_type, ops in info["ops"].items():
         print(f"\nOps on {device_type} (backend 'auto' picks the first usable family in its order):")

@@ -4,18 +4,16 @@ torch._addmm_activation computes GELU-tanh, and the inference path that uses it 
 On the CPU, _addmm_activation is the erf GELU: the check must refuse it. A stand-in that computes the
 tanh form (or is off by a little) exercises the rest; the CUDA check itself runs in gpu_check.sh.
 """
-import os
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import dit_fast.ops as ops
+from conftest import needs_triton
 from dit_fast.ops import gelu_epilogue
 from dit_fast.ops import torch_backend as tb
 from tolerances import assert_close
-
-TRITON_RUNS = torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _tanh_addmm(bias, x, wt, use_gelu=False, beta=1, alpha=1):
@@ -62,7 +60,7 @@ def test_refusal_is_warned_once(fresh_verdicts):
         assert not gelu_epilogue.verdict(torch.device("cpu"), torch.float32)[0]
 
 
-@pytest.mark.skipif(not TRITON_RUNS, reason="Triton needs CUDA or TRITON_INTERPRET=1")
+@needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_inference_takes_the_epilogue_once_checked(monkeypatch, fresh_verdicts, dtype):
     """With the device allowed and a tanh epilogue: no grad -> one _addmm_activation, equal to the
@@ -111,3 +109,14 @@ def test_cuda_epilogue_verdict_and_use_gpu(fresh_verdicts, dtype):
     ref = tb.linear_gelu_tanh(x.double(), w.double(), b.double())
     eager = F.gelu(F.linear(x, w, b), approximate="tanh")
     assert_close(out, ref, dtype, eager_lowp=eager, name="fc1 + GELU (no grad)")
+
+
+def test_no_check_inside_a_cuda_graph_capture(monkeypatch, fresh_verdicts):
+    """The check synchronizes, so an undecided (device, dtype) is not checked while a graph is captured:
+    the call takes the F.linear + GELU path and the verdict stays open for an eager call."""
+    monkeypatch.setattr(gelu_epilogue, "_DEVICE_TYPES", ("cuda", "cpu"))
+    monkeypatch.setattr(gelu_epilogue, "_capturing", lambda device: True)
+    monkeypatch.setattr(torch, "_addmm_activation", lambda *a, **k: pytest.fail("checked during capture"))
+    x, w, b = torch.randn(3, 16), torch.randn(8, 16), torch.randn(8)
+    assert gelu_epilogue.linear_gelu_tanh(x, w, b, torch.float32) is None
+    assert gelu_epilogue._verdicts == {}

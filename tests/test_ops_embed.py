@@ -5,22 +5,19 @@ eager composition in that dtype (conv2d / layer_norm / linear / gelu), NaN-poiso
 the Triton launchers, the registered ops under opcheck and torch.compile, and bad-input messages.
 """
 import math
-import os
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import dit_fast.ops as ops
-from conftest import DEVICE
+from conftest import DEVICE, TRITON_RUNS, needs_triton
 from dit_fast.backends import implements, probe
 from dit_fast.ops import torch_backend as tb
 from tolerances import FP32_RTOL, assert_close, poison_, rel_err
 
 BACKENDS = ["torch", "triton", "ext"]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-TRITON_RUNS = torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
-needs_triton = pytest.mark.skipif(not TRITON_RUNS, reason="Triton needs CUDA or TRITON_INTERPRET=1")
 
 
 def _skip_unless(backend, op, device=DEVICE):

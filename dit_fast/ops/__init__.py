@@ -109,8 +109,7 @@ def gated_residual(x, y, gate, *, bias=None, backend: str = "auto"):
     _check_like("y", y, "x", x)
     _check_mod("gate", gate, x)
     _check_bias(bias, x)
-    impl = _impl(backend, "gated_residual", x.device, x.shape[-1], x, y, gate, bias)
-    return impl(x, y, gate) if bias is None else impl(x, y, gate, bias)
+    return _impl(backend, "gated_residual", x.device, x.shape[-1], x, y, gate, bias)(x, y, gate, bias)
 
 
 def gated_residual_adaln(
@@ -127,8 +126,7 @@ def gated_residual_adaln(
     _check_h_dtype(h_dtype)
     _check_bias(bias, x)
     impl = _impl(backend, "gated_residual_adaln", x.device, x.shape[-1], x, y, gate, shift, scale, bias)
-    return impl(x, y, gate, shift, scale, eps, h_dtype) if bias is None else impl(
-        x, y, gate, shift, scale, eps, h_dtype, bias)
+    return impl(x, y, gate, shift, scale, eps, h_dtype, bias)
 
 
 def patch_embed(x, weight, bias, pos_embed, patch_size: int, *, backend: str = "auto"):

@@ -81,6 +81,10 @@ def verdict(device: torch.device, dtype: torch.dtype) -> tuple[bool, str]:
     return _verdicts[key]
 
 
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
 def linear_gelu_tanh(x, weight, bias, act_dtype: torch.dtype):
     """GELU_tanh(x @ weight.T + bias) in one GEMM when that is allowed and checked (see above), else None."""
     if (
@@ -92,6 +96,8 @@ def linear_gelu_tanh(x, weight, bias, act_dtype: torch.dtype):
         or act_dtype not in (torch.float32, torch.bfloat16, torch.float16)
     ):
         return None
+    if (str(x.device), act_dtype) not in _verdicts and _capturing(x.device):
+        return None  # the check synchronizes: never inside a CUDA graph capture (warm-up runs decide)
     if not verdict(x.device, act_dtype)[0]:
         return None
     out = torch._addmm_activation(bias, x.reshape(-1, x.shape[-1]), weight.t(), use_gelu=True)
