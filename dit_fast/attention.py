@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .backends import ATTENTION_CAPABILITIES
+from .ops.adaln_projections import functorch_transforms_active
 
 AUTO_ORDER = ("flash_attn_3", "flash_attn_4", "flash_attn", "sdpa")
 ATTN_BACKENDS = ("auto", "flash_attn_3", "flash_attn_4", "flash_attn", "sdpa", "math")
@@ -174,17 +175,82 @@ def _run_flash_attn_3(qkv5):
     module = _flash_module("flash_attn_3")[0]
     if hasattr(module, "flash_attn_qkvpacked_func"):
         return _first(module.flash_attn_qkvpacked_func(qkv5))
-    return _first(module.flash_attn_func(*qkv5.unbind(2)))
+    return _first(module.flash_attn_func(*unbind_packed(qkv5)))
 
 
 def _run_flash_attn_4(qkv5):
-    return _first(_flash_module("flash_attn_4")[0].flash_attn_func(*qkv5.unbind(2)))
+    return _first(_flash_module("flash_attn_4")[0].flash_attn_func(*unbind_packed(qkv5)))
 
 
 def math_attention(q, k, v):
     """softmax(q k^T / sqrt(Dh)) v on [B, H, L, Dh], in plain eager ops (the reference)."""
     scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
     return scores.softmax(dim=-1) @ v
+
+
+def packed_grad(dq, dk, dv) -> torch.Tensor | None:
+    """The [B, L, 3, H, Dh] tensor whose index-2 slices dq, dk, dv ([B, L, H, Dh]) are, if they are
+    exactly that (same storage, same strides, equally spaced); else None.
+
+    PyTorch's memory-efficient SDPA backward allocates its gradients that way when q, k and v are views
+    of one packed tensor, as here: handing that tensor back as is makes the QKV gradient free."""
+    if dq is None or dk is None or dv is None:
+        return None
+    if not (dq.dtype == dk.dtype == dv.dtype and dq.device == dk.device == dv.device):
+        return None
+    if not (dq.shape == dk.shape == dv.shape and dq.stride() == dk.stride() == dv.stride()) or dq.dim() != 4:
+        return None
+    if dq.untyped_storage().data_ptr() != dk.untyped_storage().data_ptr() or (
+        dq.untyped_storage().data_ptr() != dv.untyped_storage().data_ptr()
+    ):
+        return None
+    step = dk.storage_offset() - dq.storage_offset()
+    if step <= 0 or dv.storage_offset() - dk.storage_offset() != step:
+        return None
+    B, L, H, Dh = dq.shape
+    sb, sl, sh, sd = dq.stride()
+    packed = dq.as_strided((B, L, 3, H, Dh), (sb, sl, step, sh, sd), dq.storage_offset())
+    # Accept only a layout with no two elements at one address (e.g. the contiguous [B, L, 3, H, Dh]),
+    # so the as_strided view is a real tensor of its own and not an aliasing trick.
+    if not _non_overlapping(packed):
+        return None
+    return packed
+
+
+def _non_overlapping(t: torch.Tensor) -> bool:
+    extent = 1
+    for size, stride in sorted(((sz, st) for sz, st in zip(t.shape, t.stride()) if sz > 1), key=lambda p: p[1]):
+        if stride < extent:
+            return False
+        extent = stride * size
+    return True
+
+
+class _UnbindPacked(torch.autograd.Function):
+    """qkv5.unbind(2), whose backward returns the kernel's packed gradient without a copy when it is one
+    (packed_grad), and stacks dq, dk, dv (one write of the packed layout) otherwise."""
+
+    @staticmethod
+    def forward(ctx, qkv5):
+        ctx.set_materialize_grads(False)
+        return qkv5.unbind(2)
+
+    @staticmethod
+    def backward(ctx, dq, dk, dv):
+        packed = packed_grad(dq, dk, dv)
+        if packed is not None:
+            return packed
+        ref = next(g for g in (dq, dk, dv) if g is not None)
+        return torch.stack([g if g is not None else torch.zeros_like(ref) for g in (dq, dk, dv)], dim=2)
+
+
+def unbind_packed(qkv5: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v = qkv5.unbind(2) for an attention kernel that returns separate gradients (see _UnbindPacked);
+    torch.compile traces the plain unbind (its own passes place the gradient)."""
+    if (torch.compiler.is_compiling() or not torch.is_grad_enabled() or not qkv5.requires_grad
+            or functorch_transforms_active()):
+        return qkv5.unbind(2)
+    return _UnbindPacked.apply(qkv5)
 
 
 def attention(qkv: torch.Tensor, num_heads: int, backend: str = "auto") -> torch.Tensor:
@@ -205,10 +271,9 @@ def attention(qkv: torch.Tensor, num_heads: int, backend: str = "auto") -> torch
     elif name == "flash_attn_4":
         out = _run_flash_attn_4(qkv5)
     else:
-        # Unbound along the packed dim, then transposed: the same [B, H, L, Dh] views, but autograd's
-        # unbind backward stacks dq, dk, dv along dim 2, which is the packed [B, L, 3, H, Dh] layout of
-        # qkv itself: one write of the QKV gradient, no copy to make it contiguous afterwards.
-        q, k, v = (t.transpose(1, 2) for t in qkv5.unbind(2))
+        # Unbound along the packed dim, then transposed: [B, H, L, Dh] views of qkv for the kernel. The
+        # backward wants dq, dk, dv as one [B, L, 3, H, Dh] tensor, qkv's own layout (see unbind_packed).
+        q, k, v = (t.transpose(1, 2) for t in unbind_packed(qkv5))
         out = math_attention(q, k, v) if name == "math" else F.scaled_dot_product_attention(q, k, v)
         out = out.transpose(1, 2)
     return out.reshape(B, L, D)

@@ -27,6 +27,21 @@ def _attention_lines(device_type: str, dtype: torch.dtype, head_dim: int) -> lis
     return [f"  {name:<14} {why}" for name, why in rows.items()]
 
 
+def _fc1_gemm() -> str:
+    """Which GEMM runs fc1 on the Triton backend (dit_fast/ops/triton_embed.py), as the environment asks."""
+    try:
+        from .ops.triton_embed import fc1_gemm_choice
+    except Exception as e:  # triton missing or broken: the Triton backend does not run at all
+        return f"n/a (the Triton backend does not import: {type(e).__name__})"
+    try:
+        choice = fc1_gemm_choice()
+    except ValueError as e:
+        return f"invalid: {e}"
+    if choice == "triton":
+        return "triton (one GEMM with the bias + GELU epilogue; opt-in)"
+    return "cublas (default: cuBLAS GEMM, then bias + GELU in one Triton pass; DIT_FAST_FC1_GEMM=triton opts in)"
+
+
 def _gelu_epilogue_verdicts() -> dict:
     """{dtype: [taken, why]} of fc1's cuBLASLt GELU epilogue on cuda:0 (dit_fast/ops/gelu_epilogue.py)."""
     import warnings
@@ -70,6 +85,7 @@ def collect() -> dict:
     if torch.cuda.is_available():
         info["ext"]["cuda"] = list(probe("ext", "cuda"))
         info["gelu_epilogue"] = _gelu_epilogue_verdicts()
+    info["fc1_gemm"] = _fc1_gemm()
     device_types = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     info["ops"] = {d: report(d) for d in device_types}
     info["capabilities"] = [
@@ -111,6 +127,7 @@ def main(argv=None) -> int:
         print(f"dit_fast._C (CUDA kernels): {'built' if ok else 'not usable'} - {why}")
     for dtype, (ok, why) in info.get("gelu_epilogue", {}).items():
         print(f"fc1 GELU in cuBLASLt's epilogue (inference, {dtype}): {'taken' if ok else 'not used'} - {why}")
+    print(f"fc1 GEMM on the Triton backend (DIT_FAST_FC1_GEMM): {info['fc1_gemm']}")
     print("\nCapability table (dit_fast/backends.py; every backend takes float16/bfloat16/float32):")
     for c in info["capabilities"]:
         limits = ("float64" if c["float64"] else "no float64") + (f", D <= {c['max_d']}" if c["max_d"] else "")

@@ -19,6 +19,7 @@ from torch.utils.checkpoint import checkpoint
 from . import ops
 from .attention import attention
 from .backends import check_backend_name, fuses_bias, resolve
+from .ops.adaln_projections import functorch_transforms_active
 from .reference import (
     LabelEmbedder,
     TimestepEmbedder,
@@ -65,7 +66,8 @@ _hook_dicts = _GlobalHookDicts()
 
 def _h_dtype(x: torch.Tensor):
     # Under autocast the next GEMM would cast h anyway: writing it in the autocast dtype saves that pass.
-    if torch.is_autocast_enabled(x.device.type):
+    # Autocast leaves float64 alone (a float64 model runs in float64 under it), so float64 h stays.
+    if torch.is_autocast_enabled(x.device.type) and x.dtype != torch.float64:
         return torch.get_autocast_dtype(x.device.type)
     return None
 
@@ -460,26 +462,37 @@ class DiT(nn.Module):
         return (bool(self.checkpoint_every) and self.training and i % self.checkpoint_every == 0
                 and torch.is_grad_enabled())
 
-    def _modulations(self, c: torch.Tensor, silu_c: torch.Tensor) -> list[torch.Tensor]:
-        """Every adaLN projection of the model: [B, 6D] per block, then the final layer's [B, 2D].
+    def _modulations(self, c: torch.Tensor, silu_c: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
+        """Every adaLN projection of the model, chunked: 6 x [B, D] per block, then the final layer's 2.
 
-        One GEMM over the fused weights when they are intact and no gradient is wanted; else one per
-        layer. A projection with hooks on it runs as published, SiLU module included.
+        With a gradient wanted: one GEMM forward and one backward for all of them
+        (ops.adaln_projections). Without: one GEMM over the fused weights when they are intact, else
+        one per layer (no weight concatenation at inference, where a GEMM at small batch is a read of
+        its weight). A projection with hooks on it runs as published, SiLU module included.
         """
         owners = [*self.blocks, self.final_layer]
+        chunks = [6] * len(self.blocks) + [2]
+        linears = [o.adaLN_modulation[1] for o in owners]
         # Hooks on the Sequential or its SiLU need the published call; hooks on the Linear see the same
-        # input (SiLU(c)) and output either way, but rule out the batched GEMM, which bypasses it.
+        # input (SiLU(c)) and output either way, but rule out the batched GEMMs, which bypass it.
         hooked = [_has_hooks(o.adaLN_modulation, o.adaLN_modulation[0]) for o in owners]
-        if (
-            self._adaln_fused is not None
-            and not any(_has_hooks(*o.adaLN_modulation.modules()) for o in owners)
-            and not torch.compiler.is_compiling()
-            and not (torch.is_grad_enabled() and any(p.requires_grad for p in self._adaln_fused_params()))
-            and self._fused_adaln_intact()
-        ):
+        any_hooks = any(_has_hooks(*o.adaLN_modulation.modules()) for o in owners)
+        fused_ok = self._adaln_fused is not None and not torch.compiler.is_compiling() and self._fused_adaln_intact()
+        wants_grad = torch.is_grad_enabled() and (
+            silu_c.requires_grad or any(p.requires_grad for p in self._adaln_fused_params())
+        )
+        batchable = _projections_batchable(silu_c, linears) and not functorch_transforms_active()
+        if not any_hooks and wants_grad and batchable:
+            return ops.adaln_projections(
+                silu_c, [lin.weight for lin in linears], [lin.bias for lin in linears], chunks,
+                fused=self._adaln_fused if fused_ok else None,
+            )
+        if not any_hooks and not wants_grad and fused_ok:
             weight, bias = self._adaln_fused
-            return list(F.linear(silu_c, weight, bias).split([o.adaLN_modulation[1].out_features for o in owners], 1))
-        return [o.adaLN_modulation(c) if hk else o.adaLN_modulation[1](silu_c) for o, hk in zip(owners, hooked)]
+            mods = F.linear(silu_c, weight, bias).split([lin.out_features for lin in linears], 1)
+        else:
+            mods = [o.adaLN_modulation(c) if hk else lin(silu_c) for o, lin, hk in zip(owners, linears, hooked)]
+        return [m.chunk(k, dim=1) for m, k in zip(mods, chunks)]
 
     def _adaln_fused_params(self):
         for lin in self._adaln_linears():
@@ -503,8 +516,7 @@ class DiT(nn.Module):
             return self.unpatchify(self.final_layer(x, c))
 
         silu_c = F.silu(c)
-        *mods, final_mod = self._modulations(c, silu_c)
-        mods = [m.chunk(6, dim=1) for m in mods]
+        *mods, (final_shift, final_scale) = self._modulations(c, silu_c)
         h = None
         for i, block in enumerate(self.blocks):
             # The last block ends with a plain gated residual: ops.final_layer reads x once for norm,
@@ -517,7 +529,6 @@ class DiT(nn.Module):
             x = out
         if _has_hooks(*self.final_layer.modules()):
             return self.unpatchify(self.final_layer(x, c))
-        final_shift, final_scale = final_mod.chunk(2, dim=1)
         fl = self.final_layer.linear
         return ops.final_layer(x, final_shift, final_scale, fl.weight, fl.bias, p, self.out_channels,
                                backend=self.backend)
@@ -541,6 +552,23 @@ def _fuse_after_load(model: DiT, _incompatible) -> None:
     # load_state_dict(assign=True) replaces Parameters: fuse again so the batched GEMM stays usable.
     if model.batch_adaln and not model._fused_adaln_intact():
         model.fuse_adaln_weights()
+
+
+def _projections_batchable(silu_c: torch.Tensor, linears: list[nn.Linear]) -> bool:
+    """Whether ops.adaln_projections can stand in for these Linears: plain ones, with biases, on silu_c's
+    device, and (outside autocast) of silu_c's dtype; anything else runs per layer, as published."""
+    dev = silu_c.device
+    for lin in linears:
+        if type(lin) is not nn.Linear or lin.bias is None:
+            return False
+        for p in (lin.weight, lin.bias):
+            if p.device != dev or _is_sharded(p):
+                return False
+            if p.dtype != silu_c.dtype and not torch.is_autocast_enabled(dev.type):
+                return False
+            if p.dtype == torch.float64 and torch.is_autocast_enabled(dev.type):
+                return False  # autocast leaves float64 alone; one GEMM in its dtype would not
+    return True
 
 
 def _is_sharded(param: torch.Tensor) -> bool:

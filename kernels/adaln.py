@@ -11,10 +11,19 @@ along D (chunks of the model's [B, 6D] modulation tensor run without copies). Ma
 (float64 when any input is float64) whatever the input dtypes; each output is stored in its own dtype
 (h: h_dtype or x.dtype, x_out: x.dtype, grads: their input's).
 
-Tiles: each program owns BLOCK_R rows of one batch element per step, BLOCK_D = next_power_of_2(D)
-columns (masked), and walks several such row blocks, the next block's loads (x, y; dh, x_out, dx_out,
-mean, rstd in backward) issued before the current block's reductions, so memory latency overlaps math
-(PREFETCH, a constexpr: off, each block is loaded when reached, for fewer live registers).
+Tiles: a row is covered by two power-of-two column tiles: a head of BLOCK_D = the largest power of two
+<= D (columns [0, BLOCK_D), no column mask) and, when D is not a power of two, a tail of
+BLOCK_T = next_power_of_2(D - BLOCK_D) (columns [BLOCK_D, D), masked; HAS_TAIL). One next_power_of_2(D)
+tile would leave lanes idle: 44% at DiT-XL's D = 1152 (2048 lanes); 1024 + 128 leaves none. The two tiles
+get different register layouts, so a row with a tail runs alone (BLOCK_R = 1, warps from the head width)
+and its statistics are scalars, which carry no layout (see _adaln_fwd_kernel); without a tail a program
+step takes BLOCK_R rows, from the tile budget (_TILE_ELEMS elements per head tile). Rows narrower than
+_MIN_SPLIT_D (no DiT width) keep one masked tile with many rows per step. Row reductions add the head's
+sums, then the tail's; per-column accumulators live per tile. SPLIT_D off (DIT_FAST_ADALN_SPLIT_D=0)
+gives back the one masked next_power_of_2(D) tile, for a GPU A/B. Each program walks several row blocks,
+the next block's loads (x, y; dh, x_out, dx_out, mean, rstd in backward) issued before the current
+block's reductions, so memory latency overlaps math (PREFETCH, a constexpr: off, each block is loaded
+when reached, for fewer live registers).
 
 Statistics (forward): centred on a per-row pivot (the row's first element of x), so x - pivot is
 exact for rows far from zero; two reductions (mean, then the variance of the centred row). The saved
@@ -26,7 +35,7 @@ xhat = (xc - mean(xc)) * rstd and mean(g * xhat) = rstd * (mean(g * xc) - mean(x
 
 Backward kernels reduce over L for dshift/dscale/dgate ([B, D] each) DETERMINISTICALLY, without
 atomics: each program walks a fixed chunk of rows of one batch element, accumulates in registers and
-writes its partial sums to one [B, n_chunks, K, D] buffer (K = 1..3 sums); common.sum_partials then
+writes its partial sums to one [B, n_chunks, K, D] buffer (K = 1..4 sums); common.sum_partials then
 adds the chunks in a fixed order for all K sums in one launch. The chunk count comes from the kernel's
 occupancy: registers per thread of the compiled kernel (CUDA) or a conservative table, fixed per
 (kernel variant, shape) before the first launch, so two runs give bitwise identical results.
@@ -55,6 +64,10 @@ from .common import cast_for, interpreting, sum_partials
 
 # Elements per program tile: 8 per thread at 8 warps, one 16-byte load per bf16 tensor.
 _TILE_ELEMS = 2048
+# Narrowest row split into head and tail tiles. A split row runs alone (see _adaln_fwd_kernel), and a
+# narrower head would not fill one warp at 8 elements per thread; such rows (no DiT width: DiT-S has 384)
+# keep one masked next_power_of_2(D) tile with many rows per step.
+_MIN_SPLIT_D = 256
 # Row blocks one forward program walks at most (more blocks: fewer programs, longer pipelines).
 _MAX_FWD_STEPS = 8
 # Backward: rows per program at most (longer chunks shrink the partial-sum buffers but cut parallelism).
@@ -68,6 +81,11 @@ _CONSERVATIVE_REGS = 128
 # switch for A/B runs on a GPU (DIT_FAST_ADALN_PREFETCH=0; benchmarks/gpu_check.sh times both); the
 # results are bitwise equal either way.
 PREFETCH = os.environ.get("DIT_FAST_ADALN_PREFETCH", "1") != "0"
+# Whether a row is covered by a power-of-two head tile plus a tail tile (the default: no idle lanes at
+# D = 1152), or by one masked next_power_of_2(D) tile. A switch for A/B runs on a GPU
+# (DIT_FAST_ADALN_SPLIT_D=0, or the triton-nosplit contender of `dit-fast kernels`); results agree but for
+# the last bits of the sums, whose order differs.
+SPLIT_D = os.environ.get("DIT_FAST_ADALN_SPLIT_D", "1") != "0"
 
 MODULATE, GATED, FUSED = 0, 1, 2
 
@@ -94,12 +112,27 @@ def _unit_last(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
 
 
-def _tile(D: int, L: int) -> tuple[int, int, int]:
-    """(BLOCK_R, BLOCK_D, num_warps) for rows of D elements."""
-    block_d = triton.next_power_of_2(D)
-    block_r = max(1, min(_TILE_ELEMS // block_d, triton.next_power_of_2(L)))
+def _col_tiles(D: int, split: bool) -> dict:
+    """The kernels' column constexprs for rows of D elements: head BLOCK_D (masked past D only when
+    MASK_HEAD: the unsplit tile), tail BLOCK_T when HAS_TAIL (1, unused, without one)."""
+    if not split or D < _MIN_SPLIT_D:
+        block_d = triton.next_power_of_2(D)
+        return dict(BLOCK_D=block_d, BLOCK_T=1, MASK_HEAD=block_d != D, HAS_TAIL=False)
+    head = 1 << (D.bit_length() - 1)
+    rest = D - head
+    return dict(BLOCK_D=head, BLOCK_T=triton.next_power_of_2(rest) if rest else 1, MASK_HEAD=False,
+                HAS_TAIL=rest > 0)
+
+
+def _tile(D: int, L: int) -> tuple[int, int, dict]:
+    """(BLOCK_R, num_warps, column constexprs) for rows of D elements (SPLIT_D decides the column tiles).
+    BLOCK_R comes from the head's width (_TILE_ELEMS elements per head tile), except that a row with a
+    tail runs alone, with scalar statistics (see _adaln_fwd_kernel)."""
+    cols = _col_tiles(D, SPLIT_D)
+    block_d = cols["BLOCK_D"]
+    block_r = 1 if cols["HAS_TAIL"] else max(1, min(_TILE_ELEMS // block_d, triton.next_power_of_2(L)))
     num_warps = min(max(block_r * block_d // 256, 1), 8)
-    return block_r, block_d, num_warps
+    return block_r, num_warps, cols
 
 
 @functools.cache
@@ -166,13 +199,13 @@ def _fwd_steps(B: int, L: int, block_r: int, device: torch.device) -> tuple[int,
 
 @triton.jit
 def _load_rows(base_ptr, rows64, row_stride, cols, mask, COMPUTE: tl.constexpr):
-    """A [BLOCK_R, BLOCK_D] tile of rows of a [B, L, D] tensor (base_ptr: its batch element), in COMPUTE."""
+    """A [BLOCK_R, W] tile of rows of a [B, L, D] tensor (base_ptr: its batch element), in COMPUTE."""
     return tl.load(base_ptr + rows64[:, None] * row_stride + cols[None, :], mask=mask, other=0.0).to(COMPUTE)
 
 
 @triton.jit
 def _load_vec(base_ptr, cols, cmask, COMPUTE: tl.constexpr):
-    """One batch element's [D] modulation vector (shift, scale or gate), in COMPUTE."""
+    """One column tile of a batch element's [D] modulation vector (shift, scale or gate), in COMPUTE."""
     return tl.load(base_ptr + cols, mask=cmask, other=0.0).to(COMPUTE)
 
 
@@ -188,15 +221,115 @@ def _add3(a0, b0, c0, a1, b1, c1):
 
 
 @triton.jit
-def _fwd_tiles(x_base, x_sl, y_base, y_sl, rows, rmask, cols, mask, GATE: tl.constexpr, COMPUTE: tl.constexpr):
-    """The forward's inputs for one block of rows: (x, y, pivot); y is x when there is no gate."""
-    r64 = rows.to(tl.int64)
+def _row_sum(v, SCALAR: tl.constexpr):
+    """Row sums of a tile: [BLOCK_R], or one scalar when SCALAR (one row per step)."""
+    if SCALAR:
+        s = tl.sum(v)
+    else:
+        s = tl.sum(v, axis=1)
+    return s
+
+
+@triton.jit
+def _flat(v):
+    """A tile as one vector (row order kept)."""
+    return tl.reshape(v, [v.numel])
+
+
+@triton.jit
+def _per_row(s, SCALAR: tl.constexpr):
+    """A per-row value ([BLOCK_R], or a scalar when SCALAR) ready to broadcast along a tile's columns."""
+    if SCALAR:
+        r = s
+    else:
+        r = s[:, None]
+    return r
+
+
+@triton.jit
+def _tile_mask(rmask, cmask, MASK_COLS: tl.constexpr):
+    """The mask of a [BLOCK_R, W] tile. A split head lies inside [0, D): its rows' mask alone (broadcast
+    along the columns) keeps its loads and stores unpredicated per column."""
+    mask = rmask[:, None]
+    if MASK_COLS:
+        mask = mask & cmask[None, :]
+    return mask
+
+
+@triton.jit
+def _mod_vectors(gate_base, bias_ptr, shift_base, scale_base, cols, cmask, GATE: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, SHIFT: tl.constexpr, SCALE: tl.constexpr, W: tl.constexpr,
+                 COMPUTE: tl.constexpr):
+    """One column tile of (gate, bias, shift, 1 + scale); absent ones are zeros (never read)."""
+    zero = tl.zeros([W], dtype=COMPUTE)
+    gate, bias, shift, scale1 = zero, zero, zero, zero
+    if GATE:
+        gate = _load_vec(gate_base, cols, cmask, COMPUTE)
+        if HAS_BIAS:  # the bias of the GEMM that made y (attn.proj, mlp.fc2), added here instead
+            bias = _load_vec(bias_ptr, cols, cmask, COMPUTE)
+    if SHIFT:
+        shift = _load_vec(shift_base, cols, cmask, COMPUTE)
+    if SCALE:
+        scale1 = 1.0 + _load_vec(scale_base, cols, cmask, COMPUTE)
+    return gate, bias, shift, scale1
+
+
+@triton.jit
+def _fwd_load(x_base, x_sl, y_base, y_sl, r64, cols, mask, GATE: tl.constexpr, COMPUTE: tl.constexpr):
+    """One column tile of the forward's inputs (x, y) for a block of rows; y is x when there is no gate."""
     x = _load_rows(x_base, r64, x_sl, cols, mask, COMPUTE)
     y = x
     if GATE:
         y = _load_rows(y_base, r64, y_sl, cols, mask, COMPUTE)
+    return x, y
+
+
+@triton.jit
+def _fwd_tiles(x_base, x_sl, y_base, y_sl, rows, rmask, cols, cmask, cols_t, cmask_t, GATE: tl.constexpr,
+               MASK_HEAD: tl.constexpr, HAS_TAIL: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr,
+               COMPUTE: tl.constexpr):
+    """The forward's inputs for one block of rows: head (x, y), tail (xt, yt; zeros without a tail), pivot
+    (a scalar with a tail: one row)."""
+    r64 = rows.to(tl.int64)
+    x, y = _fwd_load(x_base, x_sl, y_base, y_sl, r64, cols, _tile_mask(rmask, cmask, MASK_HEAD), GATE, COMPUTE)
+    xt = tl.zeros([BLOCK_R, BLOCK_T], dtype=COMPUTE)
+    yt = xt
+    if HAS_TAIL:
+        xt, yt = _fwd_load(x_base, x_sl, y_base, y_sl, r64, cols_t, _tile_mask(rmask, cmask_t, True), GATE,
+                           COMPUTE)
     pivot = tl.load(x_base + r64 * x_sl, mask=rmask, other=0.0).to(COMPUTE)
-    return x, y, pivot
+    if HAS_TAIL:
+        pivot = tl.sum(pivot)
+    return x, y, xt, yt, pivot
+
+
+@triton.jit
+def _fwd_gated(x, y, gate, bias, xo_ptr, row_idx, D, cols, mask, GATE: tl.constexpr, HAS_BIAS: tl.constexpr,
+               COMPUTE: tl.constexpr, ROUND_BF16: tl.constexpr):
+    """One column tile: stores x_out = x + gate * (y + bias) (GATE) and returns what is normalized: x_out as
+    stored (rounded to x's dtype), as the unfused model normalizes it, or x."""
+    v = x
+    if GATE:
+        if HAS_BIAS:
+            y += bias[None, :]
+        xo = cast_for(x + gate[None, :] * y, xo_ptr, ROUND_BF16)
+        tl.store(xo_ptr + row_idx[:, None] * D + cols[None, :], xo, mask=mask)
+        v = xo.to(COMPUTE)
+    return v
+
+
+@triton.jit
+def _centred(v, pivot, mask, SCALAR: tl.constexpr):
+    """One column tile of v - pivot (zero outside the mask) and its row sums."""
+    vc = tl.where(mask, v - _per_row(pivot, SCALAR), 0.0)
+    return vc, _row_sum(vc, SCALAR)
+
+
+@triton.jit
+def _deviation(vc, mu, mask, SCALAR: tl.constexpr):
+    """One column tile of vc - mu (zero outside the mask) and its row sums of squares."""
+    d = tl.where(mask, vc - _per_row(mu, SCALAR), 0.0)
+    return d, _row_sum(d * d, SCALAR)
 
 
 @triton.jit
@@ -206,85 +339,184 @@ def _adaln_fwd_kernel(
     x_sb, x_sl, y_sb, y_sl, gate_sb, shift_sb, scale_sb,
     eps,
     NORM: tl.constexpr, GATE: tl.constexpr, HAS_BIAS: tl.constexpr, PREFETCH: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, COMPUTE: tl.constexpr, ROUND_BF16: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, MASK_HEAD: tl.constexpr,
+    HAS_TAIL: tl.constexpr, COMPUTE: tl.constexpr, ROUND_BF16: tl.constexpr,
 ):
-    """Program (batch element, group): row blocks group*steps .. +steps of that batch element."""
+    """Program (batch element, group): row blocks group*steps .. +steps of that batch element. Columns:
+    the head tile [0, BLOCK_D) (masked past D only with MASK_HEAD) and, with HAS_TAIL, the tail tile
+    [BLOCK_D, D) in BLOCK_T lanes."""
+    # Head and tail tiles get different register layouts (8 and 1 elements per thread at D = 1152). Row
+    # statistics that both use, as [BLOCK_R] vectors, make the compiler move one tile's math into the
+    # other's layout (shared-memory round trips of whole tiles, ~40% more registers); scalars carry no
+    # layout. So a row with a tail runs alone (BLOCK_R = 1, _tile) and its statistics are scalars.
     pid = tl.program_id(0)
     b = (pid // n_groups).to(tl.int64)
     first = (pid % n_groups) * steps * BLOCK_R
     cols = tl.arange(0, BLOCK_D)
     cmask = cols < D
+    cols_t = BLOCK_D + tl.arange(0, BLOCK_T)
+    cmask_t = cols_t < D
     x_base = x_ptr + b * x_sb
     y_base = y_ptr + b * y_sb
-    if GATE:
-        gate = _load_vec(gate_ptr + b * gate_sb, cols, cmask, COMPUTE)
-        if HAS_BIAS:  # the bias of the GEMM that made y (attn.proj, mlp.fc2), added here instead
-            bias = _load_vec(bias_ptr, cols, cmask, COMPUTE)
-    if NORM:
-        shift = _load_vec(shift_ptr + b * shift_sb, cols, cmask, COMPUTE)
-        scale1 = 1.0 + _load_vec(scale_ptr + b * scale_sb, cols, cmask, COMPUTE)
+    gate_base = gate_ptr + b * gate_sb
+    shift_base = shift_ptr + b * shift_sb
+    scale_base = scale_ptr + b * scale_sb
+    gate, bias, shift, scale1 = _mod_vectors(gate_base, bias_ptr, shift_base, scale_base, cols, cmask,
+                                             GATE, HAS_BIAS, NORM, NORM, BLOCK_D, COMPUTE)
+    if HAS_TAIL:
+        gate_t, bias_t, shift_t, scale1_t = _mod_vectors(gate_base, bias_ptr, shift_base, scale_base, cols_t,
+                                                         cmask_t, GATE, HAS_BIAS, NORM, NORM, BLOCK_T, COMPUTE)
 
     rows = first + tl.arange(0, BLOCK_R)
     rmask = rows < L
-    mask = rmask[:, None] & cmask[None, :]
     if PREFETCH:
-        x, y, pivot = _fwd_tiles(x_base, x_sl, y_base, y_sl, rows, rmask, cols, mask, GATE, COMPUTE)
+        x, y, xt, yt, pivot = _fwd_tiles(x_base, x_sl, y_base, y_sl, rows, rmask, cols, cmask, cols_t, cmask_t,
+                                         GATE, MASK_HEAD, HAS_TAIL, BLOCK_R, BLOCK_T, COMPUTE)
     for _ in range(0, steps):
         nrows = rows + BLOCK_R
         nrmask = (nrows < L) & (nrows < first + steps * BLOCK_R)
-        nmask = nrmask[:, None] & cmask[None, :]
         if PREFETCH:  # the next block's loads go out before this block's reductions
-            x_next, y_next, pivot_next = _fwd_tiles(x_base, x_sl, y_base, y_sl, nrows, nrmask, cols, nmask,
-                                                    GATE, COMPUTE)
+            x_next, y_next, xt_next, yt_next, pivot_next = _fwd_tiles(
+                x_base, x_sl, y_base, y_sl, nrows, nrmask, cols, cmask, cols_t, cmask_t,
+                GATE, MASK_HEAD, HAS_TAIL, BLOCK_R, BLOCK_T, COMPUTE)
         else:
-            x, y, pivot = _fwd_tiles(x_base, x_sl, y_base, y_sl, rows, rmask, cols, mask, GATE, COMPUTE)
+            x, y, xt, yt, pivot = _fwd_tiles(x_base, x_sl, y_base, y_sl, rows, rmask, cols, cmask, cols_t, cmask_t,
+                                             GATE, MASK_HEAD, HAS_TAIL, BLOCK_R, BLOCK_T, COMPUTE)
 
+        mask = _tile_mask(rmask, cmask, MASK_HEAD)
+        mask_t = _tile_mask(rmask, cmask_t, True)
         row_idx = b * L + rows.to(tl.int64)  # outputs and statistics are contiguous
-        v = x
-        if GATE:
-            # h is normalized from x_out as stored (rounded to x's dtype), as the unfused model does
-            if HAS_BIAS:
-                y += bias[None, :]
-            xo = cast_for(x + gate[None, :] * y, xo_ptr, ROUND_BF16)
-            tl.store(xo_ptr + row_idx[:, None] * D + cols[None, :], xo, mask=mask)
-            v = xo.to(COMPUTE)
+        v = _fwd_gated(x, y, gate, bias, xo_ptr, row_idx, D, cols, mask, GATE, HAS_BIAS, COMPUTE, ROUND_BF16)
+        if HAS_TAIL:
+            vt = _fwd_gated(xt, yt, gate_t, bias_t, xo_ptr, row_idx, D, cols_t, mask_t, GATE, HAS_BIAS, COMPUTE,
+                            ROUND_BF16)
         if NORM:
-            vc = tl.where(mask, v - pivot[:, None], 0.0)
-            mu = tl.sum(vc, axis=1) / D
-            d = tl.where(mask, vc - mu[:, None], 0.0)
-            rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=1) / D + eps)
-            h = d * rstd[:, None] * scale1[None, :] + shift[None, :]
-            _store_rows(h_ptr, row_idx, D, cols, h, mask, ROUND_BF16)
+            vc, s = _centred(v, pivot, mask, HAS_TAIL)
+            if HAS_TAIL:
+                vct, s_t = _centred(vt, pivot, mask_t, HAS_TAIL)
+                s += s_t
+            mu = s / D
+            d, ss = _deviation(vc, mu, mask, HAS_TAIL)
+            if HAS_TAIL:
+                dt, ss_t = _deviation(vct, mu, mask_t, HAS_TAIL)
+                ss += ss_t
+            rstd = 1.0 / tl.sqrt(ss / D + eps)
+            r = _per_row(rstd, HAS_TAIL)
+            _store_rows(h_ptr, row_idx, D, cols, d * r * scale1[None, :] + shift[None, :], mask, ROUND_BF16)
+            if HAS_TAIL:
+                _store_rows(h_ptr, row_idx, D, cols_t, dt * r * scale1_t[None, :] + shift_t[None, :], mask_t,
+                            ROUND_BF16)
             tl.store(mean_ptr + row_idx, pivot + mu, mask=rmask)
             tl.store(rstd_ptr + row_idx, rstd, mask=rmask)
 
-        rows, rmask, mask = nrows, nrmask, nmask
+        rows, rmask = nrows, nrmask
         if PREFETCH:
-            x, y, pivot = x_next, y_next, pivot_next
+            x, y, xt, yt, pivot = x_next, y_next, xt_next, yt_next, pivot_next
+
+
+@triton.jit
+def _bwd_load(dh_base, dh_sl, xn_base, xn_sl, dxo_base, dxo_sl, y_base, y_sl, r64, cols, mask,
+              NORM: tl.constexpr, HAS_DXO: tl.constexpr, GATE: tl.constexpr, BLOCK_R: tl.constexpr, W: tl.constexpr,
+              COMPUTE: tl.constexpr):
+    """One column tile of the backward's row inputs (dh, xn, dxo, y); absent ones are zeros."""
+    zero = tl.zeros([BLOCK_R, W], dtype=COMPUTE)
+    dh, xn, dxo, y = zero, zero, zero, zero
+    if NORM:
+        dh = _load_rows(dh_base, r64, dh_sl, cols, mask, COMPUTE)
+        xn = _load_rows(xn_base, r64, xn_sl, cols, mask, COMPUTE)
+    if HAS_DXO:
+        dxo = _load_rows(dxo_base, r64, dxo_sl, cols, mask, COMPUTE)
+    if GATE:
+        y = _load_rows(y_base, r64, y_sl, cols, mask, COMPUTE)
+    return dh, xn, dxo, y
 
 
 @triton.jit
 def _bwd_tiles(
     dh_base, dh_sl, xn_base, xn_sl, dxo_base, dxo_sl, y_base, y_sl, mean_row_ptr, rstd_row_ptr,
-    rows, rmask, cols, mask, NORM: tl.constexpr, HAS_DXO: tl.constexpr, GATE: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, COMPUTE: tl.constexpr,
+    rows, rmask, cols, cmask, cols_t, cmask_t, NORM: tl.constexpr, HAS_DXO: tl.constexpr, GATE: tl.constexpr,
+    MASK_HEAD: tl.constexpr, HAS_TAIL: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_T: tl.constexpr, COMPUTE: tl.constexpr,
 ):
-    """The backward's inputs for one block of rows: (dh, xn, dxo, y, mean, rstd); absent ones are zeros."""
-    zero = tl.zeros([BLOCK_R, BLOCK_D], dtype=COMPUTE)
-    dh, xn, dxo, y = zero, zero, zero, zero
+    """The backward's inputs for one block of rows: head (dh, xn, dxo, y), tail (the same; zeros without a
+    tail), and the rows' (mean, rstd) (scalars with a tail: one row); absent ones are zeros."""
+    r64 = rows.to(tl.int64)
+    dh, xn, dxo, y = _bwd_load(dh_base, dh_sl, xn_base, xn_sl, dxo_base, dxo_sl, y_base, y_sl, r64, cols,
+                               _tile_mask(rmask, cmask, MASK_HEAD), NORM, HAS_DXO, GATE, BLOCK_R, BLOCK_D, COMPUTE)
+    dh_t = tl.zeros([BLOCK_R, BLOCK_T], dtype=COMPUTE)
+    xn_t, dxo_t, y_t = dh_t, dh_t, dh_t
+    if HAS_TAIL:
+        dh_t, xn_t, dxo_t, y_t = _bwd_load(dh_base, dh_sl, xn_base, xn_sl, dxo_base, dxo_sl, y_base, y_sl, r64,
+                                           cols_t, _tile_mask(rmask, cmask_t, True), NORM, HAS_DXO, GATE, BLOCK_R,
+                                           BLOCK_T, COMPUTE)
     mean = tl.zeros([BLOCK_R], dtype=COMPUTE)
     rstd = mean
-    r64 = rows.to(tl.int64)
     if NORM:
-        dh = _load_rows(dh_base, r64, dh_sl, cols, mask, COMPUTE)
-        xn = _load_rows(xn_base, r64, xn_sl, cols, mask, COMPUTE)
         mean = tl.load(mean_row_ptr + r64, mask=rmask, other=0.0).to(COMPUTE)
         rstd = tl.load(rstd_row_ptr + r64, mask=rmask, other=0.0).to(COMPUTE)
-    if HAS_DXO:
-        dxo = _load_rows(dxo_base, r64, dxo_sl, cols, mask, COMPUTE)
+    if HAS_TAIL:
+        mean = tl.sum(mean)
+        rstd = tl.sum(rstd)
+    return dh, xn, dxo, y, dh_t, xn_t, dxo_t, y_t, mean, rstd
+
+
+@triton.jit
+def _bwd_row_sums(dh, xn, mean, scale1, mask, SCALAR: tl.constexpr):
+    """One column tile of xc = xn - mean and g = dh * (1 + scale), with the row sums of xc, g and g * xc."""
+    xc = tl.where(mask, xn - _per_row(mean, SCALAR), 0.0)
+    g = dh * scale1[None, :]
+    if SCALAR:  # flattened by hand: the interpreter (triton 3.9) fails on a tuple reduction over axis=None
+        s_xc, s_g, s_gxc = tl.reduce((_flat(xc), _flat(g), _flat(g * xc)), 0, _add3)
+    else:
+        s_xc, s_g, s_gxc = tl.reduce((xc, g, g * xc), 1, _add3)
+    return xc, g, s_xc, s_g, s_gxc
+
+
+@triton.jit
+def _bwd_tile(
+    dh, dxo, y, xc, g, c, rstd, mean_g, mean_gx, gate, bias, acc_dgate, acc_dbias, acc_dshift, acc_dscale,
+    dx_ptr, dy_ptr, row_idx, D, cols, mask,
+    NORM: tl.constexpr, GATE: tl.constexpr, HAS_DXO: tl.constexpr, WRITE_DX: tl.constexpr, HAS_BIAS: tl.constexpr,
+    SCALAR: tl.constexpr, ROUND_BF16: tl.constexpr,
+):
+    """One column tile of the backward once the row sums are known (NORM: c = mean(xc), mean_g, mean_gx):
+    stores dx (WRITE_DX) and dy (GATE), returns the updated per-column accumulators."""
+    total = dxo
+    if NORM:
+        r = _per_row(rstd, SCALAR)
+        xhat = tl.where(mask, (xc - _per_row(c, SCALAR)) * r, 0.0)
+        acc_dshift += dh
+        acc_dscale += dh * xhat
+        total = r * (g - _per_row(mean_g, SCALAR) - xhat * _per_row(mean_gx, SCALAR))
+        if HAS_DXO:
+            total += dxo
+    if WRITE_DX:
+        _store_rows(dx_ptr, row_idx, D, cols, total, mask, ROUND_BF16)
     if GATE:
-        y = _load_rows(y_base, r64, y_sl, cols, mask, COMPUTE)
-    return dh, xn, dxo, y, mean, rstd
+        dy = total * gate[None, :]
+        if HAS_BIAS:
+            acc_dgate += total * (y + bias[None, :])  # rows past L: total is 0 there
+            acc_dbias += dy
+        else:
+            acc_dgate += total * y
+        _store_rows(dy_ptr, row_idx, D, cols, dy, mask, ROUND_BF16)
+    return acc_dgate, acc_dbias, acc_dshift, acc_dscale
+
+
+@triton.jit
+def _store_partials(part, D, cols, cmask, acc_dgate, acc_dbias, acc_dshift, acc_dscale,
+                    NORM: tl.constexpr, GATE: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """One column tile of a chunk's [K, D] partial sums: (dgate,) (dbias,) (dshift, dscale)."""
+    k = 0
+    if GATE:
+        tl.store(part + cols, tl.sum(acc_dgate, axis=0), mask=cmask)
+        k = 1
+        if HAS_BIAS:
+            tl.store(part + D + cols, tl.sum(acc_dbias, axis=0), mask=cmask)
+            k = 2
+    if NORM:
+        tl.store(part + k * D + cols, tl.sum(acc_dshift, axis=0), mask=cmask)
+        tl.store(part + (k + 1) * D + cols, tl.sum(acc_dscale, axis=0), mask=cmask)
 
 
 @triton.jit
@@ -295,99 +527,104 @@ def _adaln_bwd_kernel(
     dh_sb, dh_sl, dxo_sb, dxo_sl, xn_sb, xn_sl, y_sb, y_sl, gate_sb, scale_sb,
     NORM: tl.constexpr, GATE: tl.constexpr, HAS_DXO: tl.constexpr, WRITE_DX: tl.constexpr, K: tl.constexpr,
     HAS_BIAS: tl.constexpr, PREFETCH: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, COMPUTE: tl.constexpr, ROUND_BF16: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, MASK_HEAD: tl.constexpr,
+    HAS_TAIL: tl.constexpr, COMPUTE: tl.constexpr, ROUND_BF16: tl.constexpr,
 ):
     """One chunk of rows of one batch element. Gradients in: dh (NORM) and/or dxo (d x_out; for GATED
     alone it is the only one). Out: dx (NORM: d of the normalized tensor + dxo; GATED: dxo itself, written
     only with WRITE_DX), dy = total * gate (GATE), and the chunk's partial sums [K, D]: (dgate,) (dbias,)
     (dshift, dscale). HAS_BIAS: y + bias was gated in the forward; dbias = sum of dy over the chunk (summed
-    over the batch by the launcher), so the GEMM's own bias gradient pass over dy is not needed."""
+    over the batch by the launcher), so the GEMM's own bias gradient pass over dy is not needed. Columns
+    as in the forward: a head tile and, with HAS_TAIL (one row per step), a tail tile, each with its own
+    accumulators; the row statistics are then scalars, as in the forward."""
     pid = tl.program_id(0)
     b = (pid // n_chunks).to(tl.int64)
     chunk = pid % n_chunks
     cols = tl.arange(0, BLOCK_D)
     cmask = cols < D
+    cols_t = BLOCK_D + tl.arange(0, BLOCK_T)
+    cmask_t = cols_t < D
     dh_base = dh_ptr + b * dh_sb
     dxo_base = dxo_ptr + b * dxo_sb
     xn_base = xn_ptr + b * xn_sb
     y_base = y_ptr + b * y_sb
-    if GATE:
-        gate = _load_vec(gate_ptr + b * gate_sb, cols, cmask, COMPUTE)
-        acc_dgate = tl.zeros([BLOCK_R, BLOCK_D], dtype=COMPUTE)
-        if HAS_BIAS:
-            bias = _load_vec(bias_ptr, cols, cmask, COMPUTE)
-            acc_dbias = tl.zeros([BLOCK_R, BLOCK_D], dtype=COMPUTE)
-    if NORM:
-        scale1 = 1.0 + _load_vec(scale_ptr + b * scale_sb, cols, cmask, COMPUTE)
-        acc_dshift = tl.zeros([BLOCK_R, BLOCK_D], dtype=COMPUTE)
-        acc_dscale = tl.zeros([BLOCK_R, BLOCK_D], dtype=COMPUTE)
+    gate_base = gate_ptr + b * gate_sb
+    scale_base = scale_ptr + b * scale_sb
+    gate, bias, no_shift, scale1 = _mod_vectors(gate_base, bias_ptr, scale_base, scale_base, cols, cmask,
+                                                GATE, HAS_BIAS, False, NORM, BLOCK_D, COMPUTE)
+    # all four per tile, so one _bwd_tile serves every mode: the absent sums' accumulators are never updated
+    # nor stored, and the compiler drops them
+    acc_dgate = tl.zeros([BLOCK_R, BLOCK_D], dtype=COMPUTE)
+    acc_dbias, acc_dshift, acc_dscale = acc_dgate, acc_dgate, acc_dgate
+    if HAS_TAIL:
+        gate_t, bias_t, no_shift_t, scale1_t = _mod_vectors(gate_base, bias_ptr, scale_base, scale_base, cols_t,
+                                                            cmask_t, GATE, HAS_BIAS, False, NORM, BLOCK_T, COMPUTE)
+        acc_dgate_t = tl.zeros([BLOCK_R, BLOCK_T], dtype=COMPUTE)
+        acc_dbias_t, acc_dshift_t, acc_dscale_t = acc_dgate_t, acc_dgate_t, acc_dgate_t
 
     first = chunk * chunk_rows
     rows = first + tl.arange(0, BLOCK_R)
     rmask = rows < L
-    mask = rmask[:, None] & cmask[None, :]
+    mean_row_ptr = mean_ptr + b * L
+    rstd_row_ptr = rstd_ptr + b * L
     if PREFETCH:
-        dh, xn, dxo, y, mean, rstd = _bwd_tiles(
-            dh_base, dh_sl, xn_base, xn_sl, dxo_base, dxo_sl, y_base, y_sl, mean_ptr + b * L, rstd_ptr + b * L,
-            rows, rmask, cols, mask, NORM, HAS_DXO, GATE, BLOCK_R, BLOCK_D, COMPUTE,
+        dh, xn, dxo, y, dh_t, xn_t, dxo_t, y_t, mean, rstd = _bwd_tiles(
+            dh_base, dh_sl, xn_base, xn_sl, dxo_base, dxo_sl, y_base, y_sl, mean_row_ptr, rstd_row_ptr,
+            rows, rmask, cols, cmask, cols_t, cmask_t, NORM, HAS_DXO, GATE, MASK_HEAD, HAS_TAIL,
+            BLOCK_R, BLOCK_D, BLOCK_T, COMPUTE,
         )
 
     for _ in range(0, chunk_rows, BLOCK_R):
         nrows = rows + BLOCK_R
         nrmask = (nrows < L) & (nrows < first + chunk_rows)
-        nmask = nrmask[:, None] & cmask[None, :]
         if PREFETCH:  # the next block's loads go out before this block's reductions
-            dh_n, xn_n, dxo_n, y_n, mean_n, rstd_n = _bwd_tiles(
-                dh_base, dh_sl, xn_base, xn_sl, dxo_base, dxo_sl, y_base, y_sl, mean_ptr + b * L, rstd_ptr + b * L,
-                nrows, nrmask, cols, nmask, NORM, HAS_DXO, GATE, BLOCK_R, BLOCK_D, COMPUTE,
+            dh_n, xn_n, dxo_n, y_n, dh_tn, xn_tn, dxo_tn, y_tn, mean_n, rstd_n = _bwd_tiles(
+                dh_base, dh_sl, xn_base, xn_sl, dxo_base, dxo_sl, y_base, y_sl, mean_row_ptr, rstd_row_ptr,
+                nrows, nrmask, cols, cmask, cols_t, cmask_t, NORM, HAS_DXO, GATE, MASK_HEAD, HAS_TAIL,
+                BLOCK_R, BLOCK_D, BLOCK_T, COMPUTE,
             )
         else:
-            dh, xn, dxo, y, mean, rstd = _bwd_tiles(
-                dh_base, dh_sl, xn_base, xn_sl, dxo_base, dxo_sl, y_base, y_sl, mean_ptr + b * L, rstd_ptr + b * L,
-                rows, rmask, cols, mask, NORM, HAS_DXO, GATE, BLOCK_R, BLOCK_D, COMPUTE,
+            dh, xn, dxo, y, dh_t, xn_t, dxo_t, y_t, mean, rstd = _bwd_tiles(
+                dh_base, dh_sl, xn_base, xn_sl, dxo_base, dxo_sl, y_base, y_sl, mean_row_ptr, rstd_row_ptr,
+                rows, rmask, cols, cmask, cols_t, cmask_t, NORM, HAS_DXO, GATE, MASK_HEAD, HAS_TAIL,
+                BLOCK_R, BLOCK_D, BLOCK_T, COMPUTE,
             )
 
+        mask = _tile_mask(rmask, cmask, MASK_HEAD)
+        mask_t = _tile_mask(rmask, cmask_t, True)
         row_idx = b * L + rows.to(tl.int64)
-        total = dxo
+        # without NORM these stand in for the norm's terms, which _bwd_tile then never reads
+        xc, g, xc_t, g_t, c, mean_g, mean_gx = dh, dh, dh_t, dh_t, mean, mean, mean
         if NORM:
-            xc = tl.where(mask, xn - mean[:, None], 0.0)
-            g = dh * scale1[None, :]
-            s_xc, s_g, s_gxc = tl.reduce((xc, g, g * xc), 1, _add3)  # the one reduction round
+            xc, g, s_xc, s_g, s_gxc = _bwd_row_sums(dh, xn, mean, scale1, mask, HAS_TAIL)  # the one reduction round
+            if HAS_TAIL:
+                xc_t, g_t, t_xc, t_g, t_gxc = _bwd_row_sums(dh_t, xn_t, mean, scale1_t, mask_t, HAS_TAIL)
+                s_xc, s_g, s_gxc = _add3(s_xc, s_g, s_gxc, t_xc, t_g, t_gxc)
             c = s_xc / D  # mean(xc): the saved mean's rounding
             mean_g = s_g / D
             mean_gx = rstd * (s_gxc / D - c * mean_g)
-            xhat = tl.where(mask, (xc - c[:, None]) * rstd[:, None], 0.0)
-            acc_dshift += dh
-            acc_dscale += dh * xhat
-            total = rstd[:, None] * (g - mean_g[:, None] - xhat * mean_gx[:, None])
-            if HAS_DXO:
-                total += dxo
-        if WRITE_DX:
-            _store_rows(dx_ptr, row_idx, D, cols, total, mask, ROUND_BF16)
-        if GATE:
-            dy = total * gate[None, :]
-            if HAS_BIAS:
-                acc_dgate += total * (y + bias[None, :])  # rows past L: total is 0 there
-                acc_dbias += dy
-            else:
-                acc_dgate += total * y
-            _store_rows(dy_ptr, row_idx, D, cols, dy, mask, ROUND_BF16)
+        acc_dgate, acc_dbias, acc_dshift, acc_dscale = _bwd_tile(
+            dh, dxo, y, xc, g, c, rstd, mean_g, mean_gx, gate, bias, acc_dgate, acc_dbias, acc_dshift, acc_dscale,
+            dx_ptr, dy_ptr, row_idx, D, cols, mask, NORM, GATE, HAS_DXO, WRITE_DX, HAS_BIAS, HAS_TAIL, ROUND_BF16,
+        )
+        if HAS_TAIL:
+            acc_dgate_t, acc_dbias_t, acc_dshift_t, acc_dscale_t = _bwd_tile(
+                dh_t, dxo_t, y_t, xc_t, g_t, c, rstd, mean_g, mean_gx, gate_t, bias_t,
+                acc_dgate_t, acc_dbias_t, acc_dshift_t, acc_dscale_t,
+                dx_ptr, dy_ptr, row_idx, D, cols_t, mask_t, NORM, GATE, HAS_DXO, WRITE_DX, HAS_BIAS, HAS_TAIL,
+                ROUND_BF16,
+            )
 
-        rows, rmask, mask = nrows, nrmask, nmask
+        rows, rmask = nrows, nrmask
         if PREFETCH:
-            dh, xn, dxo, y, mean, rstd = dh_n, xn_n, dxo_n, y_n, mean_n, rstd_n
+            dh, xn, dxo, y, dh_t, xn_t, dxo_t, y_t, mean, rstd = (
+                dh_n, xn_n, dxo_n, y_n, dh_tn, xn_tn, dxo_tn, y_tn, mean_n, rstd_n)
 
-    part = part_ptr + (b * n_chunks + chunk) * K * D + cols
-    k = 0
-    if GATE:
-        tl.store(part, tl.sum(acc_dgate, axis=0), mask=cmask)
-        k = 1
-        if HAS_BIAS:
-            tl.store(part + D, tl.sum(acc_dbias, axis=0), mask=cmask)
-            k = 2
-    if NORM:
-        tl.store(part + k * D, tl.sum(acc_dshift, axis=0), mask=cmask)
-        tl.store(part + (k + 1) * D, tl.sum(acc_dscale, axis=0), mask=cmask)
+    part = part_ptr + (b * n_chunks + chunk) * K * D
+    _store_partials(part, D, cols, cmask, acc_dgate, acc_dbias, acc_dshift, acc_dscale, NORM, GATE, HAS_BIAS)
+    if HAS_TAIL:
+        _store_partials(part, D, cols_t, cmask_t, acc_dgate_t, acc_dbias_t, acc_dshift_t, acc_dscale_t,
+                        NORM, GATE, HAS_BIAS)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -402,7 +639,7 @@ def _rows_strides(t: torch.Tensor) -> tuple[int, int]:
 def _launch_fwd(mode, x, y, gate, shift, scale, eps, x_out, h, mean, rstd, bias=None):
     B, L, D = x.shape
     norm, gated = mode != GATED, mode != MODULATE
-    block_r, block_d, num_warps = _tile(D, L)
+    block_r, num_warps, col_tiles = _tile(D, L)
     steps, n_groups = _fwd_steps(B, L, block_r, x.device)
     y = y if gated else x  # absent tensors are never read (constexpr flags): any tensor stands in
     gate = gate if gated else x
@@ -418,19 +655,19 @@ def _launch_fwd(mode, x, y, gate, shift, scale, eps, x_out, h, mean, rstd, bias=
         *_rows_strides(x), *_rows_strides(y), gate.stride(0), shift.stride(0), scale.stride(0),
         eps,
         NORM=norm, GATE=gated, HAS_BIAS=has_bias, PREFETCH=PREFETCH,
-        BLOCK_R=block_r, BLOCK_D=block_d, COMPUTE=_tl(ct), ROUND_BF16=interpreting(), num_warps=num_warps,
+        BLOCK_R=block_r, **col_tiles, COMPUTE=_tl(ct), ROUND_BF16=interpreting(), num_warps=num_warps,
     )
 
 
 def _launch_bwd(mode, dh, dxo, xn, y, gate, scale, mean, rstd, dx, dy, ct, dtypes, bias=None):
     """Runs the backward kernel; returns the reduced modulation gradients (sum_partials, one launch) in
-    the order (dgate,) (dbias per batch element, when bias is given,) (dshift, dscale)."""
+    the order (dgate,) (dbias [D], summed over B too, when bias is given,) (dshift, dscale)."""
     ref = xn if xn is not None else y
     B, L, D = ref.shape
     norm, gated = mode != GATED, mode != MODULATE
     has_bias = bias is not None
     K = int(norm) * 2 + int(gated) + int(has_bias)
-    block_r, block_d, num_warps = _tile(D, L)
+    block_r, num_warps, col_tiles = _tile(D, L)
     stand_in = ref
     dh = dh if dh is not None else stand_in
     has_dxo = dxo is not None
@@ -447,7 +684,7 @@ def _launch_bwd(mode, dh, dxo, xn, y, gate, scale, mean, rstd, dx, dy, ct, dtype
     dy = dy if dy is not None else stand_in
     consts = dict(NORM=norm, GATE=gated, HAS_DXO=has_dxo, WRITE_DX=write_dx, K=K, HAS_BIAS=has_bias,
                   PREFETCH=PREFETCH,
-                  BLOCK_R=block_r, BLOCK_D=block_d,
+                  BLOCK_R=block_r, **col_tiles,
                   COMPUTE=_tl(ct), ROUND_BF16=interpreting(), num_warps=num_warps)
 
     def args(part, n_chunks, chunk_rows):
@@ -456,14 +693,14 @@ def _launch_bwd(mode, dh, dxo, xn, y, gate, scale, mean, rstd, dx, dy, ct, dtype
                 *_rows_strides(dh), *_rows_strides(dxo), *_rows_strides(xn), *_rows_strides(y),
                 gate.stride(0), scale.stride(0))
 
-    key = (mode, has_dxo, write_dx, has_bias, PREFETCH, block_r, block_d, num_warps, ct,
+    key = (mode, has_dxo, write_dx, has_bias, PREFETCH, block_r, *col_tiles.values(), num_warps, ct,
            *(t.dtype for t in (dh, dxo, xn, y, gate, bias, scale, dx, dy)), ref.device.type)
     probe = torch.empty((B, 1, K, D), dtype=ct, device=ref.device)
     regs = _regs_of(_adaln_bwd_kernel, key, args(probe, 1, L), (B,), consts)
     chunk_rows, n_chunks = _chunking(B, L, block_r, num_warps, regs, ref.device)
     part = _empty((B, n_chunks, K, D), ct, ref.device)
     _adaln_bwd_kernel[(B * n_chunks,)](*args(part, n_chunks, chunk_rows), **consts)
-    return sum_partials(part, dtypes)
+    return sum_partials(part, dtypes, totals=(False, True) if has_bias else ())
 
 
 def adaln_modulate_fwd(x, shift, scale, eps: float, h_dtype=None):
@@ -498,13 +735,11 @@ def _bias_or_none(bias):
     return None if bias is None else _unit_last(bias)
 
 
-def _bias_grad(sums, bias, B, D, device):
-    """dbias [D] (bias.dtype) from the per-batch-element sums of dy [B, D] (compute dtype), or None."""
+def _bias_grad(total, bias, D, device):
+    """dbias [D] (bias.dtype): the kernels' total of dy over B and L, zeros without one, or None without a bias."""
     if bias is None:
         return None
-    if sums is None:
-        return torch.zeros((D,), dtype=bias.dtype, device=device)
-    return sums.sum(0).to(bias.dtype)
+    return torch.zeros((D,), dtype=bias.dtype, device=device) if total is None else total
 
 
 def gated_residual_fwd(x, y, gate, bias=None):
@@ -526,10 +761,10 @@ def gated_residual_bwd(dout, y, gate, bias=None):
     ct = compute_dtype(dout, y, gate, *((bias,) if bias is not None else ()))
     dy = _empty((B, L, D), y.dtype, y.device)
     if dy.numel() == 0:
-        return dy, torch.zeros((B, D), dtype=gate.dtype, device=y.device), _bias_grad(None, bias, B, D, y.device)
+        return dy, torch.zeros((B, D), dtype=gate.dtype, device=y.device), _bias_grad(None, bias, D, y.device)
     sums = _launch_bwd(GATED, None, dout, None, y, gate, None, None, None, None, dy, ct,
-                       (gate.dtype,) + ((ct,) if bias is not None else ()), bias)
-    return dy, sums[0], _bias_grad(sums[1] if bias is not None else None, bias, B, D, y.device)
+                       (gate.dtype,) + ((bias.dtype,) if bias is not None else ()), bias)
+    return dy, sums[0], _bias_grad(sums[1] if bias is not None else None, bias, D, y.device)
 
 
 def gated_residual_adaln_fwd(x, y, gate, shift, scale, eps: float, h_dtype=None, bias=None):
@@ -565,19 +800,19 @@ def gated_residual_adaln_bwd(dx_out, dh, x_out, y, gate, scale, mean, rstd, shif
     if (dx_out is None and dh is None) or x_out.numel() == 0:
         zeros = torch.zeros((B, D), dtype=ct, device=dev)
         return (torch.zeros_like(x_out), torch.zeros_like(y, memory_format=torch.contiguous_format),
-                zeros.to(gate.dtype), zeros.to(shift_dtype), zeros.to(scale.dtype), _bias_grad(None, bias, B, D, dev))
+                zeros.to(gate.dtype), zeros.to(shift_dtype), zeros.to(scale.dtype), _bias_grad(None, bias, D, dev))
     dx_out = None if dx_out is None else _unit_last(dx_out)
     dx = _empty((B, L, D), x_out.dtype, dev)
     dy = _empty((B, L, D), y.dtype, dev)
-    bias_dt = (ct,) if bias is not None else ()
+    bias_dt = (bias.dtype,) if bias is not None else ()
     if dh is None:  # no norm gradient: the gated backward with total = dx_out
         sums = _launch_bwd(GATED, None, dx_out, None, y, gate, None, None, None, dx, dy, ct,
                            (gate.dtype,) + bias_dt, bias)
         return (dx, dy, sums[0], torch.zeros((B, D), dtype=shift_dtype, device=dev),
                 torch.zeros((B, D), dtype=scale.dtype, device=dev),
-                _bias_grad(sums[1] if bias is not None else None, bias, B, D, dev))
+                _bias_grad(sums[1] if bias is not None else None, bias, D, dev))
     dh = _unit_last(dh)
     sums = _launch_bwd(FUSED, dh, dx_out, x_out, y, gate, scale, mean, rstd, dx, dy, ct,
                        (gate.dtype,) + bias_dt + (shift_dtype, scale.dtype), bias)
     dgate, dshift, dscale = sums[0], sums[-2], sums[-1]
-    return dx, dy, dgate, dshift, dscale, _bias_grad(sums[1] if bias is not None else None, bias, B, D, dev)
+    return dx, dy, dgate, dshift, dscale, _bias_grad(sums[1] if bias is not None else None, bias, D, dev)

@@ -65,48 +65,101 @@ def empty(shape, dtype, device):
 
 
 @triton.jit
-def _sum_partials_kernel(part_ptr, out0_ptr, out1_ptr, out2_ptr, out3_ptr, n_chunks, D,
-                         K: tl.constexpr, BLOCK_D: tl.constexpr, ROUND_BF16: tl.constexpr):
-    """out_k[b, :] = sum over c of part[b, c, k, :], c in increasing order (deterministic), k < K <= 4."""
-    b = tl.program_id(0).to(tl.int64)
+def _chunk_sums(base, n_chunks, K: tl.constexpr, k: tl.constexpr, D, mask, BLOCK_B: tl.constexpr,
+                BLOCK_D: tl.constexpr):
+    """sum over c of part[b, c, k, cols] for a [BLOCK_B, BLOCK_D] tile, c in increasing order."""
+    acc = tl.zeros([BLOCK_B, BLOCK_D], dtype=base.dtype.element_ty)
+    for c in range(n_chunks):
+        acc += tl.load(base + (c * K + k) * D, mask=mask, other=0.0)
+    return acc
+
+
+@triton.jit
+def _store_sums(out_ptr, acc, total, b, cols, D, mask, TOTAL: tl.constexpr, ROUND_BF16: tl.constexpr):
+    """Per-sample sums go out now; a TOTAL slot adds the tile's column sums to its running total."""
+    if TOTAL:
+        total += tl.sum(acc, axis=0)
+    else:
+        tl.store(out_ptr + b[:, None] * D + cols[None, :], cast_for(acc, out_ptr, ROUND_BF16), mask=mask)
+    return total
+
+
+@triton.jit
+def _sum_partials_kernel(part_ptr, out0_ptr, out1_ptr, out2_ptr, out3_ptr, B, n_chunks, D, rows_per_program,
+                         K: tl.constexpr, TOTAL0: tl.constexpr, TOTAL1: tl.constexpr, TOTAL2: tl.constexpr,
+                         TOTAL3: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
+                         ROUND_BF16: tl.constexpr):
+    """out_k[b, :] = sum over c of part[b, c, k, :] (c in increasing order), or, for a TOTAL slot,
+    out_k[:] = that summed over b too, b in increasing tiles (a TOTAL launch has one program row over
+    all of B). Fixed orders throughout: deterministic, no atomics. k < K <= 4."""
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     cmask = cols < D
-    base = part_ptr + b * n_chunks * K * D + cols
-    acc0 = tl.load(base, mask=cmask, other=0.0)
-    if K > 1:
-        acc1 = tl.load(base + D, mask=cmask, other=0.0)
-    if K > 2:
-        acc2 = tl.load(base + 2 * D, mask=cmask, other=0.0)
-    if K > 3:
-        acc3 = tl.load(base + 3 * D, mask=cmask, other=0.0)
-    for c in range(1, n_chunks):
-        row = base + c * K * D
-        acc0 += tl.load(row, mask=cmask, other=0.0)
+    first = tl.program_id(0) * rows_per_program
+    last = tl.minimum(first + rows_per_program, B)
+    total0 = tl.zeros([BLOCK_D], dtype=part_ptr.dtype.element_ty)
+    total1 = total0
+    total2 = total0
+    total3 = total0
+    for b0 in range(first, last, BLOCK_B):
+        b = b0 + tl.arange(0, BLOCK_B)
+        mask = (b < last)[:, None] & cmask[None, :]
+        base = part_ptr + b[:, None].to(tl.int64) * n_chunks * K * D + cols[None, :]
+        acc = _chunk_sums(base, n_chunks, K, 0, D, mask, BLOCK_B, BLOCK_D)
+        total0 = _store_sums(out0_ptr, acc, total0, b, cols, D, mask, TOTAL0, ROUND_BF16)
         if K > 1:
-            acc1 += tl.load(row + D, mask=cmask, other=0.0)
+            acc = _chunk_sums(base, n_chunks, K, 1, D, mask, BLOCK_B, BLOCK_D)
+            total1 = _store_sums(out1_ptr, acc, total1, b, cols, D, mask, TOTAL1, ROUND_BF16)
         if K > 2:
-            acc2 += tl.load(row + 2 * D, mask=cmask, other=0.0)
+            acc = _chunk_sums(base, n_chunks, K, 2, D, mask, BLOCK_B, BLOCK_D)
+            total2 = _store_sums(out2_ptr, acc, total2, b, cols, D, mask, TOTAL2, ROUND_BF16)
         if K > 3:
-            acc3 += tl.load(row + 3 * D, mask=cmask, other=0.0)
-    tl.store(out0_ptr + b * D + cols, cast_for(acc0, out0_ptr, ROUND_BF16), mask=cmask)
-    if K > 1:
-        tl.store(out1_ptr + b * D + cols, cast_for(acc1, out1_ptr, ROUND_BF16), mask=cmask)
-    if K > 2:
-        tl.store(out2_ptr + b * D + cols, cast_for(acc2, out2_ptr, ROUND_BF16), mask=cmask)
-    if K > 3:
-        tl.store(out3_ptr + b * D + cols, cast_for(acc3, out3_ptr, ROUND_BF16), mask=cmask)
+            acc = _chunk_sums(base, n_chunks, K, 3, D, mask, BLOCK_B, BLOCK_D)
+            total3 = _store_sums(out3_ptr, acc, total3, b, cols, D, mask, TOTAL3, ROUND_BF16)
+    if TOTAL0:
+        tl.store(out0_ptr + cols, cast_for(total0, out0_ptr, ROUND_BF16), mask=cmask)
+    if TOTAL1:
+        tl.store(out1_ptr + cols, cast_for(total1, out1_ptr, ROUND_BF16), mask=cmask)
+    if TOTAL2:
+        tl.store(out2_ptr + cols, cast_for(total2, out2_ptr, ROUND_BF16), mask=cmask)
+    if TOTAL3:
+        tl.store(out3_ptr + cols, cast_for(total3, out3_ptr, ROUND_BF16), mask=cmask)
 
 
-def sum_partials(part, dtypes):
-    """[B, n_chunks, K, D] partial sums -> K tensors [B, D] (dtypes[k]): chunks added in a fixed order,
-    all K in one launch."""
+# Elements per sum_partials tile. With a TOTAL slot one program row walks all of B, so its tiles are
+# narrow (32 columns: one 128-byte line per row in float32) and tall, for enough programs over D.
+_SUM_TILE = 2048
+_TOTAL_BLOCK_D = 32
+
+
+def sum_partials(part, dtypes, totals=()):
+    """[B, n_chunks, K, D] partial sums -> K tensors (dtypes[k]): [B, D] with chunks added in a fixed
+    order, or [D] (also summed over B, in a fixed order) where totals[k] is true; all K in one launch.
+
+    A total is what a bias gradient needs (a sum over every row): it comes out of the same launch
+    instead of a second reduction over [B, D].
+    """
     B, n_chunks, K, D = part.shape
     if K != len(dtypes) or not 1 <= K <= 4:
         raise ValueError(f"sum_partials: part has K={K} sums, dtypes gives {len(dtypes)} (1 to 4 expected)")
-    outs = [empty((B, D), dt, part.device) for dt in dtypes]
-    block_d = min(triton.next_power_of_2(D), 1024)
+    totals = tuple(bool(t) for t in totals) + (False,) * (K - len(totals))
+    if len(totals) != K:
+        raise ValueError(f"sum_partials: totals has {len(totals)} flags for K={K} sums")
+    outs = [empty((D,) if tot else (B, D), dt, part.device) for dt, tot in zip(dtypes, totals)]
+    if B == 0 or D == 0:
+        return [o.zero_() for o in outs]
+    if any(totals):
+        block_d = min(triton.next_power_of_2(D), _TOTAL_BLOCK_D)
+        block_b = min(_SUM_TILE // block_d, triton.next_power_of_2(B))
+        rows_per_program = B
+    else:
+        block_d = min(triton.next_power_of_2(D), 1024)
+        block_b = min(max(1, _SUM_TILE // block_d), triton.next_power_of_2(B))
+        rows_per_program = block_b
     ptrs = outs + [outs[0]] * (4 - K)  # unused pointers are never touched (K is constexpr)
-    _sum_partials_kernel[(B, triton.cdiv(D, block_d))](
-        part, *ptrs, n_chunks, D, K=K, BLOCK_D=block_d, ROUND_BF16=interpreting(), num_warps=4,
+    flags = totals + (False,) * (4 - K)
+    _sum_partials_kernel[(triton.cdiv(B, rows_per_program), triton.cdiv(D, block_d))](
+        part, *ptrs, B, n_chunks, D, rows_per_program, K=K,
+        TOTAL0=flags[0], TOTAL1=flags[1], TOTAL2=flags[2], TOTAL3=flags[3],
+        BLOCK_B=block_b, BLOCK_D=block_d, ROUND_BF16=interpreting(), num_warps=4,
     )
     return outs

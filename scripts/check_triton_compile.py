@@ -182,6 +182,11 @@ def run_launchers(mods, sc: Scenario) -> None:
     for bias in (b_mlp, None):
         G.gelu_tanh_fwd(pre, bias=bias)
         G.gelu_tanh_bwd(torch.empty_like(pre), pre, bias is not None, bias=bias)
+    GG = mods.get("gemm_gelu")
+    if GG is not None:  # fc1 as one GEMM (DIT_FAST_FC1_GEMM=triton): h in the activation dtype, W and bias parameters
+        w_mlp = t(K_MLP, D, dtype=dt["pos"])
+        for need_pre in (True, False):  # training stores pre; sampling does not
+            GG.linear_bias_gelu_fwd(t(B * L, D, dtype=dt["act"]), w_mlp, b_mlp, need_pre)
 
     S = mods.get("sampler_step")
     if S is not None and sc.family == "fp32":  # sampling runs on the fp32 latents whatever the model's dtype

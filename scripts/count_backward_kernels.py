@@ -91,6 +91,7 @@ def main() -> int:
     record = {"what": "kernels dispatched per DiT block in a training step's backward (counted, not timed)",
               "backend": args.backend, "aten_per_block": aten, "triton_per_block": tri,
               "total_per_block": sum(aten.values()) + sum(tri.values()), "env": environment(torch.device("cpu"))}
+    args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"{datetime.date.today().isoformat()}-cpu-backward-kernels-{args.backend}"
     write_text(stem.with_suffix(".json"), json.dumps(record, indent=1) + "\n")
     env = record["env"]

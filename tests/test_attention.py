@@ -314,3 +314,40 @@ def test_gpu_backend_matches_float64(backend, dtype, B, L, H, Dh):
     ref.backward(grad.double())
     assert_close(out, ref, dtype, eager_lowp=eager, name=f"{backend} out")
     assert_close(qkv.grad, qkv64.grad, dtype, eager_lowp=eager_qkv.grad, name=f"{backend} dqkv")
+
+
+@pytest.mark.gpu
+def test_memory_efficient_sdpa_backward_writes_the_packed_qkv_gradient_gpu():
+    """PyTorch's memory-efficient SDPA allocates dq, dk, dv as slices of one [B, L, 3, H, Dh] tensor when
+    q, k, v are views of one packed tensor (ours are): qkv's gradient is then that tensor, no stack."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Stacks(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket.__name__ in ("stack", "cat"):
+                Stacks.n += 1
+            return func(*args, **(kwargs or {}))
+
+    B, L, H, Dh = 2, 64, 2, 64
+    qkv = torch.randn(B, L, 3 * H * Dh, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    g = torch.randn(B, L, H * Dh, device="cuda", dtype=torch.bfloat16)
+    with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION):
+        out = attention(qkv, H, "sdpa")
+        with Stacks():
+            out.backward(g)
+    assert Stacks.n == 0
+    ref = qkv.detach().double().requires_grad_()
+    q, k, v = (t.transpose(1, 2) for t in ref.reshape(B, L, 3, H, Dh).unbind(2))
+    math_attention(q, k, v).transpose(1, 2).reshape(B, L, H * Dh).backward(g.double())
+    assert_close(qkv.grad, ref.grad, torch.bfloat16, eager_lowp=_eager_sdpa_grad(qkv.detach(), g, H), name="dqkv")
+
+
+def _eager_sdpa_grad(qkv, g, H):
+    x = qkv.clone().requires_grad_()
+    B, L, D3 = x.shape
+    q, k, v = (t.transpose(1, 2) for t in x.reshape(B, L, 3, H, D3 // (3 * H)).unbind(2))
+    math_attention(q, k, v).transpose(1, 2).reshape(B, L, D3 // 3).backward(g)
+    return x.grad

@@ -18,10 +18,16 @@ def test_counts_one_blocks_backward_and_writes_results(tmp_path):
     (path,) = tmp_path.glob("*-cpu-backward-kernels-triton.json")
     record = json.loads(path.read_text())
     assert record["env"]["git_commit"] and record["env"]["torch"]
-    # one block: 10 GEMMs (qkv, proj, fc1, fc2, adaLN: dgrad + wgrad), one attention backward, one
-    # stack into the packed QKV gradient and no clone; two fused adaLN backward kernels
-    assert record["aten_per_block"]["mm"] == 10
-    assert record["aten_per_block"]["stack"] == 1 and "clone" not in record["aten_per_block"]
-    assert record["triton_per_block"]["_adaln_bwd_kernel"] == 2
-    assert record["total_per_block"] == sum(record["aten_per_block"].values()) + sum(
-        record["triton_per_block"].values())
+    # one block: 8 GEMMs (qkv, proj, fc1, fc2: dgrad + wgrad; the adaLN projections of all blocks are
+    # one GEMM pair for the whole model, not per block), one attention backward, at most one stack
+    # into the packed QKV gradient (none where the attention kernel allocates it packed) and no clone,
+    # two fused adaLN backward kernels whose reductions include the proj/fc2 bias gradients (no
+    # separate sum over B), no per-block cat or add for the adaLN gradients
+    aten, tri = record["aten_per_block"], record["triton_per_block"]
+    assert aten["mm"] == 8
+    assert aten.get("stack", 0) <= 1 and "clone" not in aten
+    assert "cat" not in aten and "add" not in aten
+    assert tri["_adaln_bwd_kernel"] == 2 and tri["_sum_partials_kernel"] == 2
+    assert aten.get("sum", 0) <= 2  # the qkv bias gradient and fc1's (from the GELU kernel's partials)
+    assert record["total_per_block"] == sum(aten.values()) + sum(tri.values())
+    assert record["total_per_block"] <= 20  # issue 10's goal

@@ -222,13 +222,14 @@ def _transposed_view(shape, dtype):
     return torch.randn(B, D, L, device=DEVICE).to(dtype).transpose(1, 2)
 
 
+@pytest.mark.parametrize("D", [72, 384])  # Triton: one masked tile; a head and a tail tile
 @pytest.mark.parametrize("op", OP_NAMES)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_non_contiguous(backend, op):
+def test_non_contiguous(backend, op, D):
     """Modulation as chunks of one [B, 6D] tensor (as the model makes them), x a transposed view,
     y a strided slice, cotangents a transposed view and an expanded (stride 0) tensor."""
     need(backend, op)
-    B, L, D = 3, 16, 72
+    B, L = 3, 16
     mods = (0.5 * torch.randn(B, 6 * D, device=DEVICE)).chunk(6, dim=1)
     inp = {"x": _transposed_view((B, L, D), torch.float32)}
     if "y" in TOKENS[op]:
@@ -403,14 +404,15 @@ def test_torch_compile_matches_eager(backend, through):
         )
 
 
+@pytest.mark.parametrize("B,L,D", [(2, 203, 72), (2, 37, 384)])  # many rows per step; one row, head + tail
 @pytest.mark.parametrize("op", OP_NAMES)
-def test_triton_prefetch_switch_is_bitwise_neutral(op, monkeypatch):
+def test_triton_prefetch_switch_is_bitwise_neutral(op, B, L, D, monkeypatch):
     """kernels.adaln.PREFETCH (DIT_FAST_ADALN_PREFETCH) changes when loads are issued, never a result:
     outputs and every gradient bitwise equal, over several row blocks per program and a ragged last one."""
     need("triton", op)
     from dit_fast.kernels import adaln as kernels
 
-    inp = make_inputs(op, 2, 203, 72, torch.float32)
+    inp = make_inputs(op, B, L, D, torch.float32)
     cot = random_cotangents(call(op, inp, "triton"))
     runs = []
     for prefetch in (True, False):
@@ -420,6 +422,87 @@ def test_triton_prefetch_switch_is_bitwise_neutral(op, monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(outs_a, outs_b)), f"{op}: outputs differ with PREFETCH off"
     for k in inp:
         assert torch.equal(grads_a[k], grads_b[k]), f"{op}: grad of {k} differs with PREFETCH off"
+
+
+def test_triton_column_tiles(monkeypatch):
+    """kernels.adaln covers a row with a power-of-two head tile and a tail tile (no idle lanes at D = 1152),
+    a row with a tail one per step; rows under 256 (no DiT width), and every row with SPLIT_D off, get one
+    masked next_power_of_2(D) tile."""
+    need("triton", "adaln_modulate")
+    from dit_fast.kernels import adaln as kernels
+
+    def tiles(D, split):  # (head, tail or None, head masked)
+        t = kernels._col_tiles(D, split)
+        return t["BLOCK_D"], t["BLOCK_T"] if t["HAS_TAIL"] else None, t["MASK_HEAD"]
+
+    assert {D: tiles(D, True) for D in (1, 3, 72, 255, 256, 300, 384, 768, 1024, 1152, 2047)} == {
+        1: (1, None, False), 3: (4, None, True), 72: (128, None, True), 255: (256, None, True),
+        256: (256, None, False), 300: (256, 64, False), 384: (256, 128, False), 768: (512, 256, False),
+        1024: (1024, None, False), 1152: (1024, 128, False), 2047: (1024, 1024, False)}
+    assert {D: tiles(D, False) for D in (1, 72, 384, 1024, 1152)} == {
+        1: (1, None, False), 72: (128, None, True), 384: (512, None, True), 1024: (1024, None, False),
+        1152: (2048, None, True)}
+    # (BLOCK_R, num_warps) at the model's token count: a row with a tail runs alone, warps from the head
+    for split, D, want in ((True, 1152, (1, 4)), (True, 384, (1, 1)), (True, 1024, (2, 8)), (True, 72, (16, 8)),
+                           (False, 1152, (1, 8)), (False, 384, (4, 8))):
+        monkeypatch.setattr(kernels, "SPLIT_D", split)
+        assert kernels._tile(D, 256)[:2] == want, (split, D)
+
+
+SPLIT_OPS = [("adaln_modulate", False), ("gated_residual", False), ("gated_residual", True),
+             ("gated_residual_adaln", False), ("gated_residual_adaln", True)]
+
+
+@pytest.mark.parametrize("B,L,D", [(2, 5, 1), (2, 5, 64), (2, 9, 72), (2, 5, 384), (2, 5, 1152)])
+@pytest.mark.parametrize("op,bias", SPLIT_OPS)
+def test_triton_split_d_switch(op, bias, B, L, D, monkeypatch):
+    """kernels.adaln.SPLIT_D (DIT_FAST_ADALN_SPLIT_D) changes the column tiles, not the results: with it on
+    and off every element is written (poisoned buffers) and outputs and every gradient match the float64
+    reference; what no reduction touches (x_out; gated_residual's dx, dy) is bitwise equal. The order of
+    the row and column sums differs between the two (head then tail, rows per step), so the rest may
+    differ in the last bits. D = 1, 64, 72: no tail either way (a power of two, or under 256)."""
+    need("triton", op)
+    from dit_fast.kernels import adaln as kernels
+
+    inp = make_inputs(op, B, L, D, torch.float32)
+    if bias:
+        inp["bias"] = torch.randn(D, device=DEVICE)
+    cot = random_cotangents(call(op, inp, "triton"))
+    ref = float64_reference(op, inp, cot)
+    runs = {}
+    for split in (True, False):
+        monkeypatch.setattr(kernels, "SPLIT_D", split)
+        with kernels.poison_outputs():
+            outs, grads = with_grads(lambda t: call(op, t, "triton"), inp, cot)
+        check_all(op, inp, outs, grads, *ref, tag=f" SPLIT_D={split}")
+        runs[split] = outs, grads
+    (outs_a, grads_a), (outs_b, grads_b) = runs[True], runs[False]
+    if op != "adaln_modulate":
+        assert torch.equal(outs_a[0], outs_b[0]), f"{op}: x_out differs with SPLIT_D off"
+    if op == "gated_residual":
+        for k in ("x", "y"):
+            assert torch.equal(grads_a[k], grads_b[k]), f"{op}: grad of {k} differs with SPLIT_D off"
+
+
+def test_bench_contenders_switch_the_triton_kernels(monkeypatch):
+    """The triton-noprefetch / triton-nosplit contenders of `dit-fast kernels` run the Triton adaLN ops with
+    kernels.adaln.PREFETCH / SPLIT_D off for their whole pass, and leave the switch as they found it."""
+    need("triton", "gated_residual_adaln")
+    from dit_fast.bench.kernels import CONTENDERS, op_fn
+    from dit_fast.kernels import adaln as kernels
+
+    for switch in ("PREFETCH", "SPLIT_D"):  # as by default, whatever the environment says
+        monkeypatch.setattr(kernels, switch, True)
+
+    for name, switch in (("triton-noprefetch", "PREFETCH"), ("triton-nosplit", "SPLIT_D")):
+        assert name in CONTENDERS
+        assert op_fn(name, "linear_gelu_tanh") is None  # not an adaLN op
+        fn = op_fn(name, "gated_residual_adaln")
+        assert getattr(kernels, switch)
+        with fn.bench_context():
+            assert not getattr(kernels, switch), name
+            assert getattr(kernels, "SPLIT_D" if switch == "PREFETCH" else "PREFETCH"), name
+        assert getattr(kernels, switch)
 
 
 @pytest.mark.parametrize("op", OP_NAMES)
@@ -443,14 +526,15 @@ def test_backward_is_deterministic(backend, op):
             assert torch.equal(runs[0][k], run[k]), f"{backend} {op}: grad of {k} differs between identical runs"
 
 
+@pytest.mark.parametrize("D", [72, 384])
 @pytest.mark.parametrize("op", OP_NAMES)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_float64(backend, op):
+def test_float64(backend, op, D):
     """Where the capability table says a backend computes float64, it matches the torch backend to 1e-12."""
     need(backend, op)
     if backends.why_not(backend, op, DEVICE, float64=True):
         pytest.skip(f"{backend} runs no float64 {op} on {DEVICE}: {backends.why_not(backend, op, DEVICE, True)}")
-    inp = make_inputs(op, 3, 17, 72, torch.float64)
+    inp = make_inputs(op, 3, 17, D, torch.float64)
     cot = random_cotangents(call(op, inp, "reference"))
     outs, grads = with_grads(lambda t: call(op, t, backend), inp, cot)
     ref, ref_grads = with_grads(lambda t: call(op, t, "reference"), inp, cot)

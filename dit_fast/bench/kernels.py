@@ -6,7 +6,11 @@ inputs with `make_case` and the timed callables and byte counts with `make_pass`
 Contenders per op (CONTENDERS): "eager" (the plain-PyTorch torch_backend op), "compile" (torch.compile
 of that same op), "triton" and "ext" (the kernel families, where they run and implement the op), and
 "triton-noprefetch" (the Triton adaLN kernels with kernels.adaln.PREFETCH off: the A/B of the next row
-block's early loads against the registers they cost); `contender_status` says why one does not run.
+block's early loads against the registers they cost), "triton-nosplit" (kernels.adaln.SPLIT_D off: one
+masked next_power_of_2(D) column tile instead of a head and a tail tile, the A/B of the idle lanes it
+leaves, 44% at D = 1152), "triton-gemm" (linear_gelu_tanh only: the Triton fc1 GEMM with the bias + GELU
+epilogue, DIT_FAST_FC1_GEMM=triton, against "triton"'s cuBLAS GEMM + one pass); `contender_status` says why
+one does not run.
 
 Inputs mirror the model under autocast: the residual stream x is float32 (weights too), the
 GEMM outputs feeding an op (y, gate, shift, scale, h) are in the low-precision dtype, and h is
@@ -35,6 +39,7 @@ comparison of ext against eager and torch.compile:
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -45,7 +50,11 @@ from .contenders import autocast_ctx
 from .rounds import ratio_stats, run_rounds, spread
 from .timing import sample_kernel, timer_name, warm_up
 
-CONTENDERS = ("eager", "compile", "triton", "triton-noprefetch", "ext")
+CONTENDERS = ("eager", "compile", "triton", "triton-noprefetch", "triton-nosplit", "triton-gemm", "ext")
+# Contenders that run the Triton adaLN kernels with one kernels.adaln switch off: name -> the switch.
+_ADALN_SWITCHES = {"triton-noprefetch": "PREFETCH", "triton-nosplit": "SPLIT_D"}
+# Contenders that run one Triton op with an environment switch set: name -> (op, variable, value).
+_ENV_SWITCHES = {"triton-gemm": ("linear_gelu_tanh", "DIT_FAST_FC1_GEMM", "triton")}
 PASSES = ("fwd", "fwd+bwd")
 TOKENS_512PX = 1024  # DiT /2 models at 512px: a 64x64 latent in 2x2 patches
 
@@ -139,9 +148,9 @@ def contender_status(name: str, device_type: str) -> tuple[bool, str]:
         return True, ""
     if name.startswith("triton") and device_type == "cpu":
         return False, "triton on the CPU is the interpreter, a correctness tool, not a speed path"
-    if name not in ("triton", "triton-noprefetch", "ext"):
+    if name not in ("triton", "ext", *_ADALN_SWITCHES, *_ENV_SWITCHES):
         raise ValueError(f"contender must be one of {CONTENDERS}, got {name!r}")
-    ok, why = probe(name.removesuffix("-noprefetch"), device_type)
+    ok, why = probe("triton" if name in (*_ADALN_SWITCHES, *_ENV_SWITCHES) else name, device_type)
     return ok, "" if ok else why
 
 
@@ -158,23 +167,45 @@ def op_fn(name: str, op: str) -> Callable | None:
         if op not in _compiled:
             _compiled[op] = torch.compile(getattr(torch_backend, op), dynamic=False)
         return _compiled[op]
-    if name == "triton-noprefetch":
+    if name in _ENV_SWITCHES:
+        only, var, value = _ENV_SWITCHES[name]
+        if op != only or not implements("triton", op):
+            return None
+        return _with_context(getattr(module_for("triton"), op), functools.partial(_env_set, var, value))
+    if name in _ADALN_SWITCHES:
         if op not in ADALN_OPS or not implements("triton", op):
             return None
-        fn = _with_context(getattr(module_for("triton"), op), _adaln_prefetch_off)
-        return fn
+        return _with_context(getattr(module_for("triton"), op), functools.partial(_adaln_off, _ADALN_SWITCHES[name]))
     return getattr(module_for(name), op) if implements(name, op) else None
 
 
 @contextlib.contextmanager
-def _adaln_prefetch_off():
+def _adaln_off(switch: str):
+    """kernels.adaln's module switch `switch` (PREFETCH, SPLIT_D) off inside the block."""
     from ..kernels import adaln
 
-    old, adaln.PREFETCH = adaln.PREFETCH, False
+    old = getattr(adaln, switch)
+    setattr(adaln, switch, False)
     try:
         yield
     finally:
-        adaln.PREFETCH = old
+        setattr(adaln, switch, old)
+
+
+@contextlib.contextmanager
+def _env_set(var: str, value: str):
+    """Environment variable `var` set to `value` inside the block (the ops read theirs per call)."""
+    import os
+
+    old = os.environ.get(var)
+    os.environ[var] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(var, None)
+        else:
+            os.environ[var] = old
 
 
 def _with_context(fn: Callable, context: Callable) -> Callable:

@@ -146,8 +146,11 @@ def step_ops(s: DiTShape, batch: int, mode: str = "forward", precision: str = "a
     add("conditioning: t-embedder + adaLN projections", "gemm", mult * cond_flops, {
         "eager": gemm(cond_flops, cond_x, cond_w, cond_out, n + 3),
         "inductor": gemm(cond_flops, cond_x, cond_w, cond_out, n + 3),
-        # per block too: batch_adaln=True (one GEMM for every block's adaLN) is off by default, inference only
-        "dit_fast": gemm(cond_flops, cond_x, cond_w, cond_out, n + 3),
+        # training: every adaLN projection is one GEMM each way (ops.adaln_projections), plus the
+        # t-embedder's two; inference: per layer (batch_adaln=True, one GEMM, is off by default)
+        # (without autocast's casts to write into, the weights are concatenated: forward, and again for dx)
+        "dit_fast": gemm(cond_flops, cond_x, cond_w, cond_out, 3 if train else n + 3)
+        + ([K(0, 2 * 2 * (n * 6 + 2) * D * D * lp, 2)] if train and not autocast else []),
     })
     if autocast:
         w = [K(0, n_cast * (4 + 2), n_linear)] + ([K(0, n_cast * (2 + 4), n_linear)] if train else [])
@@ -183,7 +186,9 @@ def step_ops(s: DiTShape, batch: int, mode: str = "forward", precision: str = "a
     add("attention", "attention", fa * (3 if train else 1), {
         "eager": (math_attn if eager_attention == "math" else flash + stack) + clone,
         "inductor": flash + stack,
-        "dit_fast": flash + stack,  # SDPA; flash-attn 2's packed kernel would write dqkv itself
+        # SDPA (the stack is free where the kernel allocates dq/dk/dv packed, as memory-efficient SDPA
+        # does: attention.packed_grad); flash-attn 2's packed kernel writes dqkv itself
+        "dit_fast": flash + stack,
     })
     proj = gemm(F["proj"], n * Al, n * D * D, n * Al, n)
     add("proj GEMM", "gemm", mult * F["proj"], {plan: proj for plan in PLANS})

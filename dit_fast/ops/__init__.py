@@ -14,7 +14,7 @@ import torch
 from ..backends import OPS, check_backend_name, module_for, resolve
 from . import torch_backend
 
-__all__ = [*OPS, "timestep_embedding", "patchify", "unpatchify", "sampler_step", "sampler_step_"]
+__all__ = [*OPS, "adaln_projections", "timestep_embedding", "patchify", "unpatchify", "sampler_step", "sampler_step_"]
 
 patchify = torch_backend.patchify
 unpatchify = torch_backend.unpatchify
@@ -187,6 +187,9 @@ def linear_gelu_tanh(x, weight, bias, *, backend: str = "auto"):
             raise ValueError(f"bias must have shape [{weight.shape[0]}], got {_shape(bias)}")
     return _impl(backend, "linear_gelu_tanh", x.device, None, x, weight, bias)(x, weight, bias)
 
+
+# Every adaLN projection of a model as one GEMM (pure torch: no backend choice).
+from .adaln_projections import adaln_projections  # noqa: E402
 
 # The sampler's fused per-step update (not a DiT block op: it has no backward and its own dispatch).
 from .sampler_step import sampler_step, sampler_step_  # noqa: E402

@@ -1,6 +1,6 @@
 """Triton patch_embed, final_layer and linear_gelu_tanh as registered torch ops with autograd.
 
-Layering: kernels/{patch_embed,final_layer,gelu}.py hold the kernels and launchers. Here each op is a
+Layering: kernels/{patch_embed,final_layer,gelu,gemm_gelu}.py hold the kernels and launchers. Here each op is a
 `torch.library.custom_op` (schema + fake kernel + autograd) named dit_fast_triton::<op>_fwd, with
 dit_fast_triton::<op>_bwd where the backward is a Triton kernel (AOTAutograd traces backward formulas
 with fake tensors); patch_embed's backward is torch ops only and needs none. The three call paths of
@@ -12,20 +12,25 @@ dtype; weight and bias are cast to it here, outside the op, so their gradients f
 casts in their own dtypes. Accumulation and all elementwise math are float32.
 - patch_embed: output dtype = promote(activation dtype, pos_embed dtype), like `F.linear(...) + pos_embed`.
 - final_layer: output in the activation dtype; shift/scale/x may be any float dtypes (read as float32).
-- linear_gelu_tanh: output in the activation dtype.
+- linear_gelu_tanh: output in the activation dtype. Default: cuBLAS GEMM without the bias, then one pass
+  for bias + GELU; DIT_FAST_FC1_GEMM=triton: one Triton GEMM with the bias + GELU epilogue, reading the
+  weight in its own dtype (no per-call cast in the forward).
 These kernels accumulate in float32, so the capability table (dit_fast/backends.py) sends float64 inputs
 to the torch backend.
 """
 from __future__ import annotations
 
+import os
 from types import SimpleNamespace
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
+from ..backends import warn_once
 from ..kernels import final_layer as _fl
 from ..kernels import gelu as _gelu
+from ..kernels import gemm_gelu as _gemm_gelu
 from ..kernels import patch_embed as _pe
 from . import differentiable_backward as DB
 from . import gelu_epilogue
@@ -283,11 +288,127 @@ _BIAS_GELU = TritonOp(
 )
 
 
+# Opt-in (DIT_FAST_FC1_GEMM=triton): fc1 as one Triton GEMM whose epilogue adds the bias and applies
+# GELU (kernels/gemm_gelu.py), storing the bias-free pre-activation only when a gradient is needed, so
+# that the backward above (bias_gelu_tanh_bwd, then the two GEMMs) serves both paths. The weight is read
+# in its own dtype (float32 under autocast) and cast per tile inside the kernel: no cast of it per call in
+# the forward. The backward casts it for d(x) = d(pre) @ W, as autocast's F.linear would have, and gives
+# d(weight) in the weight's dtype from a GEMM in the activation dtype, as autocast's F.linear does.
+
+FC1_GEMM_VAR = "DIT_FAST_FC1_GEMM"
+FC1_GEMM_CHOICES = ("cublas", "triton")
+
+
+def fc1_gemm_choice() -> str:
+    """DIT_FAST_FC1_GEMM, read at every call: "cublas" (the default: F.linear + the Triton GELU pass) or
+    "triton" (the GEMM-epilogue kernel)."""
+    value = os.environ.get(FC1_GEMM_VAR, "").strip().lower() or "cublas"
+    if value not in FC1_GEMM_CHOICES:
+        raise ValueError(f"{FC1_GEMM_VAR} must be one of {FC1_GEMM_CHOICES}, got {os.environ[FC1_GEMM_VAR]!r}")
+    return value
+
+
+def _gemm_refusal(device_type, x_dtype, w_dtype, b_dtype, x_dim, w_dim, same_device) -> str:
+    """Why the Triton GEMM cannot run fc1 for these inputs ("" if it can)."""
+    if device_type != "cuda" and not (device_type == "cpu" and _gemm_gelu.interpreting()):
+        return f"Triton does not run {device_type} tensors here"
+    dtypes = {"x": x_dtype, "weight": w_dtype, "bias": b_dtype}
+    for name, dtype in dtypes.items():
+        if dtype is not None and dtype not in _gemm_gelu.SUPPORTED_DTYPES:
+            return f"{name} is {dtype} (it takes float16, bfloat16 and float32)"
+    if x_dim < 2 or w_dim != 2:
+        return f"it takes x with 2+ dims and a 2-D weight, got {x_dim}-D x and a {w_dim}-D weight"
+    if not same_device:
+        return "x, weight and bias are not on one device"
+    return ""
+
+
+def _use_triton_gemm(device_type, x_dtype, w_dtype, b_dtype, x_dim, w_dim, same_device) -> bool:
+    """Whether fc1 runs as the Triton GEMM: asked for, and the inputs are supported; when asked for but
+    not supported, the reason is warned once (never a silent fallback)."""
+    if fc1_gemm_choice() != "triton":
+        return False
+    why = _gemm_refusal(device_type, x_dtype, w_dtype, b_dtype, x_dim, w_dim, same_device)
+    if why:
+        warn_once(("fc1_gemm", why), f"dit_fast: {FC1_GEMM_VAR}=triton, but fc1 runs as F.linear + the Triton GELU "
+                                     f"pass: {why}")
+    return not why
+
+
+# torch.compile runs it once while tracing (its arguments are constants there) and keeps the answer, as
+# for backends.resolve: no graph break for the warning, and like DIT_FAST_BACKEND the variable is read
+# when a function is compiled, not at each call of the compiled function.
+_use_triton_gemm._dynamo_marked_constant = True
+
+
+@torch.library.custom_op("dit_fast_triton::linear_bias_gelu_tanh_fwd", mutates_args=())
+def _linear_bias_gelu_fwd(
+    x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], need_pre: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _gemm_gelu.linear_bias_gelu_fwd(x, weight, bias, need_pre)
+
+
+@_linear_bias_gelu_fwd.register_fake
+def _(x, weight, bias, need_pre):
+    out = x.new_empty((*x.shape[:-1], weight.shape[0]))
+    return out, torch.empty_like(out) if need_pre else x.new_empty(0)
+
+
+def _linear_bias_gelu_setup(ctx, inputs, output):
+    x, weight, bias, _ = inputs
+    ctx.save_for_backward(x, weight, bias, output[1])
+
+
+def _linear_weight_grads(ctx, x, weight, dpre):
+    """(d(x), d(weight)) of pre = x @ W^T from d(pre), in the activation dtype (x's), as the GEMMs of
+    autocast's F.linear run; d(weight) comes back in the weight's dtype."""
+    need_x, need_w = ctx.needs_input_grad[:2]
+    dpre2 = dpre.reshape(-1, dpre.shape[-1])
+    dx = (dpre2 @ _cast(weight, dpre.dtype)).view(x.shape) if need_x else None
+    dw = (dpre2.t() @ x.reshape(-1, x.shape[-1])).to(weight.dtype) if need_w else None
+    return dx, dw
+
+
+def _linear_bias_gelu_backward(ctx, kernels, dout):
+    x, weight, bias, pre = ctx.saved_tensors
+    need_b = bool(ctx.needs_input_grad[2] and bias is not None)
+    dpre, db = kernels.bias_gelu_tanh_bwd(dout, pre, bias, need_b)
+    dx, dw = _linear_weight_grads(ctx, x, weight, dpre)
+    return dx, dw, db.to(bias.dtype) if need_b else None, None
+
+
+def _linear_bias_gelu_graph_backward(ctx, dout):
+    # pre is recomputed with autograd history, so that d(pre)'s dependence on x and W enters second derivatives
+    x, weight, bias, _ = ctx.saved_tensors
+    pre = F.linear(x, _cast(weight, x.dtype))
+    dpre, db = DB.bias_gelu_tanh(pre, bias, dout)
+    dx, dw = _linear_weight_grads(ctx, x, weight, dpre)
+    return dx, dw, db if ctx.needs_input_grad[2] else None, None
+
+
+_LINEAR_BIAS_GELU = TritonOp(
+    _linear_bias_gelu_fwd, _gemm_gelu.linear_bias_gelu_fwd, _linear_bias_gelu_setup, _linear_bias_gelu_backward,
+    _linear_bias_gelu_graph_backward,
+    eager_kernels=SimpleNamespace(bias_gelu_tanh_bwd=_launch_bias_gelu_bwd),
+    compiled_kernels=SimpleNamespace(bias_gelu_tanh_bwd=_bias_gelu_bwd),
+)
+
+
+def _needs_grad(x, weight, bias) -> bool:
+    return torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or _requires_grad(bias))
+
+
 def linear_gelu_tanh(x, weight, bias):
     """GELU_tanh(x @ weight.T + bias); see the notes above on the forward and dtypes."""
+    act = _act_dtype(x)
+    same_device = weight.device == x.device and (bias is None or bias.device == x.device)
+    if _use_triton_gemm(x.device.type, act, weight.dtype, None if bias is None else bias.dtype, x.dim(),
+                        weight.dim(), same_device):
+        x = _cast(x, act)
+        return _LINEAR_BIAS_GELU(x, weight, bias, _needs_grad(x, weight, bias))
     autocasting = x.dtype != torch.float64 and torch.is_autocast_enabled(x.device.type)
-    if not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or _requires_grad(bias))):
-        out = gelu_epilogue.linear_gelu_tanh(x, weight, bias, _act_dtype(x))
+    if not _needs_grad(x, weight, bias):
+        out = gelu_epilogue.linear_gelu_tanh(x, weight, bias, act)
         if out is not None:
             return out
     pre = F.linear(x, weight) if autocasting else F.linear(x, _cast(weight, x.dtype))
