@@ -12,6 +12,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+from test_ops_embed import _leaves, _run  # the same leaves and gradient helpers as the other embed ops
 
 import dit_fast
 import dit_fast.ops as ops
@@ -165,18 +166,6 @@ def test_launcher_refuses_float64():
 
 
 # ---------------------------------------------------------------------------------- op and gradients
-
-
-def _leaves(*tensors, dtype=None):
-    return [None if t is None else t.detach().to(dtype or t.dtype).requires_grad_() for t in tensors]
-
-
-def _run(fn, inputs, grad_out=None):
-    out = fn(*inputs)
-    if grad_out is None:
-        grad_out = torch.randn_like(out, dtype=torch.float32)
-    wrt = [t for t in inputs if t is not None and t.requires_grad]
-    return out, torch.autograd.grad(out, wrt, grad_out.to(out.dtype)), grad_out
 
 
 def _eager(x, w, b):
