@@ -49,7 +49,6 @@ GPUs round to nearest even; the launchers then pass ROUND_BF16 so results match 
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 
 import torch
@@ -60,7 +59,7 @@ import triton.language as tl
 from dit_fast.ops.dtypes import compute_dtype
 
 from . import common
-from .common import cast_for, interpreting, sum_partials
+from .common import cast_for, interpreting, n_sm, sum_partials
 
 # Elements per program tile: 8 per thread at 8 warps, one 16-byte load per bf16 tensor.
 _TILE_ELEMS = 2048
@@ -135,17 +134,6 @@ def _tile(D: int, L: int) -> tuple[int, int, dict]:
     return block_r, num_warps, cols
 
 
-@functools.cache
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def _n_sm(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 4
-    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-
-
 def _ctas_per_sm(regs: int, num_warps: int) -> int:
     """Resident CTAs per SM for a kernel of `regs` registers per thread (64K registers, allocated per
     warp in units of 256 = 8 per thread; at most 64 warps per SM), ignoring shared memory (a few KB here)."""
@@ -176,7 +164,7 @@ def _regs_of(kernel, key, args, grid, kwargs) -> int:
 def _chunking(B: int, L: int, block_r: int, num_warps: int, regs: int, device: torch.device) -> tuple[int, int]:
     """(rows per program, chunks per batch element) for the backward kernels: one wave of programs at
     the kernel's real occupancy; rows is a multiple of block_r."""
-    want_programs = _ctas_per_sm(regs, num_warps) * _n_sm(device)
+    want_programs = _ctas_per_sm(regs, num_warps) * n_sm(device)
     rows = triton.cdiv(B * L, want_programs)
     rows = min(max(rows, block_r), max(_MAX_CHUNK_ROWS, block_r))
     rows = triton.cdiv(rows, block_r) * block_r
@@ -188,7 +176,7 @@ def _chunking(B: int, L: int, block_r: int, num_warps: int, regs: int, device: t
 def _fwd_steps(B: int, L: int, block_r: int, device: torch.device) -> tuple[int, int]:
     """(row blocks per forward program, programs per batch element): about 8 programs per SM."""
     n_blocks = triton.cdiv(L, block_r)
-    steps = max(1, min(_MAX_FWD_STEPS, triton.cdiv(B * n_blocks, 8 * _n_sm(device))))
+    steps = max(1, min(_MAX_FWD_STEPS, triton.cdiv(B * n_blocks, 8 * n_sm(device))))
     return steps, triton.cdiv(n_blocks, steps)
 
 

@@ -7,6 +7,7 @@ from interpreting(), so the compiled GPU code is unchanged.
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -41,6 +42,18 @@ def cast_for(v, ptr, INTERPRET: tl.constexpr):
             bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
             v = bits.to(tl.float32, bitcast=True)
     return v.to(ptr.dtype.element_ty)
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def n_sm(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (cached); 4 elsewhere (the interpreter's stand-in)."""
+    if device.type != "cuda":
+        return 4
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
 # ----------------------------------------------------------------------------------------------

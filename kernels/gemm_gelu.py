@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import cast_for, dot_acc, empty, interpreting
+from .common import cast_for, dot_acc, empty, interpreting, n_sm
 from .gelu import _sigmoid_2u
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -60,10 +60,6 @@ _FP32_TILES = GemmTiles(64, 128, 32, 8, 8, 3)
 _INTERPRETER_TILES = GemmTiles(32, 64, 32, 4, 4, 1)
 
 
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def choose_tiles(
     M: int, N: int, K: int, x_dtype: torch.dtype, w_dtype: torch.dtype, device: torch.device
 ) -> GemmTiles:
@@ -76,7 +72,7 @@ def choose_tiles(
         return _HALF_UNALIGNED_TILES
     wide_w = w_dtype == torch.float32
     big = _HALF_X_FP32_W_TILES if wide_w else _HALF_TILES
-    if triton.cdiv(M, big.block_m) * triton.cdiv(N, big.block_n) < _sm_count(device):
+    if triton.cdiv(M, big.block_m) * triton.cdiv(N, big.block_n) < n_sm(device):
         return _HALF_SMALL_M_FP32_W_TILES if wide_w else _HALF_SMALL_M_TILES
     return big
 
