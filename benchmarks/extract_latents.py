@@ -110,6 +110,9 @@ def extract(args) -> int:
     items, classes = list_images(Path(args.data))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    from dit_fast.atomic import remove_stale_temporaries
+
+    remove_stale_temporaries(out)  # shards of an earlier run killed mid-save (SIGKILL), whose writer is gone
     if rank == 0:
         from dit_fast.atomic import write_text
 

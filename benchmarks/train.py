@@ -16,12 +16,19 @@ Every shard is validated when opened (dit_fast.data): per-shard counts, integer 
 [0, num_classes), the model's latent shape, finite values on a sample of rows (--check-data all:
 every row).
 
-Checkpoints ({"model", "ema", "opt", "args", "step"}, all weights_only-loadable) go to
-RESULTS/checkpoints/STEP.pt every --ckpt-every steps and at the end, written atomically: a kill or
-a full disk mid-save leaves the previous checkpoints as they were. --resume takes a checkpoint
-file, a directory of them, or "auto" (RESULTS/checkpoints; a fresh start when there is none) and
-continues from the newest one that loads, saying which it skipped and why. --lr / --weight-decay
-given with --resume replace the restored optimizer's values; without them the checkpoint's stay.
+Each run gets its own experiment directory, RESULTS/NNN-MODEL (MODEL with "/" as "-", NNN one more
+than the highest index there, as the published train.py numbers them), made with an exclusive mkdir:
+two runs started at once with the same --results-dir never share one. Checkpoints ({"model", "ema",
+"opt", "args", "step"}, all weights_only-loadable) go to RESULTS/NNN-MODEL/checkpoints/STEP.pt every
+--ckpt-every steps and at the end, written atomically: a kill or a full disk mid-save leaves the
+previous checkpoints as they were, and the temporaries a SIGKILL leaves are removed at the next start.
+--resume takes a checkpoint file, a directory of them (or an experiment or results directory), or
+"auto": the experiment directories of this --model under --results-dir, the newest (highest NNN)
+first, then RESULTS/checkpoints (the layout before experiment directories); a fresh start when there
+is none. It continues from the newest checkpoint that loads and fits the model's config, saying which
+it skipped and why; the resumed run writes its checkpoints into its own new experiment directory.
+--lr / --weight-decay given with --resume replace the restored optimizer's values; without them the
+checkpoint's stay.
 A non-finite loss or gradient stops training before the weights (and the EMA) are touched; the
 last checkpoint written stays the last good one.
 dit_fast.checkpoint.load_checkpoint(model, PATH) reads a checkpoint's EMA weights.
@@ -32,6 +39,7 @@ import argparse
 import copy
 import math
 import os
+import re
 import time
 from pathlib import Path
 
@@ -40,6 +48,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from dit_fast import DiT_models
+from dit_fast.atomic import remove_stale_temporaries
 from dit_fast.checkpoint import (
     UnsafeCheckpointError,
     load_training_checkpoint,
@@ -50,14 +59,28 @@ from dit_fast.data import CHECK_MODES, InvalidShardError, LatentShards
 from dit_fast.diffusion import create_diffusion
 
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+# A learning rate above this is a typo (1e39 for 1e-3.9?): AdamW moves each weight by about lr per step.
+MAX_LR = 1.0
+EXPERIMENT_DIR = re.compile(r"^(\d{3,})-(.+)$")
 # The published optimizer settings; --lr / --weight-decay override them (on --resume: the checkpoint's).
 RECIPE_OPTIMIZER = {"lr": 1e-4, "weight_decay": 0.0}
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="DiT-XL/2", choices=sorted(DiT_models))
-    p.add_argument("--image-size", type=int, default=256, help="pixels; latents are image-size/8 (the SD VAE)")
+    p.add_argument("--image-size", type=_positive_int, default=256,
+                   help="pixels; latents are image-size/8 (the SD VAE)")
     p.add_argument("--num-classes", type=int, default=1000)
     p.add_argument("--depth", type=int, default=None, help="override the config's depth (small test models)")
     p.add_argument("--hidden-size", type=int, default=None, help="override the config's hidden size")
@@ -65,7 +88,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data", default=None, help="directory of latent shards (default: synthetic latents)")
     p.add_argument("--check-data", choices=CHECK_MODES, default="sample",
                    help="finite-value check of --data when opening: a sample of rows per shard, or all rows")
-    p.add_argument("--global-batch-size", type=int, default=256)
+    p.add_argument("--global-batch-size", type=_positive_int, default=256)
     p.add_argument("--lr", type=float, default=None, help="default 1e-4; on --resume: the checkpoint's")
     p.add_argument("--weight-decay", type=float, default=None, help="default 0; on --resume: the checkpoint's")
     p.add_argument("--ema-decay", type=float, default=0.9999)
@@ -78,19 +101,23 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="activation checkpointing: every k-th block (0 = off)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--results-dir", default="results")
-    p.add_argument("--ckpt-every", type=int, default=50_000)
-    p.add_argument("--log-every", type=int, default=100)
+    p.add_argument("--ckpt-every", type=_positive_int, default=50_000)
+    p.add_argument("--log-every", type=_positive_int, default=100)
     p.add_argument("--resume", default=None,
-                   help="a checkpoint .pt, a directory of them (the newest that loads), "
-                        "or 'auto' (RESULTS/checkpoints)")
+                   help="a checkpoint .pt, a directory of them (the newest that loads), an experiment or "
+                        "results directory, or 'auto' (this --model's experiment directories under --results-dir)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
     args = p.parse_args(argv)
-    for name in ("lr", "weight_decay"):
-        value = getattr(args, name)
-        if value is not None and not (math.isfinite(value) and value >= 0):
-            p.error(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
+    if args.lr is not None and not (math.isfinite(args.lr) and 0 < args.lr <= MAX_LR):
+        p.error(f"--lr must be a finite number in (0, {MAX_LR:g}] (the recipe's is 1e-4), got {args.lr}")
+    if args.weight_decay is not None and not (math.isfinite(args.weight_decay) and args.weight_decay >= 0):
+        p.error(f"--weight-decay must be a finite number >= 0, got {args.weight_decay}")
+    if not (math.isfinite(args.ema_decay) and 0 <= args.ema_decay <= 1):
+        p.error(f"--ema-decay must be a number in [0, 1], got {args.ema_decay}")
+    if args.max_steps < 0:
+        p.error(f"--max-steps must be >= 0, got {args.max_steps}")
     return args
 
 
@@ -141,33 +168,77 @@ def open_data(args, model) -> SyntheticLatents | LatentShards:
 # -- checkpoints -----------------------------------------------------------------------------------
 
 
-def find_resume_checkpoint(spec: str, ckpt_dir: Path, device, say) -> tuple[Path, dict] | None:
-    """The checkpoint --resume names: a file, or the newest that loads in a directory ("auto": ckpt_dir)."""
-    path = ckpt_dir if spec == "auto" else Path(spec)
-    if path.is_file():
+def experiment_name(model: str) -> str:
+    """The experiment directory's name after the index: the model name with "/" as "-" (DiT-XL-2)."""
+    return model.replace("/", "-")
+
+
+def create_experiment_dir(results_dir, model: str) -> Path:
+    """A new RESULTS/NNN-MODEL, NNN one more than the highest index there, made with an exclusive mkdir:
+    a run that loses the race for an index (another run made it first) takes the next one."""
+    results = Path(results_dir)
+    results.mkdir(parents=True, exist_ok=True)
+    taken = [int(m[1]) for p in results.iterdir() if p.is_dir() and (m := EXPERIMENT_DIR.match(p.name))]
+    index = max(taken, default=-1) + 1
+    while True:
+        path = results / f"{index:03d}-{experiment_name(model)}"
         try:
-            return path, load_training_checkpoint(path, map_location=device)
-        except (ValueError, UnsafeCheckpointError) as e:
-            raise SystemExit(f"--resume: {e}") from None
-    if not path.is_dir():
-        if spec == "auto":
-            say(f"--resume auto: no checkpoints in {ckpt_dir} yet, starting from step 0")
-            return None
-        raise SystemExit(f"--resume: {spec} is neither a checkpoint file nor a directory")
-    if not any(path.glob("*.pt")) and (path / "checkpoints").is_dir():
-        path = path / "checkpoints"  # a results directory
-    found, ckpt, skipped = newest_training_checkpoint(path, map_location=device)
-    for bad, why in skipped:
-        say(f"--resume: skipping {bad}: {why}")
-    if found is not None:
-        return found, ckpt
-    if spec == "auto":
-        say(f"--resume auto: no loadable checkpoint in {path}, starting from step 0")
+            path.mkdir()
+            return path
+        except FileExistsError:
+            index += 1
+
+
+def experiment_checkpoint_dirs(results_dir, model: str | None) -> list[Path]:
+    """The checkpoint directories under a results directory, newest experiment first: NNN-MODEL/checkpoints
+    (every model when `model` is None), then RESULTS/checkpoints (the layout before experiment directories)."""
+    results = Path(results_dir)
+    found = []
+    if results.is_dir():
+        for p in results.iterdir():
+            m = EXPERIMENT_DIR.match(p.name)
+            if m and p.is_dir() and (model is None or m[2] == experiment_name(model)):
+                found.append((int(m[1]), p / "checkpoints"))
+    return [d for _, d in sorted(found, reverse=True)] + [results / "checkpoints"]
+
+
+def find_resume_checkpoint(spec: str, search, device, say, model=None) -> tuple[Path, dict] | None:
+    """The checkpoint --resume names: a file, or the newest that loads (and fits `model`, when given) in a
+    directory; "auto": in the checkpoint directories `search` (a list, newest first, or one directory)."""
+    dirs = [Path(search)] if isinstance(search, (str, os.PathLike)) else [Path(d) for d in search]
+    if spec != "auto":
+        path = Path(spec)
+        if path.is_file():
+            try:
+                return path, load_training_checkpoint(path, map_location=device, model=model)
+            except (ValueError, UnsafeCheckpointError) as e:
+                raise SystemExit(f"--resume: {e}") from None
+        if not path.is_dir():
+            raise SystemExit(f"--resume: {spec} is neither a checkpoint file nor a directory")
+        if any(path.glob("*.pt")):
+            dirs = [path]
+        elif any(EXPERIMENT_DIR.match(p.name) for p in path.iterdir()):  # a results directory
+            dirs = experiment_checkpoint_dirs(path, None)  # every model's: those of another config are skipped
+        else:  # an experiment directory (or a legacy results directory)
+            dirs = [path / "checkpoints" if (path / "checkpoints").is_dir() else path]
+    existing = [d for d in dirs if d.is_dir()]
+    if spec == "auto" and not existing:
+        say(f"--resume auto: no checkpoints in {', '.join(map(str, dirs))} yet, starting from step 0")
         return None
-    raise SystemExit(f"--resume: no loadable checkpoint (STEP.pt) in {path}")
+    for directory in existing:
+        found, ckpt, skipped = newest_training_checkpoint(directory, map_location=device, model=model)
+        for bad, why in skipped:
+            say(f"--resume: skipping {bad}: {why}")
+        if found is not None:
+            return found, ckpt
+    where = ", ".join(map(str, existing or dirs))
+    if spec == "auto":
+        say(f"--resume auto: no loadable checkpoint in {where}, starting from step 0")
+        return None
+    raise SystemExit(f"--resume: no loadable checkpoint (STEP.pt) in {where}")
 
 
-def resume_on_every_rank(spec: str, ckpt_dir: Path, device, say, rank: int, broadcast, all_ok):
+def resume_on_every_rank(spec: str, search, device, say, rank: int, broadcast, all_ok, model=None):
     """find_resume_checkpoint decided once, by rank 0, and loaded by every rank from that same path.
 
     Ranks that each listed the directory could pick different checkpoints (a file still being copied in,
@@ -177,7 +248,7 @@ def resume_on_every_rank(spec: str, ckpt_dir: Path, device, say, rank: int, broa
     decision, found, why = None, None, ""
     if rank == 0:
         try:
-            found = find_resume_checkpoint(spec, ckpt_dir, device, say)
+            found = find_resume_checkpoint(spec, search, device, say, model)
             decision = ("path", None if found is None else str(found[0]))
         except SystemExit as e:
             decision = ("error", str(e))
@@ -186,7 +257,7 @@ def resume_on_every_rank(spec: str, ckpt_dir: Path, device, say, rank: int, broa
         raise SystemExit(value)
     if rank != 0 and value is not None:
         try:
-            found = Path(value), load_training_checkpoint(Path(value), map_location=device)
+            found = Path(value), load_training_checkpoint(Path(value), map_location=device, model=model)
         except (OSError, ValueError, UnsafeCheckpointError) as e:
             why = f"{type(e).__name__}: {e}"
     if not all_ok(value is None or found is not None):
@@ -293,18 +364,25 @@ def main(argv=None) -> dict:
     optimizer_settings = {name: getattr(args, name) for name in RECIPE_OPTIMIZER}
     opt = torch.optim.AdamW(model.parameters(), **{k: v if v is not None else RECIPE_OPTIMIZER[k]
                                                    for k, v in optimizer_settings.items()})
-    ckpt_dir = Path(args.results_dir) / "checkpoints"
+    if rank == 0:  # temporaries of saves killed mid-write (SIGKILL), whose writer is gone
+        for directory in experiment_checkpoint_dirs(args.results_dir, None):
+            for stale in remove_stale_temporaries(directory):
+                say(f"removed {stale}, left by a save that was killed")
+    search = experiment_checkpoint_dirs(args.results_dir, args.model)
     step = 0
     resumed = None
     if args.resume and world > 1:  # one choice for all ranks (see resume_on_every_rank)
-        resumed = resume_on_every_rank(args.resume, ckpt_dir, device, say, rank, *_collectives(device))
+        resumed = resume_on_every_rank(args.resume, search, device, say, rank, *_collectives(device), model=model)
     elif args.resume:
-        resumed = find_resume_checkpoint(args.resume, ckpt_dir, device, say)
+        resumed = find_resume_checkpoint(args.resume, search, device, say, model)
     if resumed is not None:
         path, ckpt = resumed
-        model.load_state_dict(ckpt["model"])
+        model.load_state_dict(ckpt["model"])  # fits: load_training_checkpoint checked it against the model
         ema.load_state_dict(ckpt["ema"])
-        opt.load_state_dict(ckpt["opt"])  # restores the checkpoint's lr / weight decay ...
+        try:
+            opt.load_state_dict(ckpt["opt"])  # restores the checkpoint's lr / weight decay ...
+        except (ValueError, KeyError, RuntimeError) as e:
+            raise SystemExit(f"--resume: {path}: its optimizer state does not fit this model's: {e}") from None
         step = int(ckpt["step"])
         say(f"resuming from {path} (step {step})")
         for change in apply_optimizer_settings(opt, optimizer_settings):  # ... unless given on the command line
@@ -317,8 +395,12 @@ def main(argv=None) -> dict:
         train_model = torch.compile(train_model)
     diffusion = create_diffusion(timestep_respacing="")  # all 1000 steps, as trained
     amp_dtype = AUTOCAST[args.precision]
-    if rank == 0:
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_dir = None
+    if rank == 0:  # after the resume choice, so that this run's own (empty) directory is never a candidate
+        experiment_dir = create_experiment_dir(args.results_dir, args.model)
+        ckpt_dir = experiment_dir / "checkpoints"
+        ckpt_dir.mkdir()
+        say(f"experiment directory: {experiment_dir}")
         n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
         say(f"{args.model}: {n_params / 1e6:.1f}M params, {world} rank(s) x batch {local_batch}, "
             f"{device}, {args.precision}")
@@ -395,7 +477,8 @@ def main(argv=None) -> dict:
     if world > 1:
         dist.barrier()  # gloo ranks can abort at exit without it
         dist.destroy_process_group()
-    return {"step": step, "losses": losses, "checkpoint": str(saved) if saved else None}
+    return {"step": step, "losses": losses, "checkpoint": str(saved) if saved else None,
+            "experiment_dir": str(ckpt_dir.parent) if ckpt_dir is not None else None}
 
 
 if __name__ == "__main__":

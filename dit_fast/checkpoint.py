@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import os
 import pickle
+import re
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -29,6 +31,7 @@ from dit_fast.atomic import atomic_save, atomic_write
 __all__ = [
     "load_checkpoint", "save_checkpoint", "read_state_dict", "UnsafeCheckpointError", "StateDictMismatchError",
     "torch_save_atomic", "load_training_checkpoint", "newest_training_checkpoint", "TRAINING_CHECKPOINT_KEYS",
+    "CheckpointFileError", "mismatch_report",
 ]
 
 # Prefixes that wrappers add to every key: DistributedDataParallel, torch.compile.
@@ -46,6 +49,11 @@ class UnsafeCheckpointError(pickle.UnpicklingError):
 
 class StateDictMismatchError(RuntimeError):
     """A state_dict's keys or shapes do not match the model's."""
+
+
+class CheckpointFileError(ValueError):
+    """The file is not a checkpoint dit_fast can read (empty, text, another format than its name says,
+    truncated); the message names the file and what it holds instead."""
 
 
 def read_state_dict(path_or_state_dict, *, key: str | None = None, map_location="cpu") -> dict[str, torch.Tensor]:
@@ -95,13 +103,7 @@ def load_checkpoint(
     wrapper, model = model, _unwrap_model(model)
 
     expected = model.state_dict()
-    missing = [k for k in expected if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in expected]
-    mismatched = [
-        (k, tuple(expected[k].shape), tuple(v.shape))
-        for k, v in state_dict.items()
-        if k in expected and tuple(v.shape) != tuple(expected[k].shape)
-    ]
+    missing, unexpected, mismatched = _key_problems(expected, state_dict)
     if mismatched or (strict and (missing or unexpected)):
         raise StateDictMismatchError(
             f"state_dict does not match {type(model).__name__}:\n"
@@ -115,6 +117,15 @@ def load_checkpoint(
     on_meta = any(t.is_meta for t in expected.values())
     model.load_state_dict(state_dict, strict=strict, assign=on_meta)
     return wrapper
+
+
+def mismatch_report(model: nn.Module, state_dict: Mapping) -> str:
+    """"" when `state_dict` loads strictly into `model` (keys and shapes), else the problems with a hint."""
+    model = _unwrap_model(model)
+    missing, unexpected, mismatched = _key_problems(model.state_dict(), _strip_wrapper_prefixes(state_dict))
+    if not (missing or unexpected or mismatched):
+        return ""
+    return format_key_problems(missing, unexpected, mismatched)
 
 
 def save_checkpoint(model: nn.Module, path) -> None:
@@ -140,16 +151,17 @@ def torch_save_atomic(obj, path) -> None:
         torch.save(obj, f)
 
 
-def load_training_checkpoint(path, *, map_location="cpu") -> dict:
+def load_training_checkpoint(path, *, map_location="cpu", model: nn.Module | None = None) -> dict:
     """A training checkpoint (benchmarks/train.py's {"model", "ema", "opt", "args", "step"}), read weights_only.
 
     Raises FileNotFoundError, UnsafeCheckpointError, or ValueError naming the file when it is
-    truncated, unreadable or lacks one of TRAINING_CHECKPOINT_KEYS.
+    truncated, unreadable or lacks one of TRAINING_CHECKPOINT_KEYS; with `model`, also when its
+    "model" or "ema" weights do not fit that model (another config: the message says which dimension).
     """
     path = os.fspath(path)
     try:
         obj = _read_file(path, map_location)
-    except (UnsafeCheckpointError, FileNotFoundError):
+    except (UnsafeCheckpointError, FileNotFoundError, CheckpointFileError):
         raise
     except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as e:
         raise ValueError(f"{path!r} is not a readable checkpoint (truncated or corrupt?): {_first_line(e)}") from None
@@ -161,18 +173,23 @@ def load_training_checkpoint(path, *, map_location="cpu") -> dict:
             f"{path!r} is not a training checkpoint: it lacks {', '.join(missing)} "
             f"(its top-level keys are {_listing([str(k) for k in obj], MAX_LISTED_KEYS)})"
         )
+    if model is not None:
+        for key in ("model", "ema"):
+            problems = mismatch_report(model, obj[key]) if isinstance(obj[key], Mapping) else "  not a dict"
+            if problems:
+                raise ValueError(f"{path!r} holds {key!r} weights of another model config:\n{problems}")
     return dict(obj)
 
 
 def newest_training_checkpoint(
-    directory, *, map_location="cpu"
+    directory, *, map_location="cpu", model: nn.Module | None = None
 ) -> tuple[Path | None, dict | None, list[tuple[Path, str]]]:
     """The newest checkpoint in `directory` that loads: (path, checkpoint, skipped).
 
     Candidates are train.py's STEP.pt files, newest (highest step) first; each one that does not
     load (truncated by a kill or a full disk before saves were atomic, not a training checkpoint,
-    refused as unsafe) is skipped and listed in `skipped` as (path, why). (None, None, skipped) when
-    none loads.
+    refused as unsafe, with `model`: weights of another config) is skipped and listed in `skipped` as
+    (path, why). (None, None, skipped) when none loads.
     """
     candidates = sorted(
         (p for p in Path(directory).glob("*.pt") if p.stem.isdigit()), key=lambda p: int(p.stem), reverse=True
@@ -180,7 +197,7 @@ def newest_training_checkpoint(
     skipped = []
     for path in candidates:
         try:
-            return path, load_training_checkpoint(path, map_location=map_location), skipped
+            return path, load_training_checkpoint(path, map_location=map_location, model=model), skipped
         except (ValueError, UnsafeCheckpointError) as e:
             skipped.append((path, str(e)))
     return None, None, skipped
@@ -217,16 +234,37 @@ def _unwrap_model(model: nn.Module) -> nn.Module:
 
 
 def _read_file(path: str, map_location):
+    if os.path.isdir(path):
+        raise CheckpointFileError(_directory_message(path))
     if not os.path.isfile(path):
         raise FileNotFoundError(f"path_or_state_dict: no such file {path!r}")
-    if path.endswith(".safetensors"):
+    fmt = _sniff(path)
+    named = "safetensors" if path.endswith(".safetensors") else "torch"
+    if fmt in ("torch", "safetensors") and fmt != named:
+        rename = ".safetensors" if fmt == "safetensors" else ".pt"
+        raise CheckpointFileError(
+            f"{path!r} holds a {FORMAT_NAMES[fmt]} but its name says {FORMAT_NAMES[named]}: rename it to end in "
+            f"{rename} (the name picks the reader; nothing is guessed)"
+        )
+    if fmt not in ("torch", "safetensors"):
+        raise CheckpointFileError(fmt)  # _sniff's description of what the file is instead
+    if fmt == "safetensors":
         from safetensors.torch import load_file
 
         device = map_location if isinstance(map_location, str) else str(torch.device(map_location))
-        return load_file(path, device=device)
+        try:
+            return load_file(path, device=device)
+        except Exception as e:  # safetensors_rust.SafetensorError is no subclass of anything more specific
+            raise CheckpointFileError(
+                f"{path!r} is not a readable safetensors file (truncated or corrupt?): {_first_line(e)}"
+            ) from None
     try:
         with _allow_namespace():
             return torch.load(path, map_location=map_location, weights_only=True)
+    except (RuntimeError, EOFError) as e:
+        raise CheckpointFileError(
+            f"{path!r} is not a readable checkpoint (truncated or corrupt?): {_first_line(e)}"
+        ) from None
     except pickle.UnpicklingError as e:
         reason = str(e).strip().splitlines()
         raise UnsafeCheckpointError(
@@ -235,6 +273,51 @@ def _read_file(path: str, map_location):
             "(torch.save(model.state_dict(), ...)) from a source you trust."
             + (f" torch.load said: {reason[0]}" if reason else "")
         ) from None
+
+
+FORMAT_NAMES = {"torch": "torch.save file (.pt/.pth)", "safetensors": "safetensors file (.safetensors)"}
+ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format since torch 1.6
+PICKLE_PROTO = b"\x80"  # a pickle stream of protocol >= 2: torch.save's legacy format
+
+
+def _sniff(path: str) -> str:
+    """"torch" or "safetensors" from the file's first bytes, else a sentence saying what the file is."""
+    size = os.path.getsize(path)
+    if size == 0:
+        return (f"{path!r} is empty (0 bytes), expected a checkpoint: an interrupted download or copy, or a save "
+                "on a full disk?")
+    with open(path, "rb") as f:
+        head = f.read(256)
+    if head.startswith(ZIP_MAGIC) or head.startswith(PICKLE_PROTO):
+        return "torch"
+    # safetensors: an 8-byte little-endian header length, then the JSON header.
+    if len(head) > 8 and head[8:9] == b"{" and 8 + int.from_bytes(head[:8], "little") <= size:
+        return "safetensors"
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        text = None
+    if text is not None and all(c.isprintable() or c in "\r\n\t" for c in text):
+        first = text.strip().splitlines()[0][:80] if text.strip() else ""
+        why = ""
+        if text.startswith("version https://git-lfs"):
+            why = " (a Git LFS pointer: fetch the real file with `git lfs pull`)"
+        elif text.lstrip().lower().startswith(("<!doctype", "<html")):
+            why = " (an HTML page: a failed download?)"
+        return f"{path!r} is a text file, not a checkpoint{why}; it starts with {first!r}"
+    return (f"{path!r} is neither a torch.save file (zip or pickle) nor a safetensors file "
+            f"(it starts with bytes {head[:8].hex(' ')})")
+
+
+def _directory_message(path: str) -> str:
+    names = set(os.listdir(path))
+    if "config.json" in names and any(n.startswith("diffusion_pytorch_model") for n in names):
+        return (
+            f"{path!r} is a directory: a diffusers model folder. Load it with diffusers' "
+            "DiTTransformer2DModel.from_pretrained and convert with dit_fast.convert_diffusers.dit_from_diffusers, "
+            "or pass its diffusion_pytorch_model.safetensors to dit_fast.convert_diffusers.from_diffusers"
+        )
+    return f"{path!r} is a directory, expected a checkpoint file (.pt, .pth or .safetensors)"
 
 
 def _allow_namespace():
@@ -267,6 +350,17 @@ def _unwrap(obj, key: str | None) -> Mapping:
     if not _is_tensor_dict(weights):
         raise ValueError(f"checkpoint[{key!r}] must be a non-empty dict of tensors, got {type(weights).__name__}")
     return weights
+
+
+def _key_problems(expected: Mapping, state_dict: Mapping):
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    mismatched = [
+        (k, tuple(expected[k].shape), tuple(v.shape))
+        for k, v in state_dict.items()
+        if k in expected and isinstance(v, torch.Tensor) and tuple(v.shape) != tuple(expected[k].shape)
+    ]
+    return missing, unexpected, mismatched
 
 
 def _strip_wrapper_prefixes(state_dict: Mapping) -> dict:
@@ -313,11 +407,50 @@ def _hint(missing, unexpected, mismatched) -> str:
             "this looks like a diffusers DiTTransformer2DModel state_dict: convert it with "
             "dit_fast.convert_diffusers.from_diffusers first"
         )
-    if any(name == "pos_embed" for name, _, _ in mismatched):
-        return "pos_embed's shape fixes the input size: build the model with the checkpoint's input_size"
+    dims = _dimension_differences(missing, unexpected, mismatched)
+    if dims:
+        return ("the checkpoint was made for another config: " + "; ".join(dims)
+                + ". Build the model with the checkpoint's values")
     if missing == ["pos_embed"]:
         return (
             "pos_embed (the fixed 2D sin-cos table) is part of official checkpoints; pass strict=False "
             "to keep the model's own table"
         )
     return ""
+
+
+_BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.")
+
+
+def _dimension_differences(missing, unexpected, mismatched) -> list[str]:
+    """Which DiT dimensions differ, read off the shapes: ["hidden size: checkpoint 384, model 32", ...]."""
+    model_shape = {name: want for name, want, _ in mismatched}
+    ckpt_shape = {name: got for name, _, got in mismatched}
+    out = []
+
+    def differ(what, name, index, convert=lambda v, shapes: v):
+        if name in model_shape and len(model_shape[name]) > index and len(ckpt_shape[name]) > index:
+            mine = convert(model_shape[name][index], model_shape)
+            theirs = convert(ckpt_shape[name][index], ckpt_shape)
+            if mine != theirs and what not in {o.split(":")[0] for o in out}:
+                out.append(f"{what}: checkpoint {theirs}, model {mine} ({name})")
+
+    differ("hidden size", "x_embedder.proj.weight", 0)
+    differ("hidden size", "pos_embed", 2)
+    differ("in_channels", "x_embedder.proj.weight", 1)
+    differ("patch size", "x_embedder.proj.weight", 2)
+
+    def grid(tokens, shapes):  # pos_embed has (input_size / patch size)^2 rows
+        root = math.isqrt(tokens)
+        return f"{root}x{root} patches" if root * root == tokens else f"{tokens} tokens"
+
+    differ("input_size", "pos_embed", 1, grid)
+    differ("num_classes (+1 null class)", "y_embedder.embedding_table.weight", 0)
+    differ("output channels x patch^2 (learn_sigma)", "final_layer.linear.weight", 0)
+    ckpt_blocks = {int(m[1]) for k in unexpected if (m := _BLOCK_KEY.match(k))}
+    model_blocks = {int(m[1]) for k in missing if (m := _BLOCK_KEY.match(k))}
+    if ckpt_blocks and not model_blocks:
+        out.append(f"depth: checkpoint {max(ckpt_blocks) + 1}, model {min(ckpt_blocks)}")
+    elif model_blocks and not ckpt_blocks:
+        out.append(f"depth: checkpoint {min(model_blocks)}, model {max(model_blocks) + 1}")
+    return out

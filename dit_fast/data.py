@@ -149,7 +149,8 @@ def _read_pt_shard(path: Path) -> Shard:
     if not (isinstance(obj, dict) and all(isinstance(obj.get(k), torch.Tensor) for k in ("latents", "labels"))):
         got = f"a dict with keys {sorted(map(str, obj))}" if isinstance(obj, dict) else type(obj).__name__
         raise InvalidShardError(f'{path}: expected a dict {{"latents": tensor, "labels": tensor}}, got {got}')
-    latents, labels = obj["latents"], obj["labels"]
+    # A shard saved from a tensor that required grad keeps the flag: the rows are data, not a graph.
+    latents, labels = obj["latents"].detach(), obj["labels"].detach()
     if not latents.is_floating_point():
         raise InvalidShardError(f"{path}: latents must be floating point, got {latents.dtype}")
     if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 import torch
@@ -62,6 +63,26 @@ def _gelu_epilogue_verdicts() -> dict:
     return out
 
 
+def _backend_env() -> str | None:
+    from .backends import ENV_VAR
+
+    return os.environ.get(ENV_VAR) or None
+
+
+def _backend_env_error() -> str:
+    """"" when DIT_FAST_BACKEND is unset or names a backend, else the error a forward would raise."""
+    from .backends import ENV_VAR, check_backend_name
+
+    value = os.environ.get(ENV_VAR, "")
+    if not value:
+        return ""
+    try:
+        check_backend_name(value, ENV_VAR)
+    except ValueError as e:
+        return f"{e} (unset it or pick one)"
+    return ""
+
+
 def collect() -> dict:
     """Everything info prints, as a dict (also stored in benchmark results)."""
     from .backends import CAPABILITIES, probe, report
@@ -74,6 +95,7 @@ def collect() -> dict:
         "flash_attn": _version("flash_attn"),
         "dit_fast": _version("dit_fast"),
         "cuda_available": torch.cuda.is_available(),
+        "backend_env": _backend_env(),
     }
     if torch.cuda.is_available():
         p = torch.cuda.get_device_properties(0)
@@ -105,6 +127,10 @@ def main(argv=None) -> int:
     parser.add_argument("--json", action="store_true", help="print the record as JSON")
     parser.add_argument("--head-dim", type=int, default=72, help="attention head dim to report for (DiT-XL: 72)")
     args = parser.parse_args(argv)
+    env_error = _backend_env_error()
+    if env_error:  # every forward would refuse it: say so instead of reporting a setup that cannot run
+        print(f"dit-fast info: {env_error}", file=sys.stderr)
+        return 2
     info = collect()
     if args.json:
         import json
@@ -128,6 +154,8 @@ def main(argv=None) -> int:
     for dtype, (ok, why) in info.get("gelu_epilogue", {}).items():
         print(f"fc1 GELU in cuBLASLt's epilogue (inference, {dtype}): {'taken' if ok else 'not used'} - {why}")
     print(f"fc1 GEMM on the Triton backend (DIT_FAST_FC1_GEMM): {info['fc1_gemm']}")
+    if info["backend_env"]:
+        print(f"DIT_FAST_BACKEND={info['backend_env']}: backend 'auto' runs this family (where it can)")
     print("\nCapability table (dit_fast/backends.py; every backend takes float16/bfloat16/float32):")
     for c in info["capabilities"]:
         limits = ("float64" if c["float64"] else "no float64") + (f", D <= {c['max_d']}" if c["max_d"] else "")

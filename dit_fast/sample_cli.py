@@ -9,19 +9,28 @@ OUT/shards/batch_JJJJJJ.npz. A rerun with the same arguments skips the batches a
 (resume). When every batch exists, rank 0 writes OUT/samples.npz (arr_0: uint8 [N, H, W, 3], the
 layout of the ADM / guided-diffusion FID suite; labels: [N]) and OUT/grid.png. With --vae none the
 latents are kept: OUT/latents.npz (arr_0: float32 [N, C, h, w]).
+
+A resumed run must be the same run. OUT/run.json (written once the VAE and the weights have loaded)
+records the settings and the SHA-256 of the --ckpt file's content; a rerun whose settings or weights
+differ (the checkpoint at the same path was replaced) is refused, naming both. Each shard records
+the run's id and its batch index; a shard that does not hold its batch of this run (truncated, the
+wrong row count, shape, dtype or labels, another run's) is sampled again, saying why, and the merge
+reads every shard in full before writing the result.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
 import json
 import math
 import os
+import zipfile
 
 import numpy as np
 import torch
 
-from .atomic import atomic_write, write_text
+from .atomic import atomic_write, remove_stale_temporaries, write_text
 
 # The labels of the published sample.py (a demo grid).
 DEMO_LABELS = (207, 360, 387, 974, 88, 979, 417, 279)
@@ -45,6 +54,23 @@ def _positive(text: str) -> int:
     return v
 
 
+def _finite(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text}")
+    return v
+
+
+def _non_negative_finite(text: str) -> float:
+    v = _finite(text)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text}")
+    return v
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from .reference import CONFIGS
 
@@ -54,10 +80,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     w.add_argument("--ckpt", default=None,
                    help="weights: .pt (official, or a training checkpoint's EMA) or .safetensors")
     w.add_argument("--random-init", action="store_true", help="random weights (a demo; the samples are noise-like)")
-    p.add_argument("--image-size", type=int, default=256, help="pixels; latents are image-size / the VAE's factor (8)")
+    p.add_argument("--image-size", type=_positive, default=256,
+                   help="pixels; latents are image-size / the VAE's factor (8)")
     p.add_argument("--num-classes", type=_positive, default=1000)
     p.add_argument("--num-steps", type=_positive, default=250, help="sampling steps (respaced from 1000)")
-    p.add_argument("--cfg-scale", type=float, default=4.0, help="classifier-free guidance; <= 1 turns it off")
+    p.add_argument("--cfg-scale", type=_finite, default=4.0, help="classifier-free guidance; <= 1 turns it off")
     p.add_argument("--guide-all-channels", action="store_true", help="guide all latent channels (published: 3)")
     p.add_argument("--class-labels", type=_labels_arg, default=None,
                    help="comma list, repeated to --num-samples (default: the published demo labels, or uniform "
@@ -66,7 +93,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=_positive, default=32, help="samples per batch (the CFG batch is twice this)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddpm")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
+    p.add_argument("--eta", type=_non_negative_finite, default=0.0, help="DDIM eta (>= 0; 0: deterministic)")
     p.add_argument("--vae", default="ema",
                    help="diffusers AutoencoderKL: a local directory, a Hugging Face cache name, 'ema'/'mse' "
                         "(stabilityai/sd-vae-ft-*), or 'none' to keep latents; never downloaded")
@@ -172,7 +199,7 @@ def all_labels(args) -> np.ndarray:
 
 
 def build_model(args, latent_size: int, device):
-    from .checkpoint import load_checkpoint
+    from .checkpoint import StateDictMismatchError, UnsafeCheckpointError, load_checkpoint
     from .models import DiT
     from .reference import CONFIGS
     from .testing import randomize_weights_
@@ -181,22 +208,73 @@ def build_model(args, latent_size: int, device):
     model = DiT(input_size=latent_size, patch_size=patch, num_classes=args.num_classes, backend=args.backend,
                 depth=args.depth or depth, hidden_size=args.hidden_size or hidden, num_heads=args.num_heads or heads)
     if args.ckpt:
-        load_checkpoint(model, args.ckpt)
+        try:
+            load_checkpoint(model, args.ckpt)
+        except StateDictMismatchError as e:
+            raise SystemExit(
+                f"--ckpt {args.ckpt} does not fit --model {args.model} (image size {args.image_size}, "
+                f"{args.num_classes} classes, with the --depth/--hidden-size overrides given): {e}"
+            ) from None
+        except (FileNotFoundError, ValueError, KeyError, TypeError, UnsafeCheckpointError) as e:
+            raise SystemExit(f"--ckpt: {e}") from None
     else:
         randomize_weights_(model, torch.Generator().manual_seed(args.seed))
     return model.to(device).eval()
 
 
-def _run_config(args, labels) -> dict:
+def checkpoint_identity(path: str) -> tuple[str, tuple]:
+    """(SHA-256 of the file's bytes, its (inode, size, mtime)): what the shards were sampled with.
+
+    One pass over the file (about a second per GB); the stat tuple lets the caller check afterwards
+    that the file it loaded is the one it hashed (an atomic replace makes a new inode)."""
+    from .checkpoint import read_state_dict
+
+    if not os.path.isfile(path):
+        try:
+            read_state_dict(path)  # its own clear message: no such file, a directory, ...
+        except (FileNotFoundError, ValueError) as e:
+            raise SystemExit(f"--ckpt: {e}") from None
+        raise SystemExit(f"--ckpt: {path!r} is not a regular file")
+    before = _stat_key(path)
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest(), before
+
+
+def _stat_key(path: str) -> tuple:
+    st = os.stat(path)
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _run_config(args, labels, ckpt_sha256: str | None) -> dict:
     keys = ("model", "ckpt", "random_init", "image_size", "num_classes", "num_steps", "cfg_scale",
             "guide_all_channels", "batch_size", "seed", "sampler", "eta", "vae", "depth", "hidden_size", "num_heads")
-    return {k: getattr(args, k) for k in keys} | {"labels_sha": _digest(labels)}
+    return {k: getattr(args, k) for k in keys} | {"labels_sha": _digest(labels), "ckpt_sha256": ckpt_sha256}
+
+
+def _run_id(config: dict) -> str:
+    """Names the run in every shard it writes: a digest of its settings, the weights' hash included."""
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _digest(a: np.ndarray) -> str:
-    import hashlib
-
     return hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()[:16]
+
+
+def _refuse_other_run(out: str, old: dict, config: dict) -> None:
+    diff = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
+    if not diff:
+        return
+    if diff == ["ckpt_sha256"] and old.get("ckpt_sha256") and config.get("ckpt_sha256"):
+        raise SystemExit(
+            f"--out {out} holds shards sampled from {old.get('ckpt')} with content sha256 "
+            f"{old['ckpt_sha256'][:16]}..., but --ckpt {config['ckpt']} now holds other weights (sha256 "
+            f"{config['ckpt_sha256'][:16]}...): the checkpoint was replaced since. Resuming would mix samples of "
+            "two models; use a fresh --out (or put the original checkpoint back)"
+        )
+    raise SystemExit(f"--out {out} holds a run with other settings ({', '.join(diff)}); use another --out")
 
 
 # ----------------------------------------------------------------------------------------------- run
@@ -216,45 +294,65 @@ def run(args) -> int:
     out = os.path.abspath(args.out)
     shard_dir = os.path.join(out, "shards")
     os.makedirs(shard_dir, exist_ok=True)
+    for directory in (out, shard_dir):  # temporaries of writes killed mid-way (SIGKILL), whose writer is gone
+        remove_stale_temporaries(directory)
     labels = all_labels(args)
     if ((labels < 0) | (labels >= args.num_classes)).any():
         raise SystemExit(f"--class-labels must lie in [0, {args.num_classes - 1}], got {sorted(set(labels.tolist()))}")
 
-    # A resumed run must be the same run: refuse to mix shards of different settings.
-    config = _run_config(args, labels)
+    # A resumed run must be the same run: refuse to mix shards of different settings or weights.
+    ckpt_sha256, ckpt_stat = checkpoint_identity(args.ckpt) if args.ckpt else (None, None)
+    config = _run_config(args, labels, ckpt_sha256)
     config_path = os.path.join(out, "run.json")
     if os.path.exists(config_path):
         with open(config_path) as f:
-            old = json.load(f)
-        if old != json.loads(json.dumps(config)):
-            diff = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
-            raise SystemExit(f"--out {out} holds a run with other settings ({', '.join(diff)}); use another --out")
-    elif rank == 0:
-        write_text(config_path, json.dumps(config, indent=1) + "\n")
+            _refuse_other_run(out, json.load(f), json.loads(json.dumps(config)))
 
     vae = load_vae(args.vae, device)
     factor = vae_factor(vae)
     if args.image_size % factor:
         raise SystemExit(f"--image-size must be a multiple of the VAE's factor {factor}, got {args.image_size}")
-    model = build_model(args, args.image_size // factor, device)
+    latent_size = args.image_size // factor
+    model = build_model(args, latent_size, device)
+    if args.ckpt and _stat_key(args.ckpt) != ckpt_stat:
+        raise SystemExit(f"--ckpt {args.ckpt} changed while it was being read (replaced by a training run?); rerun")
+    # Only now, with the VAE and the weights loaded, is this a run: a failed start records nothing.
+    if rank == 0 and not os.path.exists(config_path):
+        write_text(config_path, json.dumps(config, indent=1) + "\n")
 
+    expected = _ShardSpec(
+        run_id=_run_id(config), labels=labels, batch_size=args.batch_size,
+        row_shape=(model.in_channels, latent_size, latent_size) if vae is None else (args.image_size,) * 2 + (3,),
+        dtype=np.dtype(np.float32) if vae is None else np.dtype(np.uint8),
+    )
     n_batches = math.ceil(len(labels) / args.batch_size)
     mine = [j for j in range(rank, n_batches, world)]
-    todo = [j for j in mine if not os.path.exists(_shard_path(shard_dir, j))]
+    todo = []
+    for j in mine:
+        path = _shard_path(shard_dir, j)
+        if not os.path.exists(path):
+            todo.append(j)
+            continue
+        problem = expected.problem(path, j)
+        if problem:
+            print(f"{path}: {problem}; sampling batch {j} again")
+            todo.append(j)
     bar = None
     if rank == 0 and not args.no_progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc=f"batches (rank 0 of {world})")
     for j in todo:
-        y = labels[j * args.batch_size: (j + 1) * args.batch_size]
+        y = expected.batch_labels(j)
         gen = torch.Generator(device).manual_seed(args.seed + j)
         with torch.inference_mode():
             z = sample(model, torch.from_numpy(y), num_steps=args.num_steps, cfg_scale=args.cfg_scale,
                        sampler=args.sampler, generator=gen, cuda_graph=not args.no_cuda_graph, eta=args.eta,
-                       guide_all_channels=args.guide_all_channels, backend=args.backend)
+                       guide_all_channels=args.guide_all_channels, backend=args.backend,
+                       cfg_mode="above_one")  # sample_ddp.py: cfg_scale <= 1 turns guidance off
             arr = z.float().cpu().numpy() if vae is None else decode_to_uint8(vae, z)
-        _save_npz(_shard_path(shard_dir, j), arr_0=arr, labels=y)
+        _save_npz(_shard_path(shard_dir, j), arr_0=arr, labels=y, run_id=np.array(expected.run_id),
+                  batch=np.array(j, dtype=np.int64))
         if bar is not None:
             bar.update()
     if bar is not None:
@@ -262,24 +360,94 @@ def run(args) -> int:
 
     _barrier(world)
     if rank == 0:
-        _merge(out, shard_dir, n_batches, vae is None, args.grid_size)
+        _merge(out, shard_dir, n_batches, vae is None, args.grid_size, expected)
     _barrier(world)
     return 0
+
+
+class _ShardSpec:
+    """What shard j of this run must hold: run_id, batch j, the batch's labels, its rows' shape and dtype."""
+
+    def __init__(self, run_id: str, labels: np.ndarray, batch_size: int, row_shape: tuple, dtype: np.dtype):
+        self.run_id, self.labels, self.batch_size = run_id, labels, batch_size
+        self.row_shape, self.dtype = tuple(row_shape), dtype
+
+    def batch_labels(self, j: int) -> np.ndarray:
+        return self.labels[j * self.batch_size: (j + 1) * self.batch_size]
+
+    def problem(self, path: str, j: int) -> str:
+        """"" when the shard holds batch j of this run, else what is wrong; reads only the headers and
+        the small arrays (a truncated file fails there: a zip's directory is at its end)."""
+        return self.read(path, j, full=False)[0]
+
+    def read(self, path: str, j: int, full: bool = True) -> tuple[str, np.ndarray | None, np.ndarray | None]:
+        """(problem, samples, labels): problem "" when the shard holds batch j of this run; full=True
+        reads the samples too, which checks every member's CRC."""
+        arr = None
+        try:
+            with zipfile.ZipFile(path) as zf:
+                names = set(zf.namelist())
+                missing = [n for n in ("arr_0", "labels", "run_id", "batch") if f"{n}.npy" not in names]
+                if missing:
+                    return f"lacks {', '.join(missing)} (written by another run or an older version)", None, None
+                small = {n: _read_member(zf, n) for n in ("labels", "run_id", "batch")}
+                if full:
+                    arr = _read_member(zf, "arr_0")
+                    shape, dtype = arr.shape, arr.dtype
+                else:
+                    shape, dtype = _member_header(zf, "arr_0")
+        except (zipfile.BadZipFile, OSError, ValueError, EOFError, KeyError) as e:
+            return f"unreadable (truncated or corrupt?): {type(e).__name__}: {e}", None, None
+        why = self._mismatch(small, shape, dtype, j)
+        return why, (None if why else arr), (None if why else small["labels"])
+
+    def _mismatch(self, small: dict, shape: tuple, dtype: np.dtype, j: int) -> str:
+        if str(small["run_id"]) != self.run_id:
+            return f"belongs to another run (run id {small['run_id']}, this run's is {self.run_id})"
+        if small["batch"].shape != () or int(small["batch"]) != j:
+            return f"holds batch {small['batch'].tolist()}, expected batch {j}"
+        want_labels = self.batch_labels(j)
+        want_shape = (len(want_labels), *self.row_shape)
+        if tuple(shape) != want_shape or dtype != self.dtype:
+            return f"holds {self.dtype.name if dtype == self.dtype else dtype} {list(shape)}, " \
+                   f"expected {self.dtype.name} {list(want_shape)}"
+        if not np.array_equal(small["labels"], want_labels):
+            return f"holds labels {small['labels'].tolist()[:8]}..., expected {want_labels.tolist()[:8]}..."
+        return ""
+
+
+def _read_member(zf: zipfile.ZipFile, name: str) -> np.ndarray:
+    with zf.open(f"{name}.npy") as f:
+        return np.lib.format.read_array(f, allow_pickle=False)
+
+
+def _member_header(zf: zipfile.ZipFile, name: str) -> tuple[tuple, np.dtype]:
+    readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+    with zf.open(f"{name}.npy") as f:
+        version = np.lib.format.read_magic(f)
+        if version not in readers:
+            raise ValueError(f"{name}.npy has .npy format version {version}, expected 1.0 or 2.0")
+        shape, _, dtype = readers[version](f)
+    return shape, dtype
 
 
 def _shard_path(shard_dir: str, j: int) -> str:
     return os.path.join(shard_dir, f"batch_{j:06d}.npz")
 
 
-def _merge(out: str, shard_dir: str, n_batches: int, latents: bool, grid_size: int) -> None:
+def _merge(out: str, shard_dir: str, n_batches: int, latents: bool, grid_size: int, expected: _ShardSpec) -> None:
     missing = [j for j in range(n_batches) if not os.path.exists(_shard_path(shard_dir, j))]
     if missing:
         raise SystemExit(f"{len(missing)} of {n_batches} batches are missing (first: {missing[0]}); rerun to resume")
     arrays, labels = [], []
     for j in range(n_batches):
-        with np.load(_shard_path(shard_dir, j), allow_pickle=False) as z:
-            arrays.append(z["arr_0"])
-            labels.append(z["labels"])
+        path = _shard_path(shard_dir, j)
+        problem, arr, lab = expected.read(path, j)
+        if problem:
+            os.unlink(path)  # ours, and wrong: the rerun samples this batch again
+            raise SystemExit(f"{path}: {problem}; removed it, rerun to sample batch {j} again")
+        arrays.append(arr)
+        labels.append(lab)
     arr, lab = np.concatenate(arrays), np.concatenate(labels)
     _save_npz(os.path.join(out, "latents.npz" if latents else "samples.npz"), arr_0=arr, labels=lab)
     if not latents and grid_size > 0:

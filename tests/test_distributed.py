@@ -83,4 +83,5 @@ def test_train_script_resumes_every_rank_from_one_checkpoint(tmp_path):
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
         assert proc.returncode == 0, f"{extra}: torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     assert "(step 2)" in proc.stdout and "resuming from" in proc.stdout, proc.stdout[-2000:]
-    assert torch.load(tmp_path / "run" / "checkpoints" / "0000003.pt", weights_only=True)["step"] == 3
+    # Each run gets its own experiment directory (000: the first run, 001: the resumed one).
+    assert torch.load(tmp_path / "run" / "001-DiT-S-2" / "checkpoints" / "0000003.pt", weights_only=True)["step"] == 3

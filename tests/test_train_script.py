@@ -5,6 +5,7 @@ loss, and the loss as one replaceable function.
 import errno
 import importlib.util
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -32,8 +33,13 @@ def train():
     return module
 
 
-def _ckpts(results) -> list[str]:
-    return sorted(p.name for p in (Path(results) / "checkpoints").iterdir())
+def _exp(results, index=0) -> Path:
+    """The run's experiment directory: RESULTS/NNN-DiT-S-2, one per run."""
+    return Path(results) / f"{index:03d}-DiT-S-2"
+
+
+def _ckpts(results, index=0) -> list[str]:
+    return sorted(p.name for p in (_exp(results, index) / "checkpoints").iterdir())
 
 
 def _load(path):
@@ -47,12 +53,13 @@ def test_saves_and_resumes(tmp_path, train):
     common = TINY + ["--ckpt-every", "2", "--lr", "1e-3"]
     straight = train.main(common + ["--max-steps", "3", "--results-dir", str(tmp_path / "a")])
     assert straight["step"] == 3 and len(straight["losses"]) == 3
-    first = tmp_path / "a" / "checkpoints" / "0000002.pt"
+    assert straight["experiment_dir"] == str(_exp(tmp_path / "a"))
+    first = _exp(tmp_path / "a") / "checkpoints" / "0000002.pt"
     resumed = train.main(common + ["--max-steps", "3", "--results-dir", str(tmp_path / "b"), "--resume", str(first)])
     assert resumed["step"] == 3 and len(resumed["losses"]) == 1
     assert resumed["losses"][0] == straight["losses"][2], "a resumed run repeats the uninterrupted one"
 
-    a = _load(tmp_path / "a" / "checkpoints" / "0000003.pt")
+    a = _load(_exp(tmp_path / "a") / "checkpoints" / "0000003.pt")
     b = _load(resumed["checkpoint"])
     assert set(a) == {"model", "ema", "opt", "args", "step"} and a["step"] == 3
     assert a["args"]["lr"] == 1e-3 and a["args"]["model"] == "DiT-S/2"
@@ -68,7 +75,7 @@ def test_saves_and_resumes(tmp_path, train):
     from dit_fast.checkpoint import load_checkpoint
 
     model = train.build_model(train.parse_args(common), "cpu")
-    load_checkpoint(model, tmp_path / "a" / "checkpoints" / "0000003.pt", key="ema")
+    load_checkpoint(model, _exp(tmp_path / "a") / "checkpoints" / "0000003.pt", key="ema")
     torch.testing.assert_close(model.state_dict()[w], a["ema"][w], rtol=0, atol=0)
 
 
@@ -95,35 +102,39 @@ def test_a_failed_checkpoint_save_keeps_the_previous_one(tmp_path, train, monkey
     results = tmp_path / "run"
     args = TINY + ["--ckpt-every", "1", "--max-steps", "2", "--results-dir", str(results)]
     train.main(args)
-    good = _load(results / "checkpoints" / "0000002.pt")
-    _fail_on_nth_save(monkeypatch, 2, error)  # the same run again, failing while it writes 0000002.pt over the old one
+    good = _load(_exp(results) / "checkpoints" / "0000002.pt")
+    _fail_on_nth_save(monkeypatch, 2, error)  # the same run again (its own directory), failing mid-save of 0000002.pt
     with pytest.raises(type(error)) as e:
         train.main(args)
-    assert e.value is error, "the original error surfaces"
+    assert e.value is error or e.value.__cause__ is error, "the original error surfaces (as the cause of a full disk)"
     monkeypatch.undo()
-    assert _ckpts(results) == ["0000001.pt", "0000002.pt"], "no temp file left"
-    previous = _load(results / "checkpoints" / "0000002.pt")  # still the complete older file
-    assert previous["step"] == 2
-    torch.testing.assert_close(previous["model"], good["model"], rtol=0, atol=0)
+    assert _ckpts(results, 1) == ["0000001.pt"], "no temp file left"
+    assert _load(_exp(results, 1) / "checkpoints" / "0000001.pt")["step"] == 1
+    assert _ckpts(results, 0) == ["0000001.pt", "0000002.pt"], "the first run's checkpoints are untouched"
+    torch.testing.assert_close(_load(_exp(results) / "checkpoints" / "0000002.pt")["model"], good["model"],
+                               rtol=0, atol=0)
 
 
 def test_resume_skips_a_truncated_newest_checkpoint(tmp_path, train, capsys):
     results = tmp_path / "run"
     args = TINY + ["--ckpt-every", "1", "--results-dir", str(results)]
     straight = train.main(args + ["--max-steps", "3"])
-    newest = results / "checkpoints" / "0000003.pt"
+    ckpts = _exp(results) / "checkpoints"
+    newest = ckpts / "0000003.pt"
     complete = newest.read_bytes()
-    for resume in ("auto", str(results / "checkpoints"), str(results)):
+    for resume in ("auto", str(ckpts), str(_exp(results)), str(results)):
         newest.write_bytes(complete[:1000])  # what a kill mid-save left before saves were atomic
-        (results / "checkpoints" / "0000002.pt").write_bytes(b"")
+        (ckpts / "0000002.pt").write_bytes(b"")
         capsys.readouterr()
         again = train.main(args + ["--max-steps", "3", "--resume", resume])
         out = capsys.readouterr().out
         assert f"skipping {newest}: " in out and "truncated or corrupt" in out
-        assert f"skipping {results / 'checkpoints' / '0000002.pt'}: " in out
-        assert f"resuming from {results / 'checkpoints' / '0000001.pt'} (step 1)" in out
+        assert f"skipping {ckpts / '0000002.pt'}: " in out and "is empty (0 bytes)" in out
+        assert f"resuming from {ckpts / '0000001.pt'} (step 1)" in out
         assert again["losses"] == straight["losses"][1:], f"--resume {resume}"
-    assert _load(newest)["step"] == 3, "the broken checkpoint was written again"
+        assert again["experiment_dir"] == str(_exp(results, 1)), "a resumed run writes into a new directory"
+        assert _load(_exp(results, 1) / "checkpoints" / "0000003.pt")["step"] == 3
+        shutil.rmtree(_exp(results, 1))  # the next --resume finds experiment 000's again
 
 
 def test_every_rank_resumes_from_rank_0s_choice(tmp_path, train, capsys):
@@ -132,7 +143,7 @@ def test_every_rank_resumes_from_rank_0s_choice(tmp_path, train, capsys):
     stops every rank; an error on rank 0 reaches every rank."""
     results = tmp_path / "run"
     train.main(TINY + ["--ckpt-every", "1", "--results-dir", str(results), "--max-steps", "2"])
-    ckpts = results / "checkpoints"
+    ckpts = _exp(results) / "checkpoints"
     sent = {}
 
     def broadcast_from_rank0(obj):
@@ -161,7 +172,7 @@ def test_resume_auto_without_checkpoints_starts_fresh_and_a_broken_file_is_an_er
     first = train.main(TINY + ["--max-steps", "1", "--results-dir", str(results), "--resume", "auto"])
     assert first["step"] == 1 and "no checkpoints in" in capsys.readouterr().out
     broken = tmp_path / "broken.pt"
-    broken.write_bytes((results / "checkpoints" / "0000001.pt").read_bytes()[:500])
+    broken.write_bytes((_exp(results) / "checkpoints" / "0000001.pt").read_bytes()[:500])
     with pytest.raises(SystemExit, match=r"--resume: .*broken\.pt.*truncated or corrupt"):
         train.main(TINY + ["--max-steps", "2", "--results-dir", str(results), "--resume", str(broken)])
     empty = tmp_path / "empty"
@@ -176,18 +187,18 @@ def test_optimizer_settings_given_on_resume_are_applied(tmp_path, train, capsys)
     results = tmp_path / "run"
     args = TINY + ["--ckpt-every", "1", "--results-dir", str(results)]
     train.main(args + ["--max-steps", "1", "--lr", "1e-3"])
-    step1 = str(results / "checkpoints" / "0000001.pt")
+    step1 = str(_exp(results) / "checkpoints" / "0000001.pt")
     capsys.readouterr()
 
     train.main(args + ["--max-steps", "2", "--resume", step1])  # no --lr: the checkpoint's stays
-    kept = _load(results / "checkpoints" / "0000002.pt")
+    kept = _load(_exp(results, 1) / "checkpoints" / "0000002.pt")
     assert kept["opt"]["param_groups"][0]["lr"] == kept["args"]["lr"] == 1e-3
     assert "--resume: optimizer" not in capsys.readouterr().out
 
     train.main(args + ["--max-steps", "2", "--resume", step1, "--lr", "3e-4", "--weight-decay", "0.05"])
     out = capsys.readouterr().out
     assert "optimizer lr 0.001 -> 0.0003" in out and "optimizer weight_decay 0.0 -> 0.05" in out
-    changed = _load(results / "checkpoints" / "0000002.pt")
+    changed = _load(_exp(results, 2) / "checkpoints" / "0000002.pt")
     assert changed["opt"]["param_groups"][0]["lr"] == changed["args"]["lr"] == 3e-4
     assert changed["opt"]["param_groups"][0]["weight_decay"] == changed["args"]["weight_decay"] == 0.05
     # It took effect: the step from 1 to 2 moved the weights by a different amount (Adam: ~lr per element).
@@ -197,9 +208,11 @@ def test_optimizer_settings_given_on_resume_are_applied(tmp_path, train, capsys)
     moved_changed = (changed["model"][w] - start).abs().max()
     assert moved_changed < 0.5 * moved_kept
 
-    with pytest.raises(SystemExit):
-        train.main(args + ["--max-steps", "2", "--lr", "nan"])
-    assert "--lr must be a finite number >= 0, got nan" in capsys.readouterr().err
+    for lr in ("nan", "1e39", "0", "-1e-4"):
+        with pytest.raises(SystemExit):
+            train.main(args + ["--max-steps", "2", f"--lr={lr}"])
+        err = capsys.readouterr().err
+        assert f"--lr must be a finite number in (0, 1] (the recipe's is 1e-4), got {float(lr)}" in err
 
 
 # -- the loss ------------------------------------------------------------------------------------
@@ -268,10 +281,10 @@ def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp
         train.main(TINY + ["--ckpt-every", "1", "--max-steps", "5", "--results-dir", str(results)])
     msg = str(e.value)
     assert msg.startswith("step 3: the loss is ") and "stopped before updating the weights" in msg
-    assert f"last good checkpoint is {results / 'checkpoints' / '0000002.pt'}" in msg
+    assert f"last good checkpoint is {_exp(results) / 'checkpoints' / '0000002.pt'}" in msg
     assert len(ema_updates) == 2
     assert _ckpts(results) == ["0000001.pt", "0000002.pt"]
-    last = _load(results / "checkpoints" / "0000002.pt")
+    last = _load(_exp(results) / "checkpoints" / "0000002.pt")
     assert all(torch.isfinite(t).all() for key in ("model", "ema") for t in last[key].values())
 
 
