@@ -13,7 +13,20 @@ seed the result equals
     create_diffusion(str(num_steps)).p_sample_loop(model.forward_with_cfg, z2.shape, z2,
         clip_denoised=False, model_kwargs=dict(y=y2, cfg_scale=cfg_scale))[:n]
 
-(z2 = cat([z, z]), y2 = cat([y, null labels])) to float32 rounding. The per-step draw goes into a
+(z2 = cat([z, z]), y2 = cat([y, null labels])) to float32 rounding.
+
+cfg_scale <= 1: the published scripts differ. sample.py always doubles the batch (the loop above, at any
+cfg_scale: guidance with scale 1 is the conditional model up to rounding, but every step draws [2n]
+noise); sample_ddp.py doubles only when cfg_scale > 1 and otherwise runs `model.forward` on [n] (one
+randn [n] per step), so the two give different samples for one seed. cfg_mode="always" (the default)
+is sample.py, cfg_mode="above_one" is sample_ddp.py; with cfg_scale > 1 they are the same. sample_ddp.py
+also draws its labels (`torch.randint`) between the initial latents and the loop: pass noise=z drawn
+before the labels to follow its stream exactly.
+
+Any DiT-like module works (dit_fast.DiT, dit_fast.reference.DiT, the published model): it is called as
+`model(x, t, y)` on the doubled batch and the guidance of the published `forward_with_cfg` (first 3
+channels, or all with guide_all_channels) is applied in the fused update; sizes are read as in
+dit_fast.dit_like. The per-step draw goes into a
 static buffer right before each graph replay (a separate, tiny launch): the random stream is then
 exactly the eager one, with any generator.
 """
@@ -26,11 +39,13 @@ import numpy as np
 import torch
 
 from .diffusion import ModelVarType, create_diffusion
+from .dit_like import read_dit_like
 from .ops.sampler_step import NUM_COLS, sampler_step_
 
 __all__ = ["sample", "build_step_table", "SAMPLERS"]
 
 SAMPLERS = ("ddpm", "ddim")
+CFG_MODES = ("always", "above_one")  # the published sample.py, sample_ddp.py
 
 
 def build_step_table(diffusion, sampler: str = "ddpm", eta: float = 0.0, dtype=torch.float32, device="cpu"):
@@ -87,11 +102,13 @@ def _labels(class_labels, num_classes: int, device) -> torch.Tensor:
     return y.to(device=device, dtype=torch.long)
 
 
-def _attr(model, name):
-    value = getattr(model, name, None)
-    if value is None:
-        raise TypeError(f"model must be a DiT (dit_fast.DiT or the reference); it has no attribute {name!r}")
-    return value
+def _is_finite_number(value) -> bool:
+    if isinstance(value, bool):
+        return False
+    try:
+        return bool(np.isfinite(float(value)))
+    except (TypeError, ValueError):
+        return False
 
 
 def _is_compiled(model) -> bool:
@@ -115,11 +132,16 @@ def sample(
     noise: torch.Tensor | None = None,
     backend: str = "auto",
     progress: bool = False,
+    cfg_mode: str = "always",
+    latent_size: int | tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """Latents [n, C, H, W] for n = len(class_labels), sampled as the published DiT sample.py does.
 
-    cfg_scale > 1 runs classifier-free guidance on the first 3 channels (all with
-    guide_all_channels=True); cfg_scale <= 1 samples conditionally without the null batch. sampler
+    Classifier-free guidance on the first 3 channels (all with guide_all_channels=True), on the batch
+    doubled with null labels. cfg_mode="always" (sample.py): guidance at any cfg_scale;
+    cfg_mode="above_one" (sample_ddp.py): cfg_scale <= 1 samples conditionally without the null batch
+    (a different noise stream: see the module doc). latent_size: the latents' size (int or (H, W))
+    when the model does not state it (x_embedder.img_size, grid_size * patch_size, input_size). sampler
     "ddpm" (ancestral, learned variance) or "ddim" (eta); the process is respaced to num_steps
     evenly spaced steps (timestep_respacing overrides, e.g. "ddim50"). noise: initial latents
     (default: one randn from `generator`). cuda_graph: on CUDA, capture model + update as one graph
@@ -130,9 +152,15 @@ def sample(
         raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
     if not isinstance(num_steps, int) or num_steps < 1:
         raise ValueError(f"num_steps must be a positive int, got {num_steps!r}")
-    C, size = _attr(model, "in_channels"), _attr(model, "input_size")
-    num_classes = _attr(model, "num_classes")
-    learn_sigma = bool(getattr(model, "learn_sigma", True))
+    # A NaN/inf scale or eta turns every latent into NaN (and cfg_scale=nan would skip guidance silently).
+    if not _is_finite_number(cfg_scale):
+        raise ValueError(f"cfg_scale must be a finite number, got {cfg_scale!r}")
+    if not _is_finite_number(eta) or eta < 0:
+        raise ValueError(f"eta must be a finite number >= 0, got {eta!r}")
+    if cfg_mode not in CFG_MODES:
+        raise ValueError(f"cfg_mode must be one of {CFG_MODES} (the published sample.py, sample_ddp.py), "
+                         f"got {cfg_mode!r}")
+    C, (H, W), num_classes, learn_sigma = read_dit_like(model, latent_size)
     if getattr(model, "training", False):
         warnings.warn("dit_fast.sample: the model is in training mode (label dropout is on, and it draws random "
                       "numbers); call model.eval() first, as the published sample.py does", stacklevel=2)
@@ -143,19 +171,19 @@ def sample(
 
     y = _labels(class_labels, num_classes, device)
     n = y.numel()
-    cfg = cfg_scale > 1.0
+    cfg = cfg_mode == "always" or cfg_scale > 1.0
     diffusion = create_diffusion(timestep_respacing or str(num_steps), learn_sigma=learn_sigma)
     table, model_t = build_step_table(diffusion, sampler, eta, torch.float32, device)
 
     if noise is None:
-        x = torch.randn(n, C, size, size, device=device, generator=generator)
+        x = torch.randn(n, C, H, W, device=device, generator=generator)
     else:
-        if tuple(noise.shape) != (n, C, size, size):
-            raise ValueError(f"noise must have shape {[n, C, size, size]}, got {list(noise.shape)}")
+        if tuple(noise.shape) != (n, C, H, W):
+            raise ValueError(f"noise must have shape {[n, C, H, W]}, got {list(noise.shape)}")
         x = noise.to(device=device, dtype=torch.float32).clone(memory_format=torch.contiguous_format)
     B = 2 * n if cfg else n
     y_in = torch.cat([y, torch.full_like(y, num_classes)]) if cfg else y
-    noise_buf = torch.empty(B, C, size, size, device=device)
+    noise_buf = torch.empty(B, C, H, W, device=device)
     step = torch.zeros(1, dtype=torch.long, device=device)
     t_full = torch.empty(B, dtype=torch.long, device=device)
     update = dict(cfg_scale=float(cfg_scale), guided_channels=C if guide_all_channels else 3, cfg=cfg,

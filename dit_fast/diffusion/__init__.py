@@ -7,11 +7,13 @@
     z = diffusion.p_sample_loop(model.forward_with_cfg, z.shape, z, clip_denoised=False,
                                 model_kwargs=dict(y=y, cfg_scale=4.0), device=device)
 
-Same call shapes as the published DiT scripts' `diffusion` package, so they switch only the import.
+Same call shapes as the published DiT scripts' `diffusion` package, so they switch only the import; its
+module names work too (`dit_fast.diffusion.gaussian_diffusion`, `.diffusion_utils`, `.respace`,
+`.timestep_sampler`).
 """
 from __future__ import annotations
 
-from . import losses, schedules
+from . import diffusion_utils, gaussian_diffusion, losses, respace, schedules, timestep_sampler
 from .gaussian import GaussianDiffusion, LossType, ModelMeanType, ModelVarType
 from .respace import SpacedDiffusion
 from .schedules import get_named_beta_schedule, space_timesteps
@@ -27,6 +29,10 @@ __all__ = [
     "space_timesteps",
     "losses",
     "schedules",
+    "timestep_sampler",
+    "diffusion_utils",
+    "gaussian_diffusion",
+    "respace",
 ]
 
 

@@ -395,6 +395,40 @@ class GaussianDiffusion:
         mean, _, log_var = self.q_mean_variance(x_start, t)
         return mean_flat(normal_kl(mean, log_var, 0.0, 0.0)) / np.log(2.0)
 
+    def calc_bpd_loop(self, model, x_start, clip_denoised=True, model_kwargs=None):
+        """The whole variational bound of x_start in bits per dim, one model call per timestep.
+
+        Returns dict(total_bpd [N], prior_bpd [N], vb [N, T], xstart_mse [N, T], mse [N, T]); column j
+        of the [N, T] terms is timestep T-1-j (loop order, as published). Per timestep, from t = T-1 down
+        to 0, it draws one randn shaped like x_start for q_sample, then calls the model under no_grad:
+        the published random stream.
+        """
+        if not isinstance(x_start, torch.Tensor) or x_start.dim() < 1 or x_start.shape[0] == 0:
+            raise ValueError("x_start must be a tensor [N, ...] with N >= 1, got "
+                             f"{list(x_start.shape) if isinstance(x_start, torch.Tensor) else type(x_start).__name__}")
+        batch = x_start.shape[0]
+        vb, xstart_mse, mse = [], [], []
+        for i in range(self.num_timesteps - 1, -1, -1):
+            t = torch.full((batch,), i, dtype=torch.long, device=x_start.device)
+            noise = torch.randn_like(x_start)
+            x_t = self.q_sample(x_start, t, noise=noise)
+            with torch.no_grad():
+                out = self._vb_terms_bpd(model, x_start=x_start, x_t=x_t, t=t, clip_denoised=clip_denoised,
+                                         model_kwargs=model_kwargs)
+            vb.append(out["output"])
+            xstart_mse.append(mean_flat((out["pred_xstart"] - x_start) ** 2))
+            eps = self._predict_eps_from_xstart(x_t, t, out["pred_xstart"])
+            mse.append(mean_flat((eps - noise) ** 2))
+        vb = torch.stack(vb, dim=1)
+        prior_bpd = self._prior_bpd(x_start)
+        return {
+            "total_bpd": vb.sum(dim=1) + prior_bpd,
+            "prior_bpd": prior_bpd,
+            "vb": vb,
+            "xstart_mse": torch.stack(xstart_mse, dim=1),
+            "mse": torch.stack(mse, dim=1),
+        }
+
 
 def _model_device(model) -> torch.device:
     """The device of a model (or of the module a bound method such as forward_with_cfg belongs to)."""

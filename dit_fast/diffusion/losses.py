@@ -5,7 +5,15 @@ import math
 
 import torch
 
-__all__ = ["normal_kl", "approx_standard_normal_cdf", "discretized_gaussian_log_likelihood", "mean_flat"]
+__all__ = [
+    "normal_kl",
+    "approx_standard_normal_cdf",
+    "continuous_gaussian_log_likelihood",
+    "discretized_gaussian_log_likelihood",
+    "mean_flat",
+]
+
+_LOG_SQRT_2PI = math.log(math.sqrt(2.0 * math.pi))
 
 
 def mean_flat(x: torch.Tensor) -> torch.Tensor:
@@ -25,6 +33,17 @@ def normal_kl(mean1, logvar1, mean2, logvar2) -> torch.Tensor:
 def approx_standard_normal_cdf(x: torch.Tensor) -> torch.Tensor:
     """The tanh approximation of the standard normal CDF used by the published likelihood code."""
     return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x.pow(3))))
+
+
+def continuous_gaussian_log_likelihood(x: torch.Tensor, *, means: torch.Tensor,
+                                       log_scales: torch.Tensor) -> torch.Tensor:
+    """Standard-normal log density of z = (x - means) / exp(log_scales), in nats, elementwise (shapes broadcast).
+
+    As published, this is the density of the standardized z, not of x: it leaves out the -log_scales
+    term of log N(x; means, exp(log_scales)^2), so the two differ by log_scales wherever the scale is not 1.
+    """
+    z = (x - means) * torch.exp(-log_scales)
+    return -(z**2) / 2 - _LOG_SQRT_2PI
 
 
 def discretized_gaussian_log_likelihood(x: torch.Tensor, *, means: torch.Tensor,

@@ -11,8 +11,9 @@ import numpy as np
 import torch
 
 from .gaussian import GaussianDiffusion
+from .schedules import space_timesteps
 
-__all__ = ["SpacedDiffusion"]
+__all__ = ["SpacedDiffusion", "space_timesteps"]  # space_timesteps: where the published package defines it
 
 
 class SpacedDiffusion(GaussianDiffusion):
