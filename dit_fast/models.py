@@ -19,50 +19,34 @@ from torch.utils.checkpoint import checkpoint
 from . import ops
 from .attention import attention
 from .backends import check_backend_name, fuses_bias, resolve
-from .ops.adaln_projections import functorch_transforms_active
 from .reference import (
     LabelEmbedder,
     TimestepEmbedder,
+    attention_published,
     check_config,
     config_table,
     forward_with_cfg,
     initialize_dit_weights,
+    mlp_published,
+    published_output,
+)
+from .stock import (
+    has_hooks,
+    inactive_dropout,
+    plain,
+    stock_adaln,
+    stock_identity,
+    stock_layer_norm,
+    stock_linear,
+    stock_patch_proj,
+    stock_tanh_gelu,
+    transforms_active,
 )
 
-__all__ = ["DiT", "DiT_models", "from_reference"]
+__all__ = ["DiT", "DiT_models", "SiT", "SiT_models", "from_reference"]
 
 
-# -- hooks -------------------------------------------------------------------------------------
-
-def _has_hooks(*modules: nn.Module) -> bool:
-    """True when any forward/backward hook (module-level or global) could see or change these calls.
-
-    The fast path bypasses some submodules (norms, fc1 + act, the adaLN SiLU): where a hook is
-    registered on one of them, the published computation runs instead, so the hook fires as it would
-    on the published model.
-    """
-    if _hook_dicts.global_forward_hooks or _hook_dicts.global_forward_pre_hooks:
-        return True
-    if _hook_dicts.global_backward_hooks or _hook_dicts.global_backward_pre_hooks:
-        return True
-    return any(
-        m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks for m in modules
-    )
-
-
-class _GlobalHookDicts:
-    # torch keeps the global module hooks in module-level dicts that it mutates in place.
-    def __init__(self):
-        from torch.nn.modules import module as m
-
-        self.global_forward_hooks = m._global_forward_hooks
-        self.global_forward_pre_hooks = m._global_forward_pre_hooks
-        self.global_backward_hooks = m._global_backward_hooks
-        self.global_backward_pre_hooks = getattr(m, "_global_backward_pre_hooks", {})
-
-
-_hook_dicts = _GlobalHookDicts()
-
+# -- helpers ---------------------------------------------------------------------------------
 
 def _h_dtype(x: torch.Tensor):
     # Under autocast the next GEMM would cast h anyway: writing it in the autocast dtype saves that pass.
@@ -143,49 +127,86 @@ class PatchEmbed(nn.Module):
 
 
 class Attention(nn.Module):
+    """timm's Attention as the published DiT builds it (same submodules and ``fused_attn`` switch).
+
+    While every part but qkv and proj is stock (Identity q/k norm and norm, inactive Dropouts,
+    ``fused_attn`` on), attention runs on the model's kernel over the packed QKV output; otherwise the
+    published calls (dit_fast.reference.attention_published), so each replaced part is honored.
+    """
+
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.scale = self.head_dim**-0.5
+        self.fused_attn = True
         self.qkv = nn.Linear(dim, dim * 3, bias=True)
+        self.q_norm = nn.Identity()
+        self.k_norm = nn.Identity()
+        self.attn_drop = nn.Dropout(0.0)
+        self.norm = nn.Identity()
         self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(0.0)
         self.backend = "auto"
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
+        if not self.kernel_runs():
+            return attention_published(self, h)
         return self.proj(self.attend(h))
 
+    def kernel_runs(self) -> bool:
+        """Whether the attention kernel may stand in for everything between qkv and proj."""
+        return (
+            self.fused_attn and stock_identity(self.q_norm) and stock_identity(self.k_norm)
+            and stock_identity(self.norm) and inactive_dropout(self.attn_drop) and inactive_dropout(self.proj_drop)
+        )
+
     def attend(self, h: torch.Tensor) -> torch.Tensor:
-        """softmax attention of qkv(h), before the output projection."""
+        """softmax attention of qkv(h), before the output projection (only while kernel_runs())."""
         return attention(self.qkv(h), self.num_heads, self.backend)
 
 
 class Mlp(nn.Module):
+    """timm's Mlp as the published DiT builds it (fc1, tanh GELU, drop1, norm, fc2, drop2).
+
+    fc1 + GELU run as one op while both are stock; drop1/norm/drop2 other than stock and inactive
+    run the published calls (dit_fast.reference.mlp_published).
+    """
+
     def __init__(self, dim: int, hidden: int):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
         self.act = nn.GELU(approximate="tanh")
+        self.drop1 = nn.Dropout(0.0)
+        self.norm = nn.Identity()
         self.fc2 = nn.Linear(hidden, dim)
+        self.drop2 = nn.Dropout(0.0)
         self.backend = "auto"
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
+        if not self.stock_around_fc2():
+            return mlp_published(self, h)
         return self.fc2(self.hidden(h))
 
+    def stock_around_fc2(self) -> bool:
+        """drop1, norm and drop2 are stock and do nothing: fc2(hidden(h)) is the published result."""
+        return inactive_dropout(self.drop1) and stock_identity(self.norm) and inactive_dropout(self.drop2)
+
     def hidden(self, h: torch.Tensor) -> torch.Tensor:
-        """act(fc1(h)): fused, or the published calls where fc1 or act is hooked."""
-        if _has_hooks(self.fc1, self.act):
-            return self.act(self.fc1(h))
-        return ops.linear_gelu_tanh(h, self.fc1.weight, self.fc1.bias, backend=self.backend)
+        """act(fc1(h)): one fused op while fc1 and act are stock, else the published calls."""
+        if stock_linear(self.fc1) and stock_tanh_gelu(self.act) and not transforms_active():
+            return ops.linear_gelu_tanh(h, self.fc1.weight, self.fc1.bias, backend=self.backend)
+        return self.act(self.fc1(h))
 
 
-def _project_for_residual(module: nn.Module, kind: type, inner: str, proj: str, h: torch.Tensor, fuse_bias: bool):
-    """(y, bias) for the gated residual that consumes module(h): with fuse_bias, the output projection
-    runs without its bias, which the gated op adds and whose gradient its backward sums in the pass it
-    makes anyway (no separate reduction over the output gradient). The published call module(h), bias
-    None, whenever the module is not the plain class (wrapped, sharded, compiled) or it or the
-    projection is hooked, so wrappers and hooks see what they would see on the published model."""
-    linear = getattr(module, proj, None)
-    if not fuse_bias or type(module) is not kind or linear.bias is None or _has_hooks(module, linear):
+def _project_for_residual(module: nn.Module, inner: str, proj: str, h: torch.Tensor, fusable: bool):
+    """(y, bias) for the gated residual that consumes module(h): while `fusable` (the module is stock
+    around its output projection) and the projection is a stock Linear, the projection runs without
+    its bias, which the gated op adds and whose gradient its backward sums in the pass it makes anyway.
+    Else the published call module(h), bias None, so wrappers, replaced parts and hooks see what they
+    would see on the published model."""
+    linear = getattr(module, proj) if fusable else None
+    if linear is None or not stock_linear(linear):
         return module(h), None
     return F.linear(getattr(module, inner)(h), linear.weight), linear.bias
 
@@ -193,10 +214,11 @@ def _project_for_residual(module: nn.Module, kind: type, inner: str, proj: str, 
 class DiTBlock(nn.Module):
     """The published block: ``block(x, c) -> x`` with c = t_emb + y_emb (SiLU inside adaLN_modulation).
 
-    The model calls it as ``block(x, c, carry=...)`` (always through the module, so hooks, wrappers and
-    FSDP see every call): then the block uses the modulations the model computed for all blocks at
-    once and the h = modulate(norm1(x)) carried from the previous block, and leaves in the carry the
-    next consumer's h, computed in the same pass as its last gated residual (see _Carry).
+    The model calls a stock block as ``block(x, c, carry=...)`` (always through the module, so hooks,
+    wrappers and FSDP see every call): then the block uses the modulations the model computed for all
+    blocks at once and the h = modulate(norm1(x)) carried from the previous block, and leaves in the
+    carry the next consumer's h, computed in the same pass as its last gated residual (see _Carry).
+    Any other block (a subclass, a user module, a patched forward) is called as published, ``block(x, c)``.
     """
 
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0):
@@ -210,7 +232,7 @@ class DiTBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, *, carry: _Carry | None = None) -> torch.Tensor:
         h_dtype = _h_dtype(x)
-        if carry is None or c is not carry.c or _has_hooks(self.norm1, self.norm2):
+        if carry is None or c is not carry.c:
             if carry is not None:
                 carry.set_output(None, None, False)
             carry = None
@@ -218,38 +240,51 @@ class DiTBlock(nn.Module):
             h, next_mod = None, None
         else:
             mods, next_mod = carry.mods, carry.next_mod
-            h = carry.h_for(x, _has_hooks(self))
+            h = carry.h_for(x, has_hooks(self)) if stock_layer_norm(self.norm1, x.shape[-1]) else None
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods
         if h is None:
             h = _norm_modulate(self.norm1, x, shift_msa, scale_msa, h_dtype, self.backend)
         fuse_bias = self._fuses_bias(x)
-        a, a_bias = _project_for_residual(self.attn, Attention, "attend", "proj", h, fuse_bias)
-        if _has_hooks(self.norm2):
-            x = ops.gated_residual(x, a, gate_msa, bias=a_bias, backend=self.backend)
-            h = _norm_modulate(self.norm2, x, shift_mlp, scale_mlp, h_dtype, self.backend)
-        else:
+        attn, mlp = self.attn, self.mlp
+        a, a_bias = _project_for_residual(
+            attn, "attend", "proj", h, fuse_bias and plain(attn, Attention) and attn.kernel_runs()
+        )
+        if stock_layer_norm(self.norm2, x.shape[-1]) and not transforms_active():
             x, h = ops.gated_residual_adaln(
                 x, a, gate_msa, shift_mlp, scale_mlp, self.norm2.eps, h_dtype=h_dtype, bias=a_bias,
                 backend=self.backend,
             )
-        m, m_bias = _project_for_residual(self.mlp, Mlp, "hidden", "fc2", h, fuse_bias)
-        if next_mod is None:
-            return ops.gated_residual(x, m, gate_mlp, bias=m_bias, backend=self.backend)
-        x, h_next = ops.gated_residual_adaln(
-            x, m, gate_mlp, *next_mod, h_dtype=h_dtype, bias=m_bias, backend=self.backend
+        else:
+            x = _gated_residual(x, a, gate_msa, a_bias, self.backend)
+            h = _norm_modulate(self.norm2, x, shift_mlp, scale_mlp, h_dtype, self.backend)
+        m, m_bias = _project_for_residual(
+            mlp, "hidden", "fc2", h, fuse_bias and plain(mlp, Mlp) and mlp.stock_around_fc2()
         )
-        carry.set_output(x, h_next, _has_hooks(self))
+        if next_mod is None or transforms_active():
+            return _gated_residual(x, m, gate_mlp, m_bias, self.backend)
+        x, h_next = ops.gated_residual_adaln(x, m, gate_mlp, *next_mod, h_dtype=h_dtype, bias=m_bias,
+                                             backend=self.backend)
+        carry.set_output(x, h_next, has_hooks(self))
         return x
-
 
     def _fuses_bias(self, x: torch.Tensor) -> bool:
         """Whether the gated ops' backend here adds attn.proj's and mlp.fc2's biases in its kernels."""
+        if transforms_active():
+            return False
         op, dev = "gated_residual_adaln", x.device.type
         return fuses_bias(resolve(self.backend, op, dev, x.dtype == torch.float64, x.shape[-1]), op, dev)
 
 
-def _norm_modulate(norm: nn.LayerNorm, x, shift, scale, h_dtype, backend):
-    if _has_hooks(norm):  # the published order of calls, so the norm's hooks fire
+def _gated_residual(x, y, gate, bias, backend):
+    if transforms_active():  # the published expression: torch.func transforms have its rules
+        return x + gate.unsqueeze(1) * y
+    return ops.gated_residual(x, y, gate, bias=bias, backend=backend)
+
+
+def _norm_modulate(norm: nn.Module, x, shift, scale, h_dtype, backend):
+    """modulate(norm(x), shift, scale): one fused op while norm is the stock LayerNorm, else the published
+    calls (so a replaced norm, or its hooks, is honored)."""
+    if not stock_layer_norm(norm, x.shape[-1]) or transforms_active():
         h = norm(x) * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
         return h if h_dtype is None else h.to(h_dtype)
     return ops.adaln_modulate(x, shift, scale, norm.eps, h_dtype=h_dtype, backend=backend)
@@ -267,11 +302,14 @@ class FinalLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.tokens(x, shift, scale)
+
+    def tokens(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         return self.linear(_norm_modulate(self.norm_final, x, shift, scale, _h_dtype(x), self.backend))
 
 
 class DiT(nn.Module):
-    """Drop-in fast DiT.
+    """Drop-in fast DiT (and, as the SiT subclass, SiT: the same engine and weights).
 
     Same keyword arguments as the published model, plus:
       backend: "auto" | "triton" | "ext" | "torch" for the fused ops (env DIT_FAST_BACKEND overrides "auto");
@@ -282,6 +320,8 @@ class DiT(nn.Module):
         adaLN tensors then share one storage (safetensors' save_file refuses that; save_checkpoint and
         torch.save handle it). Off by default.
     """
+
+    returns_sigma = True  # forward's output includes the learned-sigma channels (SiT's does not)
 
     def __init__(
         self,
@@ -359,8 +399,12 @@ class DiT(nn.Module):
         else:
             self._adaln_fused = None
 
-    def _adaln_linears(self) -> list[nn.Linear]:
-        return [b.adaLN_modulation[1] for b in self.blocks] + [self.final_layer.adaLN_modulation[1]]
+    def _adaln_linears(self) -> list[nn.Linear] | None:
+        """Every adaLN projection's Linear, or None when a block or the final layer has none (replaced)."""
+        seqs = [getattr(o, "adaLN_modulation", None) for o in (*self.blocks, self.final_layer)]
+        if not all(isinstance(s, nn.Sequential) and len(s) == 2 and isinstance(s[1], nn.Linear) for s in seqs):
+            return None
+        return [s[1] for s in seqs]
 
     @torch.no_grad()
     def fuse_adaln_weights(self) -> None:
@@ -372,6 +416,9 @@ class DiT(nn.Module):
         functional_call) breaks the view; the per-call check then routes to one GEMM per block.
         """
         linears = self._adaln_linears()
+        if linears is None:
+            self._adaln_fused = None
+            return
         ws = [lin.weight for lin in linears]
         bs = [lin.bias for lin in linears]
         # Parameters created under inference_mode cannot take views of new storage; keep them as they are.
@@ -397,7 +444,10 @@ class DiT(nn.Module):
         w_base, b_base = weight.data_ptr(), bias.data_ptr()
         w_row, b_elem = weight.stride(0) * weight.element_size(), bias.element_size()
         rows = 0
-        for lin in self._adaln_linears():
+        linears = self._adaln_linears()
+        if linears is None:
+            return False
+        for lin in linears:
             w, b = lin.weight, lin.bias
             if (
                 w.data_ptr() != w_base + rows * w_row
@@ -446,7 +496,12 @@ class DiT(nn.Module):
             raise TypeError(f"t must hold integer or real timesteps, got dtype {t.dtype}")
         if not isinstance(y, torch.Tensor) or y.shape != (n,) or y.is_floating_point() or y.dtype == torch.bool:
             raise ValueError(f"y must be an integer tensor of shape [{n}] (one class label per image), got {_desc(y)}")
-        n_labels = self.y_embedder.embedding_table.num_embeddings
+        table = getattr(self.y_embedder, "embedding_table", None)
+        n_labels = getattr(table, "num_embeddings", None)
+        if n_labels is None or transforms_active():
+            # A replaced label embedder checks its own labels; a torch.func transform (vmap over
+            # per-sample gradients) allows no data-dependent check.
+            return
         if not torch.compiler.is_compiling() and y.device.type == "cpu":
             if n and (int(y.min()) < 0 or int(y.max()) >= n_labels):
                 raise ValueError(
@@ -462,81 +517,112 @@ class DiT(nn.Module):
         return (bool(self.checkpoint_every) and self.training and i % self.checkpoint_every == 0
                 and torch.is_grad_enabled())
 
-    def _modulations(self, c: torch.Tensor, silu_c: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
-        """Every adaLN projection of the model, chunked: 6 x [B, D] per block, then the final layer's 2.
+    def _modulations(self, c: torch.Tensor, silu_c: torch.Tensor, owners: list) -> list:
+        """The adaLN modulations of every engine-owned consumer, chunked: 6 x [B, D] per block, 2 for the
+        final layer; None where the owner is None (a part the model calls as published).
 
         With a gradient wanted: one GEMM forward and one backward for all of them
         (ops.adaln_projections). Without: one GEMM over the fused weights when they are intact, else
         one per layer (no weight concatenation at inference, where a GEMM at small batch is a read of
-        its weight). A projection with hooks on it runs as published, SiLU module included.
+        its weight). A projection that is not stock (dit_fast.stock.stock_adaln: a replaced or hooked
+        SiLU or Linear, a patched forward) runs the published call adaLN_modulation(c).
         """
-        owners = [*self.blocks, self.final_layer]
-        chunks = [6] * len(self.blocks) + [2]
-        linears = [o.adaLN_modulation[1] for o in owners]
-        # Hooks on the Sequential or its SiLU need the published call; hooks on the Linear see the same
-        # input (SiLU(c)) and output either way, but rule out the batched GEMMs, which bypass it.
-        hooked = [_has_hooks(o.adaLN_modulation, o.adaLN_modulation[0]) for o in owners]
-        any_hooks = any(_has_hooks(*o.adaLN_modulation.modules()) for o in owners)
-        fused_ok = self._adaln_fused is not None and not torch.compiler.is_compiling() and self._fused_adaln_intact()
-        wants_grad = torch.is_grad_enabled() and (
-            silu_c.requires_grad or any(p.requires_grad for p in self._adaln_fused_params())
-        )
-        batchable = _projections_batchable(silu_c, linears) and not functorch_transforms_active()
-        if not any_hooks and wants_grad and batchable:
-            return ops.adaln_projections(
-                silu_c, [lin.weight for lin in linears], [lin.bias for lin in linears], chunks,
-                fused=self._adaln_fused if fused_ok else None,
+        active = [o for o in owners if o is not None]
+        chunks = [6 if isinstance(o, DiTBlock) else 2 for o in active]
+        stock = [stock_adaln(o.adaLN_modulation) for o in active]
+        if all(stock) and not transforms_active():
+            linears = [o.adaLN_modulation[1] for o in active]
+            whole = len(active) == len(owners)
+            fused_ok = (whole and self._adaln_fused is not None and not torch.compiler.is_compiling()
+                        and self._fused_adaln_intact())
+            wants_grad = torch.is_grad_enabled() and (
+                silu_c.requires_grad or any(lin.weight.requires_grad or lin.bias.requires_grad for lin in linears)
             )
-        if not any_hooks and not wants_grad and fused_ok:
-            weight, bias = self._adaln_fused
-            mods = F.linear(silu_c, weight, bias).split([lin.out_features for lin in linears], 1)
-        else:
-            mods = [o.adaLN_modulation(c) if hk else lin(silu_c) for o, lin, hk in zip(owners, linears, hooked)]
-        return [m.chunk(k, dim=1) for m, k in zip(mods, chunks)]
+            if wants_grad and _projections_batchable(silu_c, linears):
+                mods = iter(ops.adaln_projections(
+                    silu_c, [lin.weight for lin in linears], [lin.bias for lin in linears], chunks,
+                    fused=self._adaln_fused if fused_ok else None,
+                ))
+                return [next(mods) if o is not None else None for o in owners]
+            if not wants_grad and fused_ok:
+                weight, bias = self._adaln_fused
+                flat = F.linear(silu_c, weight, bias).split([lin.out_features for lin in linears], 1)
+                return [m.chunk(k, dim=1) for m, k in zip(flat, chunks)]
+        projected = iter(
+            (o.adaLN_modulation[1](silu_c) if st else o.adaLN_modulation(c)).chunk(k, dim=1)
+            for o, st, k in zip(active, stock, chunks)
+        )
+        return [next(projected) if o is not None else None for o in owners]
 
-    def _adaln_fused_params(self):
-        for lin in self._adaln_linears():
-            yield lin.weight
-            yield lin.bias
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        """x_embedder(x) + pos_embed: one fused op while the patch embedding is stock, else as published."""
+        xe = self.x_embedder
+        if (type(xe) is PatchEmbed and "forward" not in xe.__dict__ and not has_hooks(xe)
+                and stock_patch_proj(xe.proj, self.patch_size) and stock_identity(xe.norm)
+                and not transforms_active()):
+            proj = xe.proj
+            return ops.patch_embed(x, proj.weight, proj.bias, self.pos_embed, self.patch_size, backend=self.backend)
+        return xe(x) + self.pos_embed
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, force_drop_ids=None) -> torch.Tensor:
         self._check_inputs(x, t, y)
-        p = self.patch_size
-        if _has_hooks(*self.x_embedder.modules()):
-            x = self.x_embedder(x) + self.pos_embed
-        else:
-            proj = self.x_embedder.proj
-            x = ops.patch_embed(x, proj.weight, proj.bias, self.pos_embed, p, backend=self.backend)
-        c = self.t_embedder(t) + self.y_embedder(y, self.training, force_drop_ids)  # a t of shape [1] broadcasts
+        return published_output(self, self._forward(x, t, y, force_drop_ids))
 
-        if _is_sharded(self.blocks[0].adaLN_modulation[1].weight):
+    def _forward(self, x, t, y, force_drop_ids):
+        x = self._embed(x)
+        # The published call takes two arguments: a replaced label embedder need not accept a third.
+        y_emb = (self.y_embedder(y, self.training) if force_drop_ids is None
+                 else self.y_embedder(y, self.training, force_drop_ids))
+        c = self.t_embedder(t) + y_emb  # a t of shape [1] broadcasts
+        blocks, fl = list(self.blocks), self.final_layer
+        # Engine blocks take the carry (hooks on them are honored through it, see _Carry); any other
+        # block, or one whose forward was patched on the instance, is called as published.
+        engine = [type(b) is DiTBlock and "forward" not in b.__dict__ for b in blocks]
+        fl_engine = type(fl) is FinalLayer and "forward" not in fl.__dict__ and not has_hooks(fl)
+
+        if blocks and engine[0] and _is_sharded(blocks[0].adaLN_modulation[1].weight):
             # FSDP2 (fully_shard per block): a block's weights exist only inside its own forward.
-            for i, block in enumerate(self.blocks):
+            for i, block in enumerate(blocks):
                 x = self._call_block(i, block, x, c)
-            return self.unpatchify(self.final_layer(x, c))
+            return self.unpatchify(fl(x, c))
 
         silu_c = F.silu(c)
-        *mods, (final_shift, final_scale) = self._modulations(c, silu_c)
+        owners = [b if e else None for b, e in zip(blocks, engine)] + [fl if fl_engine else None]
+        mods = self._modulations(c, silu_c, owners)
+        dim = x.shape[-1]
         h = None
-        for i, block in enumerate(self.blocks):
+        for i, block in enumerate(blocks):
+            if not engine[i]:
+                x, h = self._call_block(i, block, x, c), None
+                continue
             # The last block ends with a plain gated residual: ops.final_layer reads x once for norm,
             # modulate, linear and unpatchify.
-            next_mod = mods[i + 1][:2] if i + 1 < len(self.blocks) else None
-            hooked = _has_hooks(block)
+            nxt = blocks[i + 1] if i + 1 < len(blocks) else None
+            next_mod = None
+            if nxt is not None and engine[i + 1] and stock_layer_norm(nxt.norm1, dim):
+                next_mod = (*mods[i + 1][:2], nxt.norm1.eps)
+            hooked = has_hooks(block)
             carry = _Carry(c, h, x, mods[i], next_mod, hooked)
             out = self._call_block(i, block, x, c, carry)
             h = carry.h_next_for(out, hooked)
             x = out
-        if _has_hooks(*self.final_layer.modules()):
-            return self.unpatchify(self.final_layer(x, c))
-        fl = self.final_layer.linear
-        return ops.final_layer(x, final_shift, final_scale, fl.weight, fl.bias, p, self.out_channels,
-                               backend=self.backend)
+        if not fl_engine:
+            return self.unpatchify(fl(x, c))
+        shift, scale = mods[-1]
+        if stock_layer_norm(fl.norm_final, dim) and stock_linear(fl.linear) and not transforms_active():
+            return ops.final_layer(x, shift, scale, fl.linear.weight, fl.linear.bias, self.patch_size,
+                                   self.out_channels, fl.norm_final.eps, backend=self.backend)
+        return self.unpatchify(fl.tokens(x, shift, scale))
 
     def _call_block(self, i, block, x, c, carry=None):
+        kwargs = {} if carry is None else {"carry": carry}
         if self._checkpointed(i):
-            return checkpoint(block, x, c, carry=carry, use_reentrant=False)
-        return block(x, c, carry=carry)
+            return checkpoint(block, x, c, use_reentrant=False, **kwargs)
+        return block(x, c, **kwargs)
+
+    def initialize_weights(self) -> None:
+        """The paper's init, as the published model's method (adaLN and the final layer zeroed)."""
+        initialize_dit_weights(self)
 
     def forward_with_cfg(self, x, t, y, cfg_scale, guide_all_channels: bool = False):
         """Classifier-free guidance, as published (see dit_fast.reference.forward_with_cfg)."""
@@ -611,16 +697,21 @@ def _reference_config(model: nn.Module) -> dict:
     )
 
 
-def from_reference(model: nn.Module, share_weights: bool = False, **kwargs) -> DiT:
-    """A fast DiT computing the same function as `model` (a dit_fast.reference.DiT or official instance).
+def from_reference(model: nn.Module, share_weights: bool = False, cls: type | None = None, **kwargs) -> DiT:
+    """A fast DiT computing the same function as `model` (a dit_fast.reference.DiT or official instance; a
+    SiT, ours or the official one, gives a fast SiT).
 
     share_weights=False copies the weights; True makes the fast model use the very same Parameter
-    objects (training either trains both). Extra kwargs (backend=..., attn_backend=...) go to DiT.
+    objects (training either trains both). cls picks the fast class (default: SiT for a SiT, else DiT).
+    Extra kwargs (backend=..., attn_backend=...) go to its constructor.
     """
     config = _reference_config(model)
     ref_param = next(model.parameters())
+    if cls is None:
+        sit = not getattr(model, "returns_sigma", True) or type(model).__name__ == "SiT"
+        cls = SiT if sit else DiT
     with torch.device("meta"):
-        fast = DiT(**config, **kwargs)
+        fast = cls(**config, **kwargs)
     if share_weights:
         for name, param in model.named_parameters():
             owner, _, leaf = name.rpartition(".")
@@ -632,4 +723,12 @@ def from_reference(model: nn.Module, share_weights: bool = False, **kwargs) -> D
     return fast
 
 
+class SiT(DiT):
+    """Drop-in fast SiT: DiT's engine, constructor and state_dict keys; continuous t in [0, 1]; with
+    learn_sigma the output is cut to in_channels, as published (dit_fast.reference.SiT)."""
+
+    returns_sigma = False
+
+
 DiT_models = config_table(DiT)
+SiT_models = config_table(SiT, "SiT")

@@ -10,10 +10,13 @@ import math
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 __all__ = [
     "DiT",
     "DiT_models",
+    "SiT",
+    "SiT_models",
     "CONFIGS",
     "get_2d_sincos_pos_embed",
     "timestep_embedding",
@@ -90,7 +93,8 @@ class TimestepEmbedder(nn.Module):
         t_freq = timestep_embedding(t, self.frequency_embedding_size)
         # The published model feeds float32 here, which breaks a float64 or bf16 model; cast to the
         # weights' dtype (a no-op for float32 weights, and autocast casts anyway).
-        return self.mlp(t_freq.to(self.mlp[0].weight.dtype))
+        dtype = next((p.dtype for p in self.mlp.parameters() if p.is_floating_point()), t_freq.dtype)
+        return self.mlp(t_freq.to(dtype))
 
 
 class LabelEmbedder(nn.Module):
@@ -116,31 +120,63 @@ class LabelEmbedder(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, dim: int, num_heads: int):
+    """timm's Attention as the published DiT builds it (qkv_bias=True, timm >= 1.0): the same submodules
+    (q_norm, k_norm, attn_drop, norm, proj_drop; Identity and inactive Dropout by default) and the same
+    switch, ``fused_attn``: True (timm's default) runs F.scaled_dot_product_attention, False the explicit
+    softmax, whose probabilities pass through attn_drop (so a hook there sees the attention maps)."""
+
+    def __init__(self, dim: int, num_heads: int, attn_drop: float = 0.0, proj_drop: float = 0.0):
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.scale = self.head_dim**-0.5
+        self.fused_attn = True
         self.qkv = nn.Linear(dim, dim * 3, bias=True)
+        self.q_norm = nn.Identity()
+        self.k_norm = nn.Identity()
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.norm = nn.Identity()
         self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, L, D = x.shape
-        q, k, v = self.qkv(x).reshape(B, L, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        attn = (q * self.scale) @ k.transpose(-2, -1)
-        out = attn.softmax(dim=-1) @ v
-        return self.proj(out.transpose(1, 2).reshape(B, L, D))
+        return attention_published(self, x)
+
+
+def attention_published(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The published attention's calls, in order, on any module with timm Attention's attributes."""
+    B, L, _ = x.shape
+    q, k, v = attn.qkv(x).reshape(B, L, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    if attn.fused_attn:
+        p = attn.attn_drop.p if attn.training else 0.0
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
+    else:
+        scores = (q * attn.scale) @ k.transpose(-2, -1)
+        out = attn.attn_drop(scores.softmax(dim=-1)) @ v
+    out = attn.norm(out.transpose(1, 2).reshape(B, L, attn.num_heads * attn.head_dim))
+    return attn.proj_drop(attn.proj(out))
 
 
 class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int):
+    """timm's Mlp as the published DiT builds it (tanh GELU, drop=0): fc1, act, drop1, norm, fc2, drop2."""
+
+    def __init__(self, dim: int, hidden: int, drop: float = 0.0):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
         self.act = nn.GELU(approximate="tanh")
+        self.drop1 = nn.Dropout(drop)
+        self.norm = nn.Identity()
         self.fc2 = nn.Linear(hidden, dim)
+        self.drop2 = nn.Dropout(drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
+        return mlp_published(self, x)
+
+
+def mlp_published(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The published MLP's calls, in order, on any module with timm Mlp's attributes."""
+    return mlp.drop2(mlp.fc2(mlp.norm(mlp.drop1(mlp.act(mlp.fc1(x))))))
 
 
 class DiTBlock(nn.Module):
@@ -173,6 +209,8 @@ class FinalLayer(nn.Module):
 
 class DiT(nn.Module):
     """Diffusion transformer with adaLN-Zero conditioning, exactly as published."""
+
+    returns_sigma = True  # forward's output includes the learned-sigma channels (SiT's does not)
 
     def __init__(
         self,
@@ -228,10 +266,26 @@ class DiT(nn.Module):
         for block in self.blocks:
             x = block(x, c)
         x = self.final_layer(x, c)
-        return self.unpatchify(x)
+        return published_output(self, self.unpatchify(x))
 
     def forward_with_cfg(self, x, t, y, cfg_scale, guide_all_channels: bool = False):
         return forward_with_cfg(self, x, t, y, cfg_scale, guide_all_channels)
+
+
+class SiT(DiT):
+    """SiT (Ma et al., "SiT: Exploring Flow and Diffusion-based Generative Models with Scalable Interpolant
+    Transformers"): DiT's network, constructor and state_dict keys, with continuous t in [0, 1]; with
+    learn_sigma its forward returns only the first in_channels output channels, as published."""
+
+    returns_sigma = False
+
+
+def published_output(model: nn.Module, out: torch.Tensor) -> torch.Tensor:
+    """The model's output as its family publishes it: all channels (DiT), or without the learned-sigma
+    half (SiT: ``returns_sigma = False``)."""
+    if model.returns_sigma or not model.learn_sigma:
+        return out
+    return out.chunk(2, dim=1)[0]
 
 
 def check_config(**config) -> None:
@@ -300,7 +354,7 @@ def initialize_dit_weights(model: nn.Module) -> None:
     nn.init.zeros_(model.final_layer.linear.bias)
 
 
-# name -> (depth, hidden_size, patch_size, num_heads)
+# name -> (depth, hidden_size, patch_size, num_heads); SiT publishes the same 12 sizes as "SiT-XL/2" etc.
 CONFIGS: dict[str, tuple[int, int, int, int]] = {}
 for _size, (_depth, _hidden, _heads) in {
     "XL": (28, 1152, 16),
@@ -312,8 +366,8 @@ for _size, (_depth, _hidden, _heads) in {
         CONFIGS[f"DiT-{_size}/{_p}"] = (_depth, _hidden, _p, _heads)
 
 
-def _config_factory(cls, name: str):
-    depth, hidden, patch, heads = CONFIGS[name]
+def _config_factory(cls, name: str, family: str):
+    depth, hidden, patch, heads = CONFIGS["DiT" + name[len(family):]]
 
     def build(**kwargs):
         return cls(depth=depth, hidden_size=hidden, patch_size=patch, num_heads=heads, **kwargs)
@@ -326,12 +380,19 @@ def _config_factory(cls, name: str):
 class ConfigTable(dict):
     """name -> constructor, like the published DiT_models dict; an unknown name says which exist."""
 
+    family = "DiT"
+
     def __missing__(self, name):
-        raise KeyError(f"unknown DiT config {name!r}; known configs: {', '.join(self)}")
+        raise KeyError(f"unknown {self.family} config {name!r}; known configs: {', '.join(self)}")
 
 
-def config_table(cls) -> ConfigTable:
-    return ConfigTable({name: _config_factory(cls, name) for name in CONFIGS})
+def config_table(cls, family: str = "DiT") -> ConfigTable:
+    """The published name -> constructor table of a family ("DiT-XL/2", or "SiT-XL/2" with family="SiT")."""
+    names = (family + name[len("DiT"):] for name in CONFIGS)
+    table = ConfigTable({name: _config_factory(cls, name, family) for name in names})
+    table.family = family
+    return table
 
 
 DiT_models = config_table(DiT)
+SiT_models = config_table(SiT, "SiT")

@@ -33,6 +33,7 @@ from typing import Callable
 
 TINY = dict(B=1, L=4, D=8)
 CALLS = 200
+MODEL_ROW = "model"  # --op model: the model's forward per block (dit_fast.bench.block_overhead)
 H_DTYPE_LAST = ("adaln_modulate", "gated_residual_adaln")
 NOTES = [
     "Host overhead: tiny tensors (B=1 L=4 D=8) through dit_fast.ops.<op>(..., backend=...), eager, microseconds per "
@@ -108,7 +109,7 @@ def measure(device_type: str = "cpu", rounds: int = 5, ops: list[str] | None = N
     # One intra-op thread: tiny tensors never use more, and on a busy machine a spinning pool measures the load
     torch.set_num_threads(1)
     rows = []
-    for op in ops or OPS:
+    for op in [o for o in ops or OPS if o != MODEL_ROW]:
         torch.manual_seed(0)
         samplers, meta = {}, {}
         for backend in ("torch", "ext", "triton"):
@@ -143,6 +144,10 @@ def measure(device_type: str = "cpu", rounds: int = 5, ops: list[str] | None = N
             rows.append(row)
             if emit:
                 emit(row)
+    if ops is None or MODEL_ROW in ops:
+        from .block_overhead import measure_blocks
+
+        rows += measure_blocks(device_type, rounds, emit=emit)
     return rows
 
 
@@ -176,7 +181,8 @@ def run_overhead(rounds: int = 5, ops: list[str] | None = None, on_result=None, 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="host overhead per op call (JSON lines on stdout)")
     p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--op", default=None, help="comma list of ops (default all)")
+    p.add_argument("--op", default=None, help=f"comma list of ops, '{MODEL_ROW}' for the model's cost per block "
+                   "(default all)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     args = p.parse_args(argv)
     if args.rounds < 1:
