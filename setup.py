@@ -71,7 +71,8 @@ def _max_jobs():
 
 
 setup(
-    packages=["dit_fast", "dit_fast.ops", "dit_fast.bench", "dit_fast.kernels"],
+    packages=["dit_fast", "dit_fast.ops", "dit_fast.bench", "dit_fast.diffusion", "dit_fast.transport",
+              "dit_fast.kernels"],
     package_dir={"dit_fast.kernels": "kernels"},
     **extension_kwargs(),
 )
