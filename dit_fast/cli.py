@@ -9,14 +9,17 @@ from __future__ import annotations
 import argparse
 import gzip
 import os
+import re
 import shutil
 import sys
 
 from .atomic import atomic_write
 
 DEFAULT_OUT = os.path.join("benchmarks", "results")
-GPU_BATCH = {"fwd": 256, "cfg": 256, "train": 64}
-CPU_BATCH = 2
+# Per-GPU batches as people train: the official recipe runs 32 images per GPU (global 256 on 8 GPUs),
+# LightningDiT 32-128; a B=256 training step of DiT-XL/2 fits in 80 GB for neither model.
+GPU_BATCH = {"fwd": [256], "cfg": [256], "train": [32, 64]}
+CPU_BATCH = [2]
 
 
 def _csv(values) -> list[str]:
@@ -87,6 +90,28 @@ def _model_name(text: str) -> str:
 
 
 POSITIVE = _int_at_least(1)
+
+
+def _positive_list(text: str) -> list[int]:
+    """A comma list of integers >= 1 (e.g. --batch 32,64)."""
+    items = [s.strip() for s in text.split(",") if s.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError(f"expected one or more integers >= 1 (comma list), got {text!r}")
+    return list(dict.fromkeys(POSITIVE(item) for item in items))
+
+
+_positive_list.__name__ = "batch list"
+
+
+def _names(text: str) -> list[str]:
+    """A comma list of names (contenders: checked against the run's own list once it is known, in Run)."""
+    items = [s.strip() for s in text.split(",") if s.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError(f"expected one or more names (comma list), got {text!r}")
+    return items
+
+
+_names.__name__ = "name list"
 NON_NEGATIVE = _int_at_least(0)
 DTYPE_NAMES = ("fp32", "bf16", "fp16", "float32", "bfloat16", "float16")
 MODES = ("fwd", "cfg", "train", "sample")
@@ -104,7 +129,9 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--image-size", type=int, default=256, choices=(256, 512), help="image side in pixels (latent = /8)")
     g.add_argument("--depth", type=POSITIVE, default=None, help="override the number of blocks (quick runs)")
     g.add_argument("--input-size", type=POSITIVE, default=None, help="override the latent side directly (quick runs)")
-    g.add_argument("--batch", type=POSITIVE, default=None, help="images per step (default per mode and device)")
+    g.add_argument("--batch", type=_positive_list, default=None,
+                   help="images per step, or a comma list of sizes (default per mode and device: on a GPU fwd/cfg "
+                        "256, train 32,64)")
     g.add_argument("--dtype", type=_one_of(DTYPE_NAMES, "a dtype"), default=None,
                    help="fp32 | bf16 | fp16 via autocast, weights fp32 (default: bf16 on a GPU, fp32 on the CPU); "
                         "kernels takes a comma list")
@@ -118,6 +145,12 @@ def _parser() -> argparse.ArgumentParser:
                    help="attention backend of dit_fast (see dit_fast.attention)")
     g.add_argument("--compile", action="store_true", help="also time torch.compile(reference)")
     g.add_argument("--compile-fast", action="store_true", help="also time torch.compile(dit_fast)")
+    g.add_argument("--contender", type=_names, action="append", default=None,
+                   help="throughput: time only these contenders (comma list, e.g. reference,reference+compile,"
+                        "dit_fast[auto]; default all of the run)")
+    g.add_argument("--max-batch", action="store_true",
+                   help="throughput, train on CUDA: also find and time each eager contender's largest batch "
+                        "that fits (out-of-memory caught per try)")
     g.add_argument("--warmup", type=NON_NEGATIVE, default=None, help="untimed steps first")
     g.add_argument("--iters", type=POSITIVE, default=None,
                    help="throughput: rounds (one timed step per contender per round, median reported); "
@@ -178,9 +211,9 @@ def _attn_backends() -> tuple[str, ...]:
 
 
 def _ops() -> tuple[str, ...]:
-    from .backends import OPS
+    from .backends import ALL_OPS
 
-    return OPS
+    return ALL_OPS
 
 
 class Run:
@@ -214,16 +247,55 @@ class Run:
         self.dtype = self.dtypes[0]
         self.modes = list(dict.fromkeys(_csv(args.mode))) or list(DEFAULT_MODES)
         self.backends = list(dict.fromkeys(_csv(args.backend))) or None
+        self.contenders = list(dict.fromkeys(_csv(args.contender))) or None
         self.warmup = args.warmup if args.warmup is not None else (5 if gpu else 1)
         self.iters = args.iters if args.iters is not None else (20 if gpu else 3)
         if args.batch:
-            self.batch = {m: args.batch for m in self.modes if m != "sample"}
+            self.batch = {m: list(args.batch) for m in self.modes if m != "sample"}
         else:
-            self.batch = {m: (GPU_BATCH[m] if gpu else CPU_BATCH) for m in self.modes if m != "sample"}
+            self.batch = {m: list(GPU_BATCH[m] if gpu else CPU_BATCH) for m in self.modes if m != "sample"}
+        self._check_combinations(parser, gpu)
         self.out = _writable_out_dir(args.out or (DEFAULT_OUT if os.path.isdir(DEFAULT_OUT) else "out"), parser)
         self.progress = not args.no_progress and sys.stderr.isatty()
         self._env = None
         self._ceilings = None
+
+    def _check_combinations(self, parser: argparse.ArgumentParser, gpu: bool) -> None:
+        """Settings that would make every row fail are refused before anything is measured."""
+        args = self.args
+        times_models = args.command in ("bench", "throughput")
+        odd = [b for b in self.batch.get("cfg", []) if b % 2]
+        if times_models and odd:
+            parser.error(f"argument --batch: expected an even batch for --mode cfg (forward_with_cfg splits it into "
+                         f"a conditional and an unconditional half), got {odd[0]}")
+        if self.contenders and times_models:
+            from .bench.contenders import contender_list
+
+            try:
+                contender_list(self.device.type, self.backends, args.compile, args.compile_fast, args.attn,
+                               only=self.contenders)
+            except ValueError as e:
+                parser.error(f"argument --contender: {e} (--compile adds reference+compile, reference-math+compile)")
+        if args.max_batch and not (gpu and "train" in self.modes and times_models):
+            parser.error(f"argument --max-batch: expected a CUDA device and --mode train, got device "
+                         f"{self.device.type} and modes {','.join(self.modes)}")
+        if self.backends and args.command != "overhead":
+            self._check_backends_run(parser, timing=args.command != "parity")
+
+    def _check_backends_run(self, parser: argparse.ArgumentParser, timing: bool) -> None:
+        """A kernel family asked for by name must run here as itself: no row silently dropped or measured on
+        the torch fallback under its name. timing: the Triton interpreter (CPU) does not count as running."""
+        from .backends import probe
+
+        for b in self.backends:
+            if b in ("torch", "auto"):
+                continue
+            ok, why = probe(b, self.device.type)
+            if ok and timing and b == "triton" and self.device.type == "cpu":
+                ok, why = False, "triton on the CPU is the interpreter, a correctness tool, not a speed path"
+            if not ok:
+                parser.error(f"argument --backend: expected a kernel backend that runs on {self.device.type} here, "
+                             f"got {b!r}: {why}")
 
     @property
     def env(self) -> dict:
@@ -270,11 +342,12 @@ class Run:
             "notes": [],
         }
 
-    def write(self, record: dict, what: str) -> dict:
-        """The complete result under its final name; then the partial checkpoint of this run goes."""
+    def write(self, record: dict, what: str, status: str = "complete") -> dict:
+        """The finished result under its final name; then the partial checkpoint of this run goes. status:
+        "complete", or what went wrong in a run that finished (rows that failed)."""
         from .bench import report
 
-        record["status"] = "complete"
+        record["status"] = status
         paths = report.write_all(self.out, record, what, png=not self.args.no_png)
         report.remove_partial(self.out, record["env"], what)
         for path in paths.values():
@@ -340,9 +413,16 @@ def cmd_parity(run: Run, record: dict, dtypes: list[str], batch: int = 2) -> boo
 
     print(f"parity: {run.model_name} input {run.shape.input_size} depth {run.shape.depth} on {run.device} ...",
           file=sys.stderr)
-    record["parity"] = run_parity(
+    record["parity"] = []
+    save = run.checkpoint(record, "parity" if run.args.command == "parity" else "")
+
+    def on_row(row):
+        record["parity"].append(row)
+        save()
+
+    run_parity(
         run.shape, device=run.device, batch=batch, dtypes=tuple(parse_dtype(d) for d in dtypes),
-        backends=run.backends, attn=run.args.attn,
+        backends=run.backends, attn=run.args.attn, on_row=on_row,
     )
     _print_table(record, "parity", PARITY_COLS)
     ok = all_pass(record["parity"])
@@ -367,7 +447,7 @@ def cmd_throughput(run: Run, record: dict, what: str) -> None:
         backends=run.backends,
         compile_ref=run.args.compile, compile_fast=run.args.compile_fast, attn=run.args.attn,
         warmup=run.warmup, iters=run.iters, gemm_tflops=ceil["gemm_tflops"] if ceil else None,
-        on_update=on_update, progress=run.progress,
+        on_update=on_update, progress=run.progress, contenders=run.contenders, max_batch=run.args.max_batch,
     )
     record["notes"].append(NOISE_NOTE)
     if run.device.type == "cpu":
@@ -388,7 +468,7 @@ def cmd_sampling(run: Run, record: dict, what: str) -> None:
         save()
 
     run_sampling_bench(
-        run.shape, device=run.device, batches=[run.args.batch] if run.args.batch else None,
+        run.shape, device=run.device, batches=run.args.batch or None,
         num_steps=run.args.sample_steps, rounds=run.args.iters or 3, compile_ref=run.args.compile,
         backend=(run.backends or ["auto"])[0], on_result=on_result,
     )
@@ -400,8 +480,7 @@ def cmd_kernels(run: Run, record: dict) -> None:
     from .bench.report import KERNEL_COLS
 
     ops = _csv(run.args.op) or None
-    shapes = default_shapes(run.device.type, run.shape.tokens, run.shape.hidden_size,
-                            [run.args.batch] if run.args.batch else None)
+    shapes = default_shapes(run.device.type, run.shape.tokens, run.shape.hidden_size, run.args.batch or None)
     ceil = run.ceilings
     record["kernels"] = []
     save = run.checkpoint(record, "kernels")
@@ -412,7 +491,8 @@ def cmd_kernels(run: Run, record: dict) -> None:
 
     run_kernels(device=run.device, dtype=run.dtypes, shapes=shapes, ops=ops, compile_=run.args.compile,
                 with_backward=not run.args.no_backward, copy_gb_per_s=ceil["copy_gb_per_s"] if ceil else None,
-                rounds=run.args.rounds, cpu_iters=run.iters, progress=run.progress, on_result=on_result)
+                rounds=run.args.rounds, cpu_iters=run.iters, progress=run.progress, on_result=on_result,
+                backends=run.backends)
     record["notes"].append(NOISE_NOTE)
     _print_table(record, "kernels", KERNEL_COLS)
 
@@ -440,7 +520,8 @@ def cmd_overhead(run: Run, record: dict) -> None:
 def cmd_profile(run: Run, record: dict) -> None:
     import torch
 
-    from .bench.contenders import Contender, build_reference
+    from .bench import stop
+    from .bench.contenders import Contender, build_reference, ran_label
     from .bench.profile import profile_model
     from .bench.report import PROFILE_KERNEL_COLS, md_table, stem
     from .testing import randomize_weights_
@@ -448,18 +529,19 @@ def cmd_profile(run: Run, record: dict) -> None:
     torch.manual_seed(0)
     reference = randomize_weights_(build_reference(run.shape, run.device))
     contenders = [Contender("reference", "reference")]
-    contenders += [Contender(f"dit_fast[{b}]", "dit_fast", backend=b, attn=run.args.attn)
-                   for b in (run.backends or ["auto"])]
+    # named for the kernels that run: an op the asked-for backend cannot run here goes to another one
+    contenders += [Contender(ran_label(b, run.device.type, run.shape.hidden_size), "dit_fast", backend=b,
+                             attn=run.args.attn) for b in (run.backends or ["auto"])]
     targets = list(dict.fromkeys(_csv(run.args.target)))
     modes = [m for m in run.modes if m not in ("cfg", "sample")] or ["fwd"]
-    batch = run.args.batch or (32 if run.device.type == "cuda" else 2)
+    batch = run.args.batch[0] if run.args.batch else (32 if run.device.type == "cuda" else 2)
     record["profile"] = []
     save = run.checkpoint(record, "profile")
     base = stem(run.out, record["env"], "profile")
     for c in contenders:
         for target in targets:
             for mode in modes:
-                tag = f"{c.name.replace('[', '-').replace(']', '')}-{target}-{mode}"
+                tag = re.sub(r"[^A-Za-z0-9+_.]+", "-", c.name).strip("-") + f"-{target}-{mode}"
                 trace = None if run.args.no_trace else f"{base}-{tag}.trace.json"
                 print(f"profile: {c.name} {target} {mode} ...", file=sys.stderr)
                 try:
@@ -468,6 +550,7 @@ def cmd_profile(run: Run, record: dict) -> None:
                                         iters=2 if run.device.type == "cuda" else 1, trace_path=trace,
                                         nvtx=run.args.nvtx)
                 except Exception as e:
+                    stop.check()
                     res = {"contender": c.name, "target": target, "mode": mode, "batch": batch, "iters": 0,
                            "kernels": [], "ranges": [], "error": f"{type(e).__name__}: {e}"[:300]}
                 if trace and os.path.exists(trace):
@@ -487,7 +570,7 @@ NOISE_NOTE = ("Timing: contenders interleaved in rounds (round r runs each once,
               "times are medians "
               "over the rounds, speedups medians of per-round ratios; spread = (max - min) / median; NOISY marks a "
               "spread over 10%: do not trust a difference smaller than the spread.")
-SECTIONS = ("parity", "throughput", "kernels", "overhead", "profile")
+SECTIONS = ("parity", "throughput", "sampling", "kernels", "overhead", "profile")
 
 
 def cmd_report(args, parser: argparse.ArgumentParser) -> int:
@@ -503,14 +586,14 @@ def cmd_report(args, parser: argparse.ArgumentParser) -> int:
             parser.error(f"argument json: {e}")
     if args.merge:
         out = _writable_out_dir(args.merge, parser)
-        merged = dict(records[0][1])
+        merged = {k: v for k, v in records[0][1].items() if k not in SECTIONS}
         merged["kind"] = "bench"
         merged["notes"] = []
         incomplete = []
         for path, rec in records:
-            for key in SECTIONS:
+            for key in SECTIONS:  # rows of every file, in the order given (two throughput runs: both)
                 if rec.get(key):
-                    merged[key] = rec[key]
+                    merged[key] = merged.get(key, []) + rec[key]
             if rec.get("ceilings") and not merged.get("ceilings"):
                 merged["ceilings"] = rec["ceilings"]
             merged["notes"] += [n for n in rec.get("notes", []) if n not in merged["notes"]]
@@ -535,12 +618,15 @@ def cmd_report(args, parser: argparse.ArgumentParser) -> int:
     return 0
 
 
-class _Terminated(Exception):
-    """SIGTERM (a `timeout` ending the stage): handled like Ctrl-C, so what was measured is written."""
-
-
-def _on_sigterm(signum, frame):
-    raise _Terminated()
+def error_rows(record: dict) -> list[str]:
+    """'<section>: <contender/op>: <error>' for every row of the record that failed."""
+    out = []
+    for key in ("parity", "throughput", "sampling", "kernels", "overhead", "profile"):
+        for row in record.get(key) or []:
+            if isinstance(row, dict) and row.get("error"):
+                who = row.get("contender") or row.get("backend") or row.get("op") or "?"
+                out.append(f"{key}: {who}: {str(row['error'])[:200]}")
+    return out
 
 
 def main(argv=None) -> int:
@@ -570,12 +656,14 @@ def main(argv=None) -> int:
         "profile": ("profile", "profile", False),
     }
     kind, what, ceilings = jobs[args.command]
-    record = run.record(kind, ceilings=ceilings and args.command != "overhead")
-    import signal
+    from .bench import stop
 
-    previous = signal.signal(signal.SIGTERM, _on_sigterm) if _main_thread() else None
+    # SIGINT and SIGTERM raise stop.Stopped (a BaseException: no per-row `except Exception` takes it)
+    previous = stop.install()
     ok = True
+    record = None
     try:
+        record = run.record(kind, ceilings=ceilings and args.command != "overhead")
         if args.command in ("bench", "parity") and not getattr(args, "no_parity", False):
             batch = args.parity_batch if args.command == "bench" else 2
             ok = cmd_parity(run, record, _csv(args.parity_dtypes), batch=batch)
@@ -592,22 +680,35 @@ def main(argv=None) -> int:
             cmd_overhead(run, record)
         elif args.command == "profile":
             cmd_profile(run, record)
-    except (KeyboardInterrupt, _Terminated) as e:
-        why = "interrupted (Ctrl-C)" if isinstance(e, KeyboardInterrupt) else "terminated (SIGTERM)"
-        print(f"\n{args.command}: {why}; writing what was measured", file=sys.stderr)
-        run.write_partial(record, what, why)
-        return 130 if isinstance(e, KeyboardInterrupt) else 143
+    except (stop.Stopped, KeyboardInterrupt) as e:
+        stop.handling()  # a second signal from here on is recorded, not raised: the partial result gets written
+        signum = e.signum if isinstance(e, stop.Stopped) else stop.SIGNALS[0]
+        return _stopped(run, record, what, args.command, stop.received() or signum)
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
-    run.write(record, what)
-    return 0 if ok else 1
+        stop.restore(previous)
+    signum = stop.received()
+    if signum is not None:  # a stop request that something on the way caught and did not pass on
+        return _stopped(run, record, what, args.command, signum)
+    failed = error_rows(record)
+    if failed:
+        record.setdefault("notes", []).append(f"ERRORS: {len(failed)} rows failed (their 'error' column).")
+    run.write(record, what, status=f"finished with {len(failed)} failed rows" if failed else "complete")
+    if failed:
+        print(f"{args.command}: {len(failed)} rows failed:\n  " + "\n  ".join(failed), file=sys.stderr)
+    return 0 if ok and not failed else 1
 
 
-def _main_thread() -> bool:
-    import threading
+def _stopped(run: Run, record: dict | None, what: str, command: str, signum: int) -> int:
+    """What was measured goes to <name>-partial (never the complete name); exit 128 + the signal."""
+    from .bench import stop
 
-    return threading.current_thread() is threading.main_thread()
+    why = stop.describe(signum)
+    if record is None:
+        print(f"\n{command}: {why} before anything was measured", file=sys.stderr)
+    else:
+        print(f"\n{command}: {why}; writing what was measured", file=sys.stderr)
+        run.write_partial(record, what, why)
+    return stop.exit_code(signum)
 
 
 if __name__ == "__main__":

@@ -95,3 +95,23 @@ def test_roofline_usage_errors(argv, flag, capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(["roofline", *argv])
     assert e.value.code == 2 and flag in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("mode", ["forward", "train"])
+def test_the_reference_baselines_run_sdpa_attention(mode):
+    """The eager and Inductor plans model the reference as built (SDPA: a fused kernel, no [B, H, L, L]
+    scores); eager_attention="math" (reference-math) materializes the scores and moves far more bytes."""
+    scores = B * XL.num_heads * XL.tokens**2 * 2 * XL.depth  # one bf16 [B, H, L, L] tensor, all blocks
+    by_plan = {}
+    for attention in ("sdpa", "math"):
+        rows, _ = predict(XL, B, mode, 3000, 800, eager_attention=attention)
+        by_plan[attention] = next(r for r in rows if r["op"] == "attention")
+    default = next(r for r in predict(XL, B, mode, 3000, 800)[0] if r["op"] == "attention")
+    assert default == by_plan["sdpa"]
+    sdpa, math = by_plan["sdpa"], by_plan["math"]
+    q_k_v_out = 4 * B * XL.tokens * XL.hidden_size * 2 * XL.depth  # what a flash forward reads and writes
+    assert sdpa["eager_gb"] * 1e9 <= (6 if mode == "train" else 1) * q_k_v_out * 1.001  # no score tensor anywhere
+    assert sdpa["inductor_gb"] == math["inductor_gb"] <= sdpa["eager_gb"]
+    # the scores: written, read by softmax, written again, read by @ v (and more in the backward)
+    assert (math["eager_gb"] - sdpa["eager_gb"]) * 1e9 > 3 * scores
+    assert math["eager_ms"] > 2 * sdpa["eager_ms"]

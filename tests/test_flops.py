@@ -48,10 +48,11 @@ def test_matches_torch_flop_counter(name, input_size, depth):
     """An independent count: torch.utils.flop_counter on the reference model (GEMMs, convs, attention bmm)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from dit_fast.bench.contenders import build_reference
+    from dit_fast.bench.contenders import build_reference, set_reference_attention
 
     s = replace(shape_for(name, 256, depth=depth), input_size=input_size)
-    model = build_reference(s, "cpu")
+    # the explicit attention path: FlopCounterMode counts its two bmm, not the CPU SDPA kernel
+    model = set_reference_attention(build_reference(s, "cpu"), math=True)
     n = 3
     x = torch.randn(n, 4, input_size, input_size)
     with FlopCounterMode(display=False) as counter, torch.no_grad():

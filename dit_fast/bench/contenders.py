@@ -2,7 +2,16 @@
 
 A contender is one model implementation (the reference in eager mode, the reference under
 torch.compile, dit_fast on one kernel backend, optionally compiled) with the same weights and the
-same inputs as every other. Precision policy, identical for all contenders and modes: weights
+same inputs as every other.
+
+"reference" is the reference model as built: attention through F.scaled_dot_product_attention, which
+is what the official DiT runs with a current timm (timm's Attention.fused_attn is on by default).
+"reference-math" is the same model with every block's `attn.fused_attn = False`: the explicit
+`(q * scale) @ k^T`, softmax, `@ v` path of the published code with an old timm. torch.compile does not
+rewrite that form into SDPA, so it is a slower baseline; it is kept, named for what it is, and every
+speedup headline is taken against "reference" and "reference+compile".
+
+Precision policy, identical for all contenders and modes: weights
 stay float32 and `dtype` is applied with torch.autocast (the official training recipe; for the
 forward modes it keeps every contender on one numerical footing). dtype float32 disables autocast.
 """
@@ -72,21 +81,47 @@ class Contender:
     backend: str | None = None
     compiled: bool = False
     attn: str = "auto"
+    math_attention: bool = False  # reference only: every block's attn.fused_attn = False
     extra: dict = field(default_factory=dict)
 
 
+def reference_contenders(compiled: bool) -> list[Contender]:
+    """The reference as built (SDPA) and reference-math, eager or under torch.compile."""
+    tail = "+compile" if compiled else ""
+    return [Contender(f"reference{tail}", "reference", compiled=compiled),
+            Contender(f"reference-math{tail}", "reference", compiled=compiled, math_attention=True)]
+
+
 def contender_list(device_type: str, backends: list[str] | None, compile_ref: bool, compile_fast: bool,
-                   attn: str) -> list[Contender]:
+                   attn: str, only: list[str] | None = None) -> list[Contender]:
     """Eager contenders first, compiled ones last: a run cut short by a timeout (compiling is the slow
-    part) still has every eager number."""
+    part) still has every eager number. `only`: keep these names (in this order of kinds), all of
+    which must be contenders of the run (ValueError naming the ones that are not)."""
     names = backends or available_backends(device_type)
-    out = [Contender("reference", "reference")]
+    out = reference_contenders(compiled=False)
     out += [Contender(f"dit_fast[{b}]", "dit_fast", backend=b, attn=attn) for b in names]
     if compile_ref:
-        out.append(Contender("reference+compile", "reference", compiled=True))
+        out += reference_contenders(compiled=True)
     if compile_fast:
         out += [Contender(f"dit_fast[{b}]+compile", "dit_fast", backend=b, compiled=True, attn=attn) for b in names]
+    if only:
+        known = [c.name for c in out]
+        unknown = [n for n in only if n not in known]
+        if unknown:
+            raise ValueError(f"expected contender names of this run (one of {', '.join(known)}), "
+                             f"got {', '.join(map(repr, unknown))}")
+        out = [c for c in out if c.name in only]
     return out
+
+
+def set_reference_attention(model: nn.Module, math: bool) -> nn.Module:
+    """Every reference block's attention on the explicit math path (math=True) or on SDPA (False).
+
+    Sets timm's attribute `fused_attn` on each block's Attention; on a model whose Attention does not
+    read it, setting it changes nothing."""
+    for block in model.blocks:
+        block.attn.fused_attn = not math
+    return model
 
 
 def instantiate(c: Contender, reference: nn.Module) -> nn.Module:
@@ -94,7 +129,7 @@ def instantiate(c: Contender, reference: nn.Module) -> nn.Module:
     import copy
 
     if c.kind == "reference":
-        model = copy.deepcopy(reference)
+        model = set_reference_attention(copy.deepcopy(reference), math=c.math_attention)
     else:
         from ..models import from_reference
 
@@ -167,3 +202,20 @@ def make_step(model: nn.Module, mode: str, inputs: Inputs, device: torch.device,
         step.optimizer = opt
         return step
     raise ValueError(f"mode must be one of fwd, cfg, train, got {mode!r}")
+
+
+def ran_label(backend: str, device_type: str, hidden: int) -> str:
+    """dit_fast[<backend>] when every fused op runs on `backend` here; otherwise the families that do run,
+    e.g. dit_fast[auto: triton; torch for patch_embed] (auto) or dit_fast[torch (asked triton)]."""
+    from ..backends import OPS, resolve
+
+    ran = {op: resolve(backend, op, device_type, False, hidden) for op in OPS}
+    families = list(dict.fromkeys(ran.values()))
+    if backend != "auto" and families == [backend]:
+        return f"dit_fast[{backend}]"
+    if backend != "auto" and backend not in families:
+        return f"dit_fast[{'+'.join(families)} (asked {backend})]"
+    main = backend if backend != "auto" else max(families, key=lambda f: sum(v == f for v in ran.values()))
+    others = "; ".join(f"{f} for {','.join(op for op, v in ran.items() if v == f)}" for f in families if f != main)
+    head = main if backend != "auto" else f"auto: {main}"
+    return f"dit_fast[{head}{'; ' + others if others else ''}]"

@@ -16,6 +16,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
+from . import stop
 from .contenders import autocast_ctx, available_backends, build_reference
 from .flops import DiTShape
 
@@ -71,8 +72,10 @@ def run_parity(
     attn: str = "auto",
     tamper: Callable[[nn.Module], None] | None = None,
     seed: int = 0,
+    on_row: Callable[[dict], None] | None = None,
 ) -> list[dict]:
-    """One row per (backend, dtype, quantity); tamper(fast_model) lets a test break the fast model on purpose."""
+    """One row per (backend, dtype, quantity); tamper(fast_model) lets a test break the fast model on purpose.
+    on_row(row) runs as soon as each row is measured (to checkpoint it)."""
     from ..models import from_reference
     from ..testing import randomize_weights_
 
@@ -87,7 +90,13 @@ def run_parity(
     cot = torch.randn(batch, shape.out_channels, s, s, generator=g, dtype=torch.float64).to(device)
 
     truth = _run(copy.deepcopy(ref).double(), x.double(), t.double(), y, cot, device, torch.float64)
-    rows = []
+    rows: list[dict] = []
+
+    def add(row: dict) -> None:
+        rows.append(row)
+        if on_row:
+            on_row(row)
+
     for dtype in dtypes:
         base = _run(ref, x, t, y, cot.float(), device, dtype)
         base_err = {q: _rel(base[q], truth[q]) for q in ("output", "grad_input", "grad_params")}
@@ -98,7 +107,8 @@ def run_parity(
             try:
                 ours = _run(fast, x, t, y, cot.float(), device, dtype)
             except Exception as e:
-                rows.append({"backend": backend, "dtype": str(dtype).replace("torch.", ""), "quantity": "all",
+                stop.check()
+                add({"backend": backend, "dtype": str(dtype).replace("torch.", ""), "quantity": "all",
                              "pass": False, "error": f"{type(e).__name__}: {e}"[:300]})
                 continue
             for q in ("output", "grad_input", "grad_params"):
@@ -121,7 +131,7 @@ def run_parity(
                     per = {n: _rel(g, truth["_per_param"][n]) for n, g in ours["_per_param"].items()}
                     row["worst_param"] = max(per, key=per.get)
                     row["worst_param_rel_err"] = per[row["worst_param"]]
-                rows.append(row)
+                add(row)
             del fast
     return rows
 

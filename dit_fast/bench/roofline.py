@@ -1,12 +1,17 @@
 """A predicted budget: per-op bytes and FLOPs of a DiT step and the time a device's ceilings allow.
 
 For every op of a forward (or training step) and three ways of running it:
-  eager     the reference as written: each norm / modulate / gate / residual its own kernel, dtype casts
-            under autocast, GELU separate, attention as math (QK^T, softmax, PV) or SDPA;
-  inductor  what an Inductor-like compiler reaches: elementwise chains (casts included) fused into one
-            kernel each, the residual add fused with the next LayerNorm, GEMMs on cuBLAS, GELU its own
-            kernel (cuBLAS has no tanh-GELU epilogue here), attention as flash SDPA (Inductor's
-            pattern matcher rewrites this math attention), its backward's dq/dk/dv stacked by a copy;
+  eager     the reference as users run it: each norm / modulate / gate / residual its own kernel, dtype
+            casts under autocast, GELU separate, attention through F.scaled_dot_product_attention (the
+            official DiT with a current timm: fused_attn on; a flash kernel, no [B, H, L, L] scores);
+            eager_attention="math" models the explicit (q * scale) @ k^T, softmax, @ v path instead
+            (the "reference-math" contender of the benchmarks);
+  inductor  torch.compile of that reference as an Inductor-like compiler reaches it: elementwise chains
+            (casts included) fused into one kernel each, the residual add fused with the next LayerNorm,
+            GEMMs on cuBLAS, GELU its own kernel (cuBLAS has no tanh-GELU epilogue here), attention the
+            reference's own SDPA call (one flash kernel each way, no materialized scores; Inductor does
+            not rewrite the explicit math form into SDPA, so this plan is the compiled SDPA reference),
+            its backward's dq/dk/dv stacked by a copy;
   dit_fast  the fusion map of docs/DESIGN.md section 2: one GEMM for all adaLN projections, fused
             patch_embed, gated_residual_adaln per half-block, GELU in fc1's epilogue (training also
             stores the pre-activation; GELU's backward stays a pass of its own), flash attention
@@ -81,7 +86,7 @@ def _param_counts(s: DiTShape) -> tuple[int, int, int]:
 
 
 def step_ops(s: DiTShape, batch: int, mode: str = "forward", precision: str = "autocast",
-             eager_attention: str = "math") -> list[dict]:
+             eager_attention: str = "sdpa") -> list[dict]:
     """[{"op", "kind", "gflop", "kernels": {plan: [K, ...]}}] for one step of `mode` on `batch` images."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -238,7 +243,7 @@ def step_ops(s: DiTShape, batch: int, mode: str = "forward", precision: str = "a
 
 
 def predict(s: DiTShape, batch: int, mode: str, copy_gb_per_s: float, gemm_tflops: float,
-            precision: str = "autocast", eager_attention: str = "math") -> tuple[list[dict], list[dict]]:
+            precision: str = "autocast", eager_attention: str = "sdpa") -> tuple[list[dict], list[dict]]:
     """(per-op rows, per-plan summary rows) with GB, ms and launches for each plan."""
     if not copy_gb_per_s > 0 or not gemm_tflops > 0:
         raise ValueError(f"copy_gb_per_s and gemm_tflops must be > 0, got {copy_gb_per_s} and {gemm_tflops}")

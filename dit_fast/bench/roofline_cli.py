@@ -24,8 +24,9 @@ def add_parser(sub, positive, positive_float, model_name) -> None:
     r.add_argument("--precision", choices=PRECISIONS, default="autocast",
                    help="autocast: fp32 weights and residual stream, bf16 GEMMs (the benchmarked policy); "
                         "bf16: all bf16")
-    r.add_argument("--eager-attention", choices=("math", "sdpa"), default="math",
-                   help="attention of the eager reference (the reference code is math)")
+    r.add_argument("--eager-attention", choices=("math", "sdpa"), default="sdpa",
+                   help="attention of the eager reference: sdpa (the reference as built, as the official DiT "
+                        "runs with a current timm) or math (reference-math: explicit softmax(q k^T) v)")
     r.add_argument("--copy-gbps", type=positive_float, default=None,
                    help="override the copy bandwidth (GB/s, read+write)")
     r.add_argument("--gemm-tflops", type=positive_float, default=None, help="override the bf16 GEMM rate (TFLOP/s)")

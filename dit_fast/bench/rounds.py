@@ -16,6 +16,8 @@ from __future__ import annotations
 import statistics
 from typing import Callable
 
+from . import stop
+
 NOISY_SPREAD_PCT = 10.0
 
 
@@ -50,6 +52,7 @@ def run_rounds(
             try:
                 times[name].append(float(samplers[name]()))
             except Exception as e:  # one contender's failure must not lose the others' numbers
+                stop.check()  # ... but a stop request wrapped in an Exception by library code is not one
                 errors[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
         for name in errors:
             times[name] += [None] * (r + 1 - len(times[name]))

@@ -22,6 +22,7 @@ import torch
 
 from ..diffusion import create_diffusion
 from ..sampling import sample
+from . import stop
 from .contenders import NUM_CLASSES, build_reference
 from .flops import DiTShape
 from .rounds import ratio_stats, run_rounds, spread
@@ -117,6 +118,7 @@ def run_sampling_bench(
             try:
                 fn()
             except Exception as e:  # recorded in the row; the others go on
+                stop.check()
                 warm_errors[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
                 samplers.pop(name)
         times, errors = run_rounds(samplers, rounds)

@@ -7,10 +7,20 @@ alike; each row reports the median over the rounds and its spread, and each spee
 per-round ratios. A contender that fails (out of memory, compile error) is recorded with its error
 and the run goes on.
 
-Phases per mode: the eager contenders are warmed up and timed first (and saved), then the compiled
-ones are warmed up (compiling is the slow part) and the rounds run again with every contender; the
-second set of rows replaces the first. A run cut by a timeout while compiling keeps the eager numbers.
-Memory: every contender of a phase holds its model (and, for train, its optimizer state) at once.
+Phases per (mode, batch): the eager contenders are warmed up and timed first (and saved), then the
+compiled ones are warmed up (compiling is the slow part) and the rounds run again with every contender;
+the second set of rows replaces the first. A run cut by a timeout while compiling keeps the eager numbers.
+Memory: every contender of a phase holds its model at once (peak_mem_gib = its own model's bytes + the
+peak above them during its steps).
+
+Training steps on CUDA are timed one contender at a time ("isolated"): four DiT-XL/2 models with their
+AdamW state (11 GB each) and a B=64 step's activations do not fit in 80 GB together, and the peak memory
+a user compares is that of one model alone. Each contender is built after torch.cuda.reset_peak_memory_stats,
+warmed up, and timed for `iters` consecutive steps; peak_mem_gib = max_memory_allocated above what was
+allocated before it was built (weights, gradients, optimizer state, activations). Its speedups are ratios
+of medians (no paired rounds). The largest batch that fits (max_batch) is found per eager contender by
+doubling the batch, then bisecting in multiples of 32, one step per try, each try's CUDA out-of-memory
+error caught and its memory freed before the next.
 """
 from __future__ import annotations
 
@@ -19,6 +29,7 @@ from typing import Callable
 
 import torch
 
+from . import stop
 from .contenders import Contender, contender_list, instantiate, make_inputs, make_step
 from .flops import DiTShape, flops_per_step
 from .rounds import ratio_stats, run_rounds, spread
@@ -64,7 +75,7 @@ def run_throughput(
     *,
     device: torch.device,
     dtype: torch.dtype,
-    batch: int | dict[str, int],
+    batch: int | dict[str, int | list[int]],
     modes: list[str],
     backends: list[str] | None = None,
     compile_ref: bool = False,
@@ -75,15 +86,28 @@ def run_throughput(
     gemm_tflops: float | None = None,
     on_update: Callable[[list[dict]], None] | None = None,
     progress: bool = True,
+    contenders: list[str] | None = None,
+    isolate_train: bool | None = None,
+    max_batch: bool = False,
+    max_batch_limit: int = 1024,
 ) -> list[dict]:
-    """One row per (contender, mode); `iters` is the number of rounds; batch is one size or one per mode.
+    """One row per (contender, mode, batch); `iters` is the number of rounds (isolated: timed steps);
+    batch is one size, or one size or a list of sizes per mode.
 
-    on_update(rows) runs after every round with every row measured so far (to checkpoint them).
+    isolate_train (default: on CUDA): time the training step one contender at a time, each alone in
+    memory (module docstring). max_batch: after the listed batches, find each eager contender's largest
+    training batch that fits (isolated, CUDA) and time it. on_update(rows) runs after every round (every
+    isolated row) with every row measured so far (to checkpoint them).
     """
     from .contenders import build_reference
 
     if iters < 1:
         raise ValueError(f"iters must be >= 1, got {iters}")
+    if isolate_train is None:
+        isolate_train = device.type == "cuda"
+    if max_batch and not (isolate_train and device.type == "cuda"):
+        raise ValueError("max_batch needs a CUDA device and isolated training rows (it catches CUDA out-of-memory "
+                         f"errors), got device {device.type!r} with isolate_train={isolate_train}")
     torch.manual_seed(0)
     pristine = build_reference(shape, device)
     # Random weights: the published init zeroes adaLN and the final layer, which some kernels
@@ -91,66 +115,200 @@ def run_throughput(
     from ..testing import randomize_weights_
 
     randomize_weights_(pristine)
-    batches = batch if isinstance(batch, dict) else {m: batch for m in modes}
-    inputs = {n: make_inputs(shape, n, device) for n in set(batches[m] for m in modes)}
-    contenders = contender_list(device.type, backends, compile_ref, compile_fast, attn)
-    eager = [c for c in contenders if not c.compiled]
-    phases = [eager] + ([contenders] if len(eager) < len(contenders) else [])
-    done: list[dict] = []  # rows of finished modes
+    batches = {m: _as_list(batch[m] if isinstance(batch, dict) else batch) for m in modes}
+    all_contenders = contender_list(device.type, backends, compile_ref, compile_fast, attn, only=contenders)
+    eager = [c for c in all_contenders if not c.compiled]
+    phases = [eager] + ([all_contenders] if len(eager) < len(all_contenders) else [])
+    done: list[dict] = []  # rows of finished (mode, batch) pairs
     forward_models: dict[str, object] = {}  # fwd and cfg share one eval copy per contender
     for mode in modes:
         if mode == "train":
             forward_models.clear()
             _free(device)
-        n = batches[mode]
-        flops = flops_per_step(shape, mode, n)
-        rows: list[dict] = []
-        for phase in phases:
-            timed, failed = _prepare(phase, mode, pristine, inputs[n], device, dtype, warmup, forward_models, progress)
-            bar = (_progress_bar(iters * len(timed), f"{mode}: {len(timed)} contenders x {iters} rounds")
-                   if progress else None)
-
-            def sampler(t: _Timed, bar=bar):
-                def run():
-                    ms = t.sample(device)
-                    if bar:
-                        bar.update()
-                    return ms
-                return run
-
-            def rows_of(times, errors, phase=phase, failed=failed, mode=mode, n=n, flops=flops, timed=timed):
-                out = []
-                for c in phase:
-                    if c.name in failed:
-                        out.append(_row(c, mode, n, dtype, flops, None, failed[c.name], warmup))
-                        continue
-                    t = timed[c.name]
-                    out.append(_row(c, mode, n, dtype, flops, times.get(c.name), errors.get(c.name), warmup,
-                                    gemm_tflops, t, device))
-                add_speedups(out)
-                return out
-
-            def save(_r, times, errors, done=done):
-                nonlocal rows
-                rows = rows_of(times, errors)
-                if on_update:
-                    on_update(done + rows)
-
-            try:
-                times, errors = run_rounds({name: sampler(t) for name, t in timed.items()}, iters, on_round=save)
-                rows = rows_of(times, errors)
-            finally:
-                if bar:
-                    bar.close()
-                if mode == "train":
-                    timed.clear()
-                    _free(device)
-        done += rows
-        if on_update:
-            on_update(done)
+        for n in batches[mode]:
+            inputs = make_inputs(shape, n, device)
+            if mode == "train" and isolate_train:
+                # eager contenders first, compiled last (the module order of contender_list)
+                for c in all_contenders:
+                    done.append(_isolated_row(c, n, pristine, inputs, shape, device, dtype, warmup, iters,
+                                              gemm_tflops, progress))
+                    add_speedups(done)
+                    if on_update:
+                        on_update(done)
+                continue
+            rows = _interleaved_rows(phases, mode, n, pristine, inputs, shape, device, dtype, warmup, iters,
+                                     gemm_tflops, forward_models, progress, done, on_update)
+            done += rows
+            if on_update:
+                on_update(done)
+            del inputs
     forward_models.clear()
     _free(device)
+    if max_batch and "train" in modes:
+        start = max(batches["train"])
+        for c in eager:
+            done.append(_largest_batch_row(c, start, max_batch_limit, pristine, shape, device, dtype, warmup, iters,
+                                           gemm_tflops, progress))
+            if on_update:
+                on_update(done)
     return done
+
+
+def _as_list(b) -> list[int]:
+    return list(b) if isinstance(b, (list, tuple)) else [b]
+
+
+def _interleaved_rows(phases, mode, n, pristine, inputs, shape, device, dtype, warmup, iters, gemm_tflops,
+                      forward_models, progress, done, on_update) -> list[dict]:
+    """Every contender of (mode, n) timed in interleaved rounds, eager phase first, then all of them."""
+    flops = flops_per_step(shape, mode, n)
+    rows: list[dict] = []
+    for phase in phases:
+        timed, failed = _prepare(phase, mode, pristine, inputs, device, dtype, warmup, forward_models, progress)
+        bar = (_progress_bar(iters * len(timed), f"{mode} B={n}: {len(timed)} contenders x {iters} rounds")
+               if progress else None)
+
+        def sampler(t: _Timed, bar=bar):
+            def run():
+                ms = t.sample(device)
+                if bar:
+                    bar.update()
+                return ms
+            return run
+
+        def rows_of(times, errors, phase=phase, failed=failed, timed=timed):
+            out = []
+            for c in phase:
+                if c.name in failed:
+                    out.append(_row(c, mode, n, dtype, flops, None, failed[c.name], warmup))
+                    continue
+                t = timed[c.name]
+                out.append(_row(c, mode, n, dtype, flops, times.get(c.name), errors.get(c.name), warmup,
+                                gemm_tflops, t, device))
+            add_speedups(out)
+            return out
+
+        def save(_r, times, errors):
+            nonlocal rows
+            rows = rows_of(times, errors)
+            if on_update:
+                on_update(done + rows)
+
+        try:
+            times, errors = run_rounds({name: sampler(t) for name, t in timed.items()}, iters, on_round=save)
+            rows = rows_of(times, errors)
+        finally:
+            if bar:
+                bar.close()
+            if mode == "train":
+                timed.clear()
+                _free(device)
+    return rows
+
+
+def _isolated_row(c: Contender, n: int, pristine, inputs, shape, device, dtype, warmup, iters, gemm_tflops,
+                  progress) -> dict:
+    """One contender's training step alone in memory: `iters` timed steps after the warm-up; peak memory
+    from a reset before its model is built (weights, gradients, optimizer state, activations)."""
+    flops = flops_per_step(shape, "train", n)
+    cuda = device.type == "cuda"
+    _free(device)
+    if cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    error, times = None, None
+    if c.compiled:
+        # a fresh compile as in a user's process: without the reset, the second batch size of the same code
+        # would be compiled with dynamic shapes (automatic dynamic), not for the batch it runs
+        torch._dynamo.reset()
+    try:
+        model = instantiate(c, pristine)
+        step = make_step(model, "train", inputs, device, dtype)
+        n_warm = max(warmup, 1) if c.compiled else warmup  # a compiled contender compiles in its first step
+        bar = _progress_bar(n_warm + iters, f"{c.name} train B={n}") if progress else None
+        times = [time_fn(step, device, warmup=n_warm if i == 0 else 0, iters=1,
+                         progress=bar.update if bar else None)["median_ms"] for i in range(iters)]
+        if bar:
+            bar.close()
+    except Exception as e:
+        stop.check()
+        error = _error(e)
+    finally:
+        model = step = None  # noqa: F841 (released before the next contender is built)
+    row = _row(c, "train", n, dtype, flops, times, error, warmup, gemm_tflops)
+    row["isolated"] = True
+    if cuda:
+        row["peak_mem_gib"] = (torch.cuda.max_memory_allocated(device) - base) / 2**30
+    _free(device)
+    return row
+
+
+def largest_fitting(fits: Callable[[int], bool], start: int, limit: int,
+                    step: int = 32) -> tuple[int | None, int | None]:
+    """(largest batch b <= limit with fits(b), smallest batch found not to fit) by doubling from `start`, then
+    bisecting in multiples of `step`. Assumes that fitting is monotone in the batch."""
+    good, bad = None, None
+    b = start
+    while b <= limit:
+        if fits(b):
+            good, b = b, 2 * b
+        else:
+            bad = b
+            break
+    if good is None:
+        return None, bad
+    if bad is None:
+        return good, None
+    while bad - good > step:
+        mid = (good + bad) // 2 // step * step
+        if mid <= good:
+            break
+        if fits(mid):
+            good = mid
+        else:
+            bad = mid
+    return good, bad
+
+
+def _largest_batch_row(c: Contender, start: int, limit: int, pristine, shape, device, dtype, warmup, iters,
+                       gemm_tflops, progress) -> dict:
+    """The largest training batch of contender c that fits (one step per try; CUDA out-of-memory caught per
+    try, the memory freed, the run goes on), timed alone like the other training rows."""
+    tried: dict[int, str] = {}
+
+    def fits(b: int) -> bool:
+        ok = True
+        model = step = inputs = None
+        try:
+            inputs = make_inputs(shape, b, device)
+            model = instantiate(c, pristine)
+            step = make_step(model, "train", inputs, device, dtype)
+            step()
+            torch.cuda.synchronize(device)
+        except torch.cuda.OutOfMemoryError:
+            ok = False  # the traceback's frames hold tensors: freed below, outside the handler
+        finally:
+            model = step = inputs = None  # noqa: F841
+        _free(device)
+        tried[b] = "fits" if ok else "out of memory"
+        return ok
+
+    try:
+        good, bad = largest_fitting(fits, start, limit)
+    except Exception as e:  # not out of memory: recorded, the other contenders go on
+        stop.check()
+        row = _row(c, "train", start, dtype, flops_per_step(shape, "train", start), None, _error(e), warmup)
+        row.update(largest_batch=True, batches_tried=tried)
+        return row
+    if good is None:
+        row = _row(c, "train", start, dtype, flops_per_step(shape, "train", start), None,
+                   f"OutOfMemoryError: batch {start} does not fit", warmup)
+    else:
+        row = _isolated_row(c, good, pristine, make_inputs(shape, good, device), shape, device, dtype, warmup,
+                            iters, gemm_tflops, progress)
+    row.update(largest_batch=True, oom_batch=bad, batches_tried=tried)
+    return row
 
 
 def _prepare(phase, mode, pristine, inputs, device, dtype, warmup, forward_models, progress):
@@ -175,6 +333,7 @@ def _prepare(phase, mode, pristine, inputs, device, dtype, warmup, forward_model
             persistent = (torch.cuda.memory_allocated(device) - before) if device.type == "cuda" else 0
             timed[c.name] = _Timed(c, model, step, persistent)
         except Exception as e:
+            stop.check()
             failed[c.name] = _error(e)
             _free(device)
     return timed, failed
@@ -232,16 +391,18 @@ def add_speedups(rows: list[dict]) -> None:
     base = {}
     for r in rows:
         if r.get("ms_per_iter") and r["contender"] in ("reference", "reference+compile"):
-            base[(r["contender"], r["mode"])] = r
+            base[(r["contender"], r["mode"], r.get("batch"))] = r
     for r in rows:
         if not r.get("ms_per_iter"):
             continue
         for key, ref_name in REFERENCES:
-            ref = base.get((ref_name, r["mode"]))
+            ref = base.get((ref_name, r["mode"], r.get("batch")))
             if ref is None:
                 continue
             s = None
-            if r.get("ms_rounds") and ref.get("ms_rounds") and len(r["ms_rounds"]) == len(ref["ms_rounds"]):
+            paired = not (r.get("isolated") or ref.get("isolated"))  # isolated rows share no rounds
+            if (paired and r.get("ms_rounds") and ref.get("ms_rounds")
+                    and len(r["ms_rounds"]) == len(ref["ms_rounds"])):
                 s = ratio_stats(ref["ms_rounds"], r["ms_rounds"])
             if s:
                 r[key] = s["median"]
