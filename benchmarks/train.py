@@ -1,4 +1,4 @@
-"""Train a fast DiT with the published recipe, on synthetic or pre-extracted VAE latents.
+"""Train a fast DiT or SiT with the published recipe, on synthetic or pre-extracted VAE latents.
 
 Recipe (Peebles & Xie): AdamW, lr 1e-4, weight decay 0, global batch 256, EMA of the weights
 with decay 0.9999 updated every step; here with bf16 autocast. The loss is the published hybrid
@@ -8,6 +8,18 @@ channels), computed in fp32 from the model's output (see training_loss).
 
     python benchmarks/train.py --model DiT-XL/2                       # one GPU (or CPU), synthetic latents
     torchrun --nproc_per_node=8 benchmarks/train.py --data /latents   # DDP, global batch split over ranks
+    python benchmarks/train.py --model SiT-XL/2 --path-type Linear --prediction velocity --data /latents
+
+SiT models (SiT-XL/2 ... SiT-S/8) train with SiT's interpolant objective instead:
+dit_fast.transport.create_transport(--path-type, --prediction, --loss-weight, --train-eps, --sample-eps,
+--use-cosine-loss, --use-lognorm).training_losses(model, x, dict(y=y)), the published SiT train.py's
+loss (LightningDiT's with the cosine loss: the cosine term's mean is added to the MSE's), same optimizer,
+EMA and checkpoint format. Their experiment directories are named as SiT names them,
+NNN-SiT-XL-2-Linear-velocity-None (path type, prediction, loss weight). The transport's draws (x0,
+t; t logit-normal from NumPy's global generator) come from the global generators, which every step
+seeds from (seed, step, rank). The objective a checkpoint was trained with is in its "args"; a resume
+with another objective (another family, path, prediction, weighting, eps, cosine loss or t sampling)
+is refused.
 
 --data: a directory of latent shards, used as-is (scale them as the sampler expects, e.g. x0.18215):
   *.pt   dicts {"latents": [N, C, H, W], "labels": [N]} (read with torch.load(weights_only=True));
@@ -43,11 +55,12 @@ import re
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from dit_fast import DiT_models
+from dit_fast import DiT_models, SiT_models
 from dit_fast.atomic import remove_stale_temporaries
 from dit_fast.checkpoint import (
     UnsafeCheckpointError,
@@ -57,6 +70,7 @@ from dit_fast.checkpoint import (
 )
 from dit_fast.data import CHECK_MODES, InvalidShardError, LatentShards
 from dit_fast.diffusion import create_diffusion
+from dit_fast.transport import LOSS_WEIGHTS, PATH_TYPES, PREDICTIONS, Transport, create_transport
 
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 # A learning rate above this is a typo (1e39 for 1e-3.9?): AdamW moves each weight by about lr per step.
@@ -64,6 +78,18 @@ MAX_LR = 1.0
 EXPERIMENT_DIR = re.compile(r"^(\d{3,})-(.+)$")
 # The published optimizer settings; --lr / --weight-decay override them (on --resume: the checkpoint's).
 RECIPE_OPTIMIZER = {"lr": 1e-4, "weight_decay": 0.0}
+# The SiT objective's settings (argparse dest -> the published default); a DiT run refuses every one.
+TRANSPORT_OPTIONS = {"path_type": "Linear", "prediction": "velocity", "loss_weight": None, "train_eps": None,
+                     "sample_eps": None, "use_cosine_loss": False, "use_lognorm": False}
+DIT_OBJECTIVE = "DDPM hybrid loss (dit_fast.diffusion, 1000 linear steps)"
+
+
+def is_sit(model: str) -> bool:
+    return model.startswith("SiT-")
+
+
+def _none_or_str(text: str) -> str | None:
+    return None if text == "None" else text
 
 
 def _positive_int(text: str) -> int:
@@ -78,7 +104,7 @@ def _positive_int(text: str) -> int:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="DiT-XL/2", choices=sorted(DiT_models))
+    p.add_argument("--model", default="DiT-XL/2", choices=sorted(DiT_models) + sorted(SiT_models))
     p.add_argument("--image-size", type=_positive_int, default=256,
                    help="pixels; latents are image-size/8 (the SD VAE)")
     p.add_argument("--num-classes", type=int, default=1000)
@@ -109,7 +135,37 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    t = p.add_argument_group("SiT models: the transport (published SiT train.py / LightningDiT options)")
+    t.add_argument("--path-type", choices=list(PATH_TYPES), default=None, help="default Linear")
+    t.add_argument("--prediction", choices=list(PREDICTIONS), default=None, help="default velocity")
+    t.add_argument("--loss-weight", type=_none_or_str, choices=list(LOSS_WEIGHTS), default="unset",
+                   help="velocity | likelihood | None (default): weighting of the noise and score losses")
+    t.add_argument("--train-eps", type=float, default=None)
+    t.add_argument("--sample-eps", type=float, default=None)
+    t.add_argument("--use-cosine-loss", action="store_true", default=None,
+                   help="LightningDiT: add 1 - cos(pred, target) over channels (velocity prediction)")
+    t.add_argument("--use-lognorm", action="store_true", default=None, help="LightningDiT: logit-normal t")
     args = p.parse_args(argv)
+    given = [d for d in TRANSPORT_OPTIONS if getattr(args, d) not in (None, "unset")]
+    if not is_sit(args.model) and given:
+        p.error(f"{', '.join('--' + d.replace('_', '-') for d in given)}: SiT (transport) options, but "
+                f"--model {args.model} is a DiT (trained with the {DIT_OBJECTIVE})")
+    if is_sit(args.model):
+        for name, default in TRANSPORT_OPTIONS.items():
+            if getattr(args, name) in (None, "unset"):
+                setattr(args, name, default)
+        for name in ("train_eps", "sample_eps"):
+            value = getattr(args, name)
+            if value is not None and not (math.isfinite(value) and 0 <= value < 1):
+                p.error(f"--{name.replace('_', '-')} must be a number in [0, 1), got {value}")
+        if args.loss_weight is not None and args.prediction == "velocity":
+            p.error(f"--loss-weight {args.loss_weight} weights the noise and score losses; the velocity loss is "
+                    "never weighted (the published transport ignores it): drop it, or use --prediction noise|score")
+        if args.use_cosine_loss and args.prediction != "velocity":
+            p.error(f"--use-cosine-loss compares velocities: it needs --prediction velocity, got {args.prediction}")
+    else:
+        for name in TRANSPORT_OPTIONS:
+            setattr(args, name, None)
     if args.lr is not None and not (math.isfinite(args.lr) and 0 < args.lr <= MAX_LR):
         p.error(f"--lr must be a finite number in (0, {MAX_LR:g}] (the recipe's is 1e-4), got {args.lr}")
     if args.weight_decay is not None and not (math.isfinite(args.weight_decay) and args.weight_decay >= 0):
@@ -125,18 +181,43 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def training_loss(model, diffusion, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """The loss of one batch of latents x [N, C, H, W] with labels y [N]: the published hybrid loss
-    (MSE on the noise + variational bound on the variance), averaged over the batch.
+    """The loss of one batch of latents x [N, C, H, W] with labels y [N], averaged over the batch.
 
-    t and the noise are drawn from `generator`, so a step's draws are a function of (seed, step, rank).
+    DiT (`diffusion` a dit_fast.diffusion process): the published hybrid loss (MSE on the noise +
+    variational bound on the variance); t and the noise are drawn from `generator`, so a step's draws
+    are a function of (seed, step, rank). SiT (`diffusion` a dit_fast.transport.Transport): the
+    transport's training loss, plus the mean cosine loss when the transport has one (LightningDiT); its
+    draws come from the global generators, which the training loop seeds per (seed, step, rank).
     """
-    t = torch.randint(0, diffusion.num_timesteps, (x.shape[0],), device=x.device, generator=generator)
-    noise = torch.randn(x.shape, device=x.device, generator=generator)
-
     def fp32_output(x_t, t, **kwargs):  # the model runs under autocast; the loss terms in fp32
         return model(x_t, t, **kwargs).float()
 
+    if isinstance(diffusion, Transport):
+        terms = diffusion.training_losses(fp32_output, x, dict(y=y))
+        loss = terms["loss"].mean()
+        return loss + terms["cos_loss"].mean() if "cos_loss" in terms else loss
+    t = torch.randint(0, diffusion.num_timesteps, (x.shape[0],), device=x.device, generator=generator)
+    noise = torch.randn(x.shape, device=x.device, generator=generator)
     return diffusion.training_losses(fp32_output, x, t, dict(y=y), noise=noise)["loss"].mean()
+
+
+def create_objective(args):
+    """What training_loss trains: the transport of a SiT run, the 1000-step diffusion of a DiT run."""
+    if is_sit(args.model):
+        return create_transport(args.path_type, args.prediction, args.loss_weight, args.train_eps, args.sample_eps,
+                                use_cosine_loss=args.use_cosine_loss, use_lognorm=args.use_lognorm)
+    return create_diffusion(timestep_respacing="")  # all 1000 steps, as trained
+
+
+def objective_of(run_args) -> dict:
+    """The objective a run trains (from its args: this run's, or a checkpoint's "args", a dict or the
+    published train.py's Namespace): the family's loss and, for a SiT, its transport settings."""
+    if isinstance(run_args, argparse.Namespace):
+        run_args = vars(run_args)
+    model = str(run_args.get("model", "DiT-"))
+    if not is_sit(model):
+        return {"objective": DIT_OBJECTIVE}
+    return {"objective": "SiT transport"} | {k: run_args.get(k, "(not recorded)") for k in TRANSPORT_OPTIONS}
 
 
 # -- data ------------------------------------------------------------------------------------------
@@ -168,20 +249,29 @@ def open_data(args, model) -> SyntheticLatents | LatentShards:
 # -- checkpoints -----------------------------------------------------------------------------------
 
 
-def experiment_name(model: str) -> str:
-    """The experiment directory's name after the index: the model name with "/" as "-" (DiT-XL-2)."""
-    return model.replace("/", "-")
+def experiment_name(model: str, transport: dict | None = None) -> str:
+    """The experiment directory's name after the index: the model name with "/" as "-" (DiT-XL-2); a SiT
+    run's adds its path type, prediction and loss weight, as the published SiT train.py names them
+    (SiT-XL-2-Linear-velocity-None)."""
+    name = model.replace("/", "-")
+    if transport:
+        name += f"-{transport['path_type']}-{transport['prediction']}-{transport['loss_weight']}"
+    return name
 
 
-def create_experiment_dir(results_dir, model: str) -> Path:
-    """A new RESULTS/NNN-MODEL, NNN one more than the highest index there, made with an exclusive mkdir:
-    a run that loses the race for an index (another run made it first) takes the next one."""
+def transport_of(args) -> dict | None:
+    return {k: getattr(args, k) for k in TRANSPORT_OPTIONS} if is_sit(args.model) else None
+
+
+def create_experiment_dir(results_dir, model: str, transport: dict | None = None) -> Path:
+    """A new RESULTS/NNN-NAME (experiment_name), NNN one more than the highest index there, made with an
+    exclusive mkdir: a run that loses the race for an index (another run made it first) takes the next one."""
     results = Path(results_dir)
     results.mkdir(parents=True, exist_ok=True)
     taken = [int(m[1]) for p in results.iterdir() if p.is_dir() and (m := EXPERIMENT_DIR.match(p.name))]
     index = max(taken, default=-1) + 1
     while True:
-        path = results / f"{index:03d}-{experiment_name(model)}"
+        path = results / f"{index:03d}-{experiment_name(model, transport)}"
         try:
             path.mkdir()
             return path
@@ -189,30 +279,49 @@ def create_experiment_dir(results_dir, model: str) -> Path:
             index += 1
 
 
-def experiment_checkpoint_dirs(results_dir, model: str | None) -> list[Path]:
-    """The checkpoint directories under a results directory, newest experiment first: NNN-MODEL/checkpoints
+def experiment_checkpoint_dirs(results_dir, model: str | None, transport: dict | None = None) -> list[Path]:
+    """The checkpoint directories under a results directory, newest experiment first: NNN-NAME/checkpoints
     (every model when `model` is None), then RESULTS/checkpoints (the layout before experiment directories)."""
     results = Path(results_dir)
     found = []
     if results.is_dir():
         for p in results.iterdir():
             m = EXPERIMENT_DIR.match(p.name)
-            if m and p.is_dir() and (model is None or m[2] == experiment_name(model)):
+            if m and p.is_dir() and (model is None or m[2] == experiment_name(model, transport)):
                 found.append((int(m[1]), p / "checkpoints"))
     return [d for _, d in sorted(found, reverse=True)] + [results / "checkpoints"]
 
 
-def find_resume_checkpoint(spec: str, search, device, say, model=None) -> tuple[Path, dict] | None:
+def objective_mismatch(path, ckpt: dict, objective: dict | None) -> str:
+    """"" when the checkpoint was trained with `objective` (objective_of; None: not checked), else why not."""
+    if objective is None:
+        return ""
+    theirs = objective_of(ckpt.get("args") or {})
+    if theirs == objective:
+        return ""
+    diff = ", ".join(f"{k} {theirs.get(k)!r} (this run: {objective.get(k)!r})"
+                     for k in objective if theirs.get(k) != objective.get(k))
+    return (f"{path} was trained with another objective: {diff}; resume with the checkpoint's settings, "
+            "or start a new run without --resume")
+
+
+def find_resume_checkpoint(spec: str, search, device, say, model=None, objective=None) -> tuple[Path, dict] | None:
     """The checkpoint --resume names: a file, or the newest that loads (and fits `model`, when given) in a
-    directory; "auto": in the checkpoint directories `search` (a list, newest first, or one directory)."""
+    directory; "auto": in the checkpoint directories `search` (a list, newest first, or one directory).
+    With `objective` (objective_of), a checkpoint trained with another objective is refused (a file) or
+    its directory skipped, saying why."""
     dirs = [Path(search)] if isinstance(search, (str, os.PathLike)) else [Path(d) for d in search]
     if spec != "auto":
         path = Path(spec)
         if path.is_file():
             try:
-                return path, load_training_checkpoint(path, map_location=device, model=model)
+                ckpt = load_training_checkpoint(path, map_location=device, model=model)
             except (ValueError, UnsafeCheckpointError) as e:
                 raise SystemExit(f"--resume: {e}") from None
+            why = objective_mismatch(path, ckpt, objective)
+            if why:
+                raise SystemExit(f"--resume: {why}")
+            return path, ckpt
         if not path.is_dir():
             raise SystemExit(f"--resume: {spec} is neither a checkpoint file nor a directory")
         if any(path.glob("*.pt")):
@@ -225,20 +334,26 @@ def find_resume_checkpoint(spec: str, search, device, say, model=None) -> tuple[
     if spec == "auto" and not existing:
         say(f"--resume auto: no checkpoints in {', '.join(map(str, dirs))} yet, starting from step 0")
         return None
+    other_objective = []
     for directory in existing:
         found, ckpt, skipped = newest_training_checkpoint(directory, map_location=device, model=model)
         for bad, why in skipped:
             say(f"--resume: skipping {bad}: {why}")
         if found is not None:
-            return found, ckpt
+            why = objective_mismatch(found, ckpt, objective)
+            if not why:
+                return found, ckpt
+            say(f"--resume: skipping {directory}: {why}")  # one run's directory: one objective
+            other_objective.append(why)
     where = ", ".join(map(str, existing or dirs))
     if spec == "auto":
         say(f"--resume auto: no loadable checkpoint in {where}, starting from step 0")
         return None
-    raise SystemExit(f"--resume: no loadable checkpoint (STEP.pt) in {where}")
+    raise SystemExit(f"--resume: no loadable checkpoint (STEP.pt) in {where}"
+                     + (f" ({other_objective[0]})" if other_objective else ""))
 
 
-def resume_on_every_rank(spec: str, search, device, say, rank: int, broadcast, all_ok, model=None):
+def resume_on_every_rank(spec: str, search, device, say, rank: int, broadcast, all_ok, model=None, objective=None):
     """find_resume_checkpoint decided once, by rank 0, and loaded by every rank from that same path.
 
     Ranks that each listed the directory could pick different checkpoints (a file still being copied in,
@@ -248,7 +363,7 @@ def resume_on_every_rank(spec: str, search, device, say, rank: int, broadcast, a
     decision, found, why = None, None, ""
     if rank == 0:
         try:
-            found = find_resume_checkpoint(spec, search, device, say, model)
+            found = find_resume_checkpoint(spec, search, device, say, model, objective)
             decision = ("path", None if found is None else str(found[0]))
         except SystemExit as e:
             decision = ("error", str(e))
@@ -322,15 +437,17 @@ def build_model(args, device) -> torch.nn.Module:
     overrides = {k: v for k, v in (("depth", args.depth), ("hidden_size", args.hidden_size),
                                    ("num_heads", args.num_heads)) if v}
     if overrides:
-        from dit_fast.models import DiT
+        from dit_fast.models import DiT, SiT
         from dit_fast.reference import CONFIGS
 
-        depth, hidden, patch, heads = CONFIGS[args.model]
+        depth, hidden, patch, heads = CONFIGS["DiT-" + args.model.split("-", 1)[1]]
         config = dict(depth=depth, hidden_size=hidden, patch_size=patch, num_heads=heads) | overrides
-        model = DiT(input_size=args.image_size // 8, num_classes=args.num_classes, **config,
+        cls = SiT if is_sit(args.model) else DiT
+        model = cls(input_size=args.image_size // 8, num_classes=args.num_classes, **config,
                     backend=args.backend, attn_backend=args.attn_backend, checkpoint_every=args.checkpoint_every)
     else:
-        model = DiT_models[args.model](
+        table = SiT_models if is_sit(args.model) else DiT_models
+        model = table[args.model](
             input_size=args.image_size // 8, num_classes=args.num_classes,
             backend=args.backend, attn_backend=args.attn_backend, checkpoint_every=args.checkpoint_every,
         )
@@ -368,13 +485,15 @@ def main(argv=None) -> dict:
         for directory in experiment_checkpoint_dirs(args.results_dir, None):
             for stale in remove_stale_temporaries(directory):
                 say(f"removed {stale}, left by a save that was killed")
-    search = experiment_checkpoint_dirs(args.results_dir, args.model)
+    search = experiment_checkpoint_dirs(args.results_dir, args.model, transport_of(args))
+    objective = objective_of(args)
     step = 0
     resumed = None
     if args.resume and world > 1:  # one choice for all ranks (see resume_on_every_rank)
-        resumed = resume_on_every_rank(args.resume, search, device, say, rank, *_collectives(device), model=model)
+        resumed = resume_on_every_rank(args.resume, search, device, say, rank, *_collectives(device), model=model,
+                                       objective=objective)
     elif args.resume:
-        resumed = find_resume_checkpoint(args.resume, search, device, say, model)
+        resumed = find_resume_checkpoint(args.resume, search, device, say, model, objective)
     if resumed is not None:
         path, ckpt = resumed
         model.load_state_dict(ckpt["model"])  # fits: load_training_checkpoint checked it against the model
@@ -393,17 +512,18 @@ def main(argv=None) -> dict:
     train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
     if args.compile:
         train_model = torch.compile(train_model)
-    diffusion = create_diffusion(timestep_respacing="")  # all 1000 steps, as trained
+    diffusion = create_objective(args)  # DiT: the 1000-step diffusion; SiT: the transport
     amp_dtype = AUTOCAST[args.precision]
     ckpt_dir = None
     if rank == 0:  # after the resume choice, so that this run's own (empty) directory is never a candidate
-        experiment_dir = create_experiment_dir(args.results_dir, args.model)
+        experiment_dir = create_experiment_dir(args.results_dir, args.model, transport_of(args))
         ckpt_dir = experiment_dir / "checkpoints"
         ckpt_dir.mkdir()
         say(f"experiment directory: {experiment_dir}")
         n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
         say(f"{args.model}: {n_params / 1e6:.1f}M params, {world} rank(s) x batch {local_batch}, "
             f"{device}, {args.precision}")
+        say("objective: " + ", ".join(f"{k}={v}" for k, v in objective.items()))
 
     def save(step: int) -> Path:
         path = ckpt_dir / f"{step:07d}.pt"
@@ -426,7 +546,9 @@ def main(argv=None) -> dict:
         while step < args.max_steps:
             # Every random draw of a step is a function of (seed, step, rank): a resumed run repeats it exactly.
             gen = torch.Generator(device).manual_seed(args.seed * 1_000_003 + step * world + rank)
-            torch.manual_seed(args.seed * 1_000_003 + step * world + rank)  # label dropout inside the model
+            # Label dropout inside the model, and a SiT transport's x0 and t (NumPy's for the logit-normal t).
+            torch.manual_seed(args.seed * 1_000_003 + step * world + rank)
+            np.random.seed((args.seed * 1_000_003 + step * world + rank) % 2**32)
             if args.data:
                 order = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
                 idx = torch.randint(0, len(data), (args.global_batch_size,), generator=order).numpy()

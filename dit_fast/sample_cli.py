@@ -1,7 +1,15 @@
-"""`dit-fast sample`: class-conditional samples from a DiT, as a PNG grid and an FID-ready .npz.
+"""`dit-fast sample`: class-conditional samples from a DiT or a SiT, as a PNG grid and an FID-ready .npz.
 
     dit-fast sample --model DiT-XL/2 --ckpt DiT-XL-2-256x256.pt --vae ema --out samples/
     torchrun --nproc_per_node=8 -m dit_fast sample --ckpt ... --num-samples 50000 --out fid50k/
+    dit-fast sample --model SiT-XL/2 --ckpt SiT-XL-2-256x256.pt --mode sde --sampling-method Euler --out sit/
+
+DiT models sample with --sampler ddpm | ddim (DDPM, respaced); SiT models (flow matching, the
+transport of --path-type / --prediction) with --mode ode (--sampling-method euler | heun2,
+--timestep-shift) or sde (Euler | Heun, --diffusion-form, --last-step, --last-step-size), optionally
+guided only inside --cfg-interval; an option of the other family is refused. A SiT's learned-sigma
+head is read off its checkpoint (published SiT-XL/2 256: yes; published sample.py assumes no for a
+custom --ckpt, train.py's SiT checkpoints have one).
 
 The sample set is cut into batches of --batch-size; batch j is sampled with seed --seed + j (so the
 result does not depend on the number of ranks), by rank j mod WORLD_SIZE, and written atomically to
@@ -71,11 +79,37 @@ def _non_negative_finite(text: str) -> float:
     return v
 
 
+def _cfg_interval_arg(text: str) -> tuple[float, float]:
+    """"S" (guide for t >= S, LightningDiT's cfg_interval_start) or "LOW,HIGH"."""
+    try:
+        parts = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a time S or a pair LOW,HIGH of times, got {text!r}") from None
+    if len(parts) == 1:
+        parts.append(1.0)
+    if len(parts) != 2 or not all(math.isfinite(v) for v in parts) or parts[0] > parts[1]:
+        raise argparse.ArgumentTypeError(f"expected a time S or a pair LOW,HIGH of finite times with LOW <= HIGH, "
+                                         f"got {text!r}")
+    return parts[0], parts[1]
+
+
+def model_names() -> list[str]:
+    from .models import DiT_models, SiT_models
+
+    return list(DiT_models) + list(SiT_models)
+
+
+def is_sit(model_name: str) -> bool:
+    return model_name.startswith("SiT-")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from .reference import CONFIGS
+    from .flow_sampling import LAST_STEPS
+    from .transport import PATH_TYPES, PREDICTIONS
+    from .transport.paths import DIFFUSION_FORMS
 
     p = parser
-    p.add_argument("--model", default="DiT-XL/2", choices=list(CONFIGS), help="DiT config")
+    p.add_argument("--model", default="DiT-XL/2", choices=model_names(), help="DiT or SiT config")
     w = p.add_mutually_exclusive_group(required=True)
     w.add_argument("--ckpt", default=None,
                    help="weights: .pt (official, or a training checkpoint's EMA) or .safetensors")
@@ -83,7 +117,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--image-size", type=_positive, default=256,
                    help="pixels; latents are image-size / the VAE's factor (8)")
     p.add_argument("--num-classes", type=_positive, default=1000)
-    p.add_argument("--num-steps", type=_positive, default=250, help="sampling steps (respaced from 1000)")
+    p.add_argument("--num-steps", type=_positive, default=250,
+                   help="sampling steps (DiT: respaced from 1000; SiT: grid times, >= 2)")
     p.add_argument("--cfg-scale", type=_finite, default=4.0, help="classifier-free guidance; <= 1 turns it off")
     p.add_argument("--guide-all-channels", action="store_true", help="guide all latent channels (published: 3)")
     p.add_argument("--class-labels", type=_labels_arg, default=None,
@@ -92,8 +127,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--num-samples", type=_positive, default=None, help="total samples over all ranks (FID: 50000)")
     p.add_argument("--batch-size", type=_positive, default=32, help="samples per batch (the CFG batch is twice this)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddpm")
+    p.add_argument("--sampler", choices=("ddpm", "ddim"), default=None, help="DiT models (default ddpm)")
     p.add_argument("--eta", type=_non_negative_finite, default=0.0, help="DDIM eta (>= 0; 0: deterministic)")
+    f = p.add_argument_group("SiT models (flow matching; the published sample.py's options)")
+    f.add_argument("--mode", choices=("ode", "sde"), default=None, help="default ode")
+    f.add_argument("--sampling-method", default=None,
+                   help="ode: euler | heun2 (default euler); sde: Euler | Heun (default Euler)")
+    f.add_argument("--timestep-shift", type=_non_negative_finite, default=None,
+                   help="ode: shift of the time grid (LightningDiT; default 0)")
+    f.add_argument("--cfg-interval", type=_cfg_interval_arg, default=None,
+                   help="guide only for t in LOW,HIGH (or t >= S); default always")
+    f.add_argument("--diffusion-form", choices=DIFFUSION_FORMS[:6], default=None, help="sde (default sigma)")
+    f.add_argument("--diffusion-norm", type=_finite, default=None, help="sde (default 1)")
+    f.add_argument("--last-step", choices=[str(v) for v in LAST_STEPS], default=None,
+                   help="sde: the last step, without noise (default Mean)")
+    f.add_argument("--last-step-size", type=_non_negative_finite, default=None, help="sde (default 0.04)")
+    f.add_argument("--path-type", choices=list(PATH_TYPES), default=None,
+                   help="the transport the model was trained with (default Linear)")
+    f.add_argument("--prediction", choices=list(PREDICTIONS), default=None, help="default velocity")
+    f.add_argument("--train-eps", type=_non_negative_finite, default=None)
+    f.add_argument("--sample-eps", type=_non_negative_finite, default=None)
     p.add_argument("--vae", default="ema",
                    help="diffusers AutoencoderKL: a local directory, a Hugging Face cache name, 'ema'/'mse' "
                         "(stabilityai/sd-vae-ft-*), or 'none' to keep latents; never downloaded")
@@ -107,6 +160,56 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--hidden-size", type=_positive, default=None, help="override the config's hidden size")
     p.add_argument("--num-heads", type=_positive, default=None, help="override the config's number of heads")
     p.add_argument("--no-progress", action="store_true")
+
+
+# ----------------------------------------------------------------------------------------------- families
+# The SiT options (argparse dest -> the value when not given); a DiT run refuses every one of them.
+FLOW_OPTIONS = {"mode": "ode", "sampling_method": None, "timestep_shift": 0.0, "cfg_interval": None,
+                "diffusion_form": "sigma", "diffusion_norm": 1.0, "last_step": "Mean", "last_step_size": 0.04,
+                "path_type": "Linear", "prediction": "velocity", "train_eps": None, "sample_eps": None}
+SDE_ONLY = ("diffusion_form", "diffusion_norm", "last_step", "last_step_size")
+
+
+def _flag(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+def resolve_sampling(args) -> dict:
+    """The keyword arguments of dit_fast.sample for this run (the sampler's family checked against the
+    model's), all explicit so that run.json records them; SystemExit naming the option that does not fit."""
+    given = [d for d in FLOW_OPTIONS if getattr(args, d) is not None]
+    if not is_sit(args.model):
+        if given:
+            raise SystemExit(f"{', '.join(map(_flag, given))}: SiT (flow) sampling options, but --model {args.model} "
+                             "is a DiT: it samples with --sampler ddpm | ddim")
+        return {"sampler": args.sampler or "ddpm", "eta": args.eta}
+    if args.sampler is not None or args.eta != 0:
+        raise SystemExit(f"{'--sampler' if args.sampler is not None else '--eta'}: a DiT (DDPM) sampling option, but "
+                         f"--model {args.model} is a SiT: it samples with --mode ode | sde")
+    if args.num_steps < 2:
+        raise SystemExit(f"--num-steps must be >= 2 for a SiT (grid times including both ends), got {args.num_steps}")
+    flow = {d: getattr(args, d) if getattr(args, d) is not None else default for d, default in FLOW_OPTIONS.items()}
+    mode = flow.pop("mode")
+    wrong = [d for d in (SDE_ONLY if mode == "ode" else ("timestep_shift",)) if d in given]
+    if wrong:
+        raise SystemExit(f"{', '.join(map(_flag, wrong))}: not an option of --mode {mode} "
+                         f"(it is one of --mode {'sde' if mode == 'ode' else 'ode'})")
+    from .flow_sampling import ODE_METHODS, SDE_METHODS
+
+    methods = ODE_METHODS if mode == "ode" else SDE_METHODS
+    if flow["sampling_method"] is None:
+        flow["sampling_method"] = methods[0]
+    elif flow["sampling_method"] not in methods:
+        raise SystemExit(f"--sampling-method for --mode {mode} must be one of {', '.join(methods)} (the fast "
+                         f"sampler), got {flow['sampling_method']!r}; the adaptive solvers (dopri5, ...) run "
+                         "through dit_fast.transport.Sampler")
+    if flow["last_step"] == "None":
+        flow["last_step"] = None
+    for d in (SDE_ONLY if mode == "ode" else ("timestep_shift",)):
+        del flow[d]
+    if flow["cfg_interval"] is not None:
+        flow["cfg_interval"] = list(flow["cfg_interval"])
+    return {"sampler": mode, **flow}
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -198,18 +301,33 @@ def all_labels(args) -> np.ndarray:
     return torch.randint(0, args.num_classes, (args.num_samples,), generator=g).numpy()
 
 
-def build_model(args, latent_size: int, device):
-    from .checkpoint import StateDictMismatchError, UnsafeCheckpointError, load_checkpoint
-    from .models import DiT
+def build_model(args, latent_size: int, device, sampling: dict | None = None):
+    """The --model (a DiT, or a SiT with the learned-sigma head its checkpoint has) with the --ckpt weights.
+    sampling (resolve_sampling's): a SiT training checkpoint whose recorded transport differs is refused."""
+    from .checkpoint import StateDictMismatchError, UnsafeCheckpointError, _read_file, load_checkpoint, read_state_dict
+    from .models import DiT, SiT
     from .reference import CONFIGS
     from .testing import randomize_weights_
 
-    depth, hidden, patch, heads = CONFIGS[args.model]
-    model = DiT(input_size=latent_size, patch_size=patch, num_classes=args.num_classes, backend=args.backend,
-                depth=args.depth or depth, hidden_size=args.hidden_size or hidden, num_heads=args.num_heads or heads)
+    depth, hidden, patch, heads = CONFIGS["DiT-" + args.model.split("-", 1)[1]]
+    weights = args.ckpt
+    learn_sigma = True
+    if args.ckpt and is_sit(args.model):
+        try:
+            raw = _read_file(args.ckpt, "cpu")  # read once: the weights, their head, the training args
+            weights = read_state_dict(raw)
+        except (FileNotFoundError, ValueError, KeyError, TypeError, UnsafeCheckpointError) as e:
+            raise SystemExit(f"--ckpt: {e}") from None
+        learn_sigma = _has_sigma_head(weights, patch)
+        if sampling is not None:
+            _check_recorded_transport(args.ckpt, raw, sampling)
+    cls = SiT if is_sit(args.model) else DiT
+    model = cls(input_size=latent_size, patch_size=patch, num_classes=args.num_classes, backend=args.backend,
+                depth=args.depth or depth, hidden_size=args.hidden_size or hidden, num_heads=args.num_heads or heads,
+                learn_sigma=learn_sigma)
     if args.ckpt:
         try:
-            load_checkpoint(model, args.ckpt)
+            load_checkpoint(model, weights)
         except StateDictMismatchError as e:
             raise SystemExit(
                 f"--ckpt {args.ckpt} does not fit --model {args.model} (image size {args.image_size}, "
@@ -220,6 +338,34 @@ def build_model(args, latent_size: int, device):
     else:
         randomize_weights_(model, torch.Generator().manual_seed(args.seed))
     return model.to(device).eval()
+
+
+def _has_sigma_head(state_dict, patch: int, in_channels: int = 4) -> bool:
+    """Whether the weights' final layer outputs 2 * in_channels channels per pixel (a learned-sigma head,
+    which a SiT's forward cuts off); the published constructor's default (True) when it is not there."""
+    weight = state_dict.get("final_layer.linear.weight")
+    if weight is None or weight.dim() != 2:
+        return True
+    return int(weight.shape[0]) == patch * patch * in_channels * 2
+
+
+TRANSPORT_KEYS = ("path_type", "prediction", "train_eps", "sample_eps")  # what sampling must agree on
+
+
+def _check_recorded_transport(path: str, raw, sampling: dict) -> None:
+    """A training checkpoint (benchmarks/train.py's or the published SiT train.py's) records the transport
+    its model learned in "args": sampling it with another path or prediction gives wrong samples silently."""
+    recorded = raw.get("args") if isinstance(raw, dict) else None
+    if isinstance(recorded, argparse.Namespace):
+        recorded = vars(recorded)
+    if not isinstance(recorded, dict) or "path_type" not in recorded:
+        return  # a plain state_dict (the published SiT-XL-2-256x256.pt): nothing recorded
+    differ = [k for k in TRANSPORT_KEYS if recorded.get(k) != sampling.get(k)]
+    if differ:
+        want = " ".join(f"{_flag(k)} {recorded.get(k)}" for k in differ)
+        got = ", ".join(f"{_flag(k)} {sampling.get(k)}" for k in differ)
+        raise SystemExit(f"--ckpt {path} was trained with {want} (its recorded args), but this run samples with "
+                         f"{got}: pass {want}")
 
 
 def checkpoint_identity(path: str) -> tuple[str, tuple]:
@@ -248,10 +394,17 @@ def _stat_key(path: str) -> tuple:
     return st.st_ino, st.st_size, st.st_mtime_ns
 
 
-def _run_config(args, labels, ckpt_sha256: str | None) -> dict:
+def _run_config(args, labels, ckpt_sha256: str | None, sampling: dict) -> dict:
+    """What run.json records: the settings that decide the samples. A SiT run adds its flow settings
+    (a DiT run's record is what it was before SiT existed, so older runs still resume)."""
     keys = ("model", "ckpt", "random_init", "image_size", "num_classes", "num_steps", "cfg_scale",
             "guide_all_channels", "batch_size", "seed", "sampler", "eta", "vae", "depth", "hidden_size", "num_heads")
-    return {k: getattr(args, k) for k in keys} | {"labels_sha": _digest(labels), "ckpt_sha256": ckpt_sha256}
+    config = {k: getattr(args, k) for k in keys} | {"labels_sha": _digest(labels), "ckpt_sha256": ckpt_sha256}
+    if is_sit(args.model):
+        config |= {"mode" if k == "sampler" else k: v for k, v in sampling.items()}
+    else:
+        config["sampler"] = sampling["sampler"]
+    return config
 
 
 def _run_id(config: dict) -> str:
@@ -300,9 +453,10 @@ def run(args) -> int:
     if ((labels < 0) | (labels >= args.num_classes)).any():
         raise SystemExit(f"--class-labels must lie in [0, {args.num_classes - 1}], got {sorted(set(labels.tolist()))}")
 
+    sampling = resolve_sampling(args)
     # A resumed run must be the same run: refuse to mix shards of different settings or weights.
     ckpt_sha256, ckpt_stat = checkpoint_identity(args.ckpt) if args.ckpt else (None, None)
-    config = _run_config(args, labels, ckpt_sha256)
+    config = _run_config(args, labels, ckpt_sha256, sampling)
     config_path = os.path.join(out, "run.json")
     if os.path.exists(config_path):
         with open(config_path) as f:
@@ -313,7 +467,7 @@ def run(args) -> int:
     if args.image_size % factor:
         raise SystemExit(f"--image-size must be a multiple of the VAE's factor {factor}, got {args.image_size}")
     latent_size = args.image_size // factor
-    model = build_model(args, latent_size, device)
+    model = build_model(args, latent_size, device, sampling)
     if args.ckpt and _stat_key(args.ckpt) != ckpt_stat:
         raise SystemExit(f"--ckpt {args.ckpt} changed while it was being read (replaced by a training run?); rerun")
     # Only now, with the VAE and the weights loaded, is this a run: a failed start records nothing.
@@ -347,9 +501,9 @@ def run(args) -> int:
         gen = torch.Generator(device).manual_seed(args.seed + j)
         with torch.inference_mode():
             z = sample(model, torch.from_numpy(y), num_steps=args.num_steps, cfg_scale=args.cfg_scale,
-                       sampler=args.sampler, generator=gen, cuda_graph=not args.no_cuda_graph, eta=args.eta,
-                       guide_all_channels=args.guide_all_channels, backend=args.backend,
-                       cfg_mode="above_one")  # sample_ddp.py: cfg_scale <= 1 turns guidance off
+                       generator=gen, cuda_graph=not args.no_cuda_graph, guide_all_channels=args.guide_all_channels,
+                       backend=args.backend, cfg_mode="above_one",  # sample_ddp.py: cfg_scale <= 1: no guidance
+                       **sampling)
             arr = z.float().cpu().numpy() if vae is None else decode_to_uint8(vae, z)
         _save_npz(_shard_path(shard_dir, j), arr_0=arr, labels=y, run_id=np.array(expected.run_id),
                   batch=np.array(j, dtype=np.int64))

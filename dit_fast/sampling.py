@@ -29,6 +29,23 @@ channels, or all with guide_all_channels) is applied in the fused update; sizes 
 dit_fast.dit_like. The per-step draw goes into a
 static buffer right before each graph replay (a separate, tiny launch): the random stream is then
 exactly the eager one, with any generator.
+
+Flow models (SiT, LightningDiT, REPA: `returns_sigma = False`, or a module named SiT) are sampled with
+sampler="ode" (the default for them) or "sde" through dit_fast.flow_sampling.sample_flow. The initial
+noise is drawn as the published SiT sample.py draws it (z = randn [n, C, H, W] on the model's device,
+from `generator`, else the device's global generator), the SDE noise as sample_flow draws it (from
+`generator`, else the CPU's global generator, as the published sampler does), so after
+torch.manual_seed(seed) the result equals, to float32 rounding,
+
+    Sampler(create_transport(path_type, prediction, None, train_eps, sample_eps)).sample_ode(
+        sampling_method=..., num_steps=num_steps)(cat([z, z]), model.forward_with_cfg,
+        y=cat([y, null labels]), cfg_scale=cfg_scale)[-1][:n]                 (sample_sde for "sde")
+
+cfg_mode as for DDPM: "always" (sample.py) guides on the doubled batch at any cfg_scale (with
+cfg_scale <= 1 through an unfused forward_with_cfg, the rare case); "above_one" (sample_ddp.py) runs
+fn(z, model.forward, y=y) when cfg_scale <= 1. A DDPM sampler on a flow model, or a flow sampler on a
+DiT (`returns_sigma = True`, or a module named DiT), is refused: the other family's sampler gives
+wrong samples without failing.
 """
 from __future__ import annotations
 
@@ -40,11 +57,13 @@ import torch
 
 from .diffusion import ModelVarType, create_diffusion
 from .dit_like import read_dit_like
+from .flow_sampling import sample_flow
 from .ops.sampler_step import NUM_COLS, sampler_step_
 
-__all__ = ["sample", "build_step_table", "SAMPLERS"]
+__all__ = ["sample", "build_step_table", "SAMPLERS", "FLOW_SAMPLERS", "is_flow_model"]
 
-SAMPLERS = ("ddpm", "ddim")
+SAMPLERS = ("ddpm", "ddim")  # DDPM-trained models (DiT)
+FLOW_SAMPLERS = ("ode", "sde")  # flow / interpolant models (SiT), through dit_fast.flow_sampling
 CFG_MODES = ("always", "above_one")  # the published sample.py, sample_ddp.py
 
 
@@ -115,13 +134,64 @@ def _is_compiled(model) -> bool:
     return hasattr(model, "_orig_mod") and type(model).__name__ == "OptimizedModule"
 
 
+def is_flow_model(model) -> bool | None:
+    """True for a flow model (SiT: `returns_sigma = False`, or a module class named SiT), False for a DDPM
+    one (DiT: `returns_sigma = True`, or named DiT), None when the module does not say."""
+    base = getattr(model, "_orig_mod", model) if _is_compiled(model) else model
+    returns_sigma = getattr(base, "returns_sigma", None)
+    if returns_sigma is not None:
+        return not returns_sigma
+    return {"SiT": True, "DiT": False}.get(type(base).__name__)
+
+
+# Arguments of one family's samplers, with their defaults: given to the other family's, they are refused.
+DDPM_ONLY = {"eta": 0.0, "timestep_respacing": None, "clip_denoised": False}
+FLOW_ONLY = {"sampling_method": None, "timestep_shift": 0.0, "cfg_interval": None, "diffusion_form": "sigma",
+             "diffusion_norm": 1.0, "last_step": "Mean", "last_step_size": 0.04, "path_type": "Linear",
+             "prediction": "velocity", "train_eps": None, "sample_eps": None}
+SDE_ONLY = ("diffusion_form", "diffusion_norm", "last_step", "last_step_size")
+
+
+def _resolve_sampler(model, sampler, given: dict) -> str:
+    """The sampler to run: the model's family's default for None; a sampler of the other family, or an
+    argument only the other family's samplers take, is a ValueError."""
+    flow = is_flow_model(model)
+    name = type(getattr(model, "_orig_mod", model) if _is_compiled(model) else model).__name__
+    if sampler is None:
+        sampler = "ode" if flow else "ddpm"
+    elif sampler not in SAMPLERS + FLOW_SAMPLERS:
+        raise ValueError(f"sampler must be one of {SAMPLERS} (DiT) or {FLOW_SAMPLERS} (SiT), got {sampler!r}")
+    if flow is True and sampler in SAMPLERS:
+        raise ValueError(f"sampler={sampler!r} is a DDPM sampler, but the model ({name}) is a flow model "
+                         f"(returns_sigma=False, SiT): use sampler='ode' or 'sde'")
+    if flow is False and sampler in FLOW_SAMPLERS:
+        raise ValueError(f"sampler={sampler!r} is a flow sampler, but the model ({name}) is a DDPM model "
+                         f"(returns_sigma=True, DiT): use sampler='ddpm' or 'ddim'")
+    foreign = FLOW_ONLY if sampler in SAMPLERS else DDPM_ONLY
+    family = "flow samplers ('ode', 'sde')" if sampler in SAMPLERS else "DDPM samplers ('ddpm', 'ddim')"
+    if sampler == "ode":  # the SDE's options would be ignored by the ODE
+        foreign, family = DDPM_ONLY | {k: FLOW_ONLY[k] for k in SDE_ONLY}, "DDPM samplers or sampler='sde'"
+    wrong = [k for k, default in foreign.items() if not _same(given[k], default)]
+    if wrong:
+        raise ValueError(f"{', '.join(f'{k}={given[k]!r}' for k in wrong)}: only the {family} take "
+                         f"{'this' if len(wrong) == 1 else 'these'}, but sampler={sampler!r}")
+    return sampler
+
+
+def _same(value, default) -> bool:
+    """value is the default (an int for a float default counts: 0 for 0.0)."""
+    if default is None or isinstance(default, (bool, str)):
+        return value is default or (type(value) is type(default) and value == default)
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == default
+
+
 @torch.no_grad()
 def sample(
     model,
     class_labels: Sequence[int] | torch.Tensor,
     num_steps: int = 250,
     cfg_scale: float = 4.0,
-    sampler: str = "ddpm",
+    sampler: str | None = None,
     generator: torch.Generator | None = None,
     cuda_graph: bool = True,
     *,
@@ -134,24 +204,52 @@ def sample(
     progress: bool = False,
     cfg_mode: str = "always",
     latent_size: int | tuple[int, int] | None = None,
+    sampling_method: str | None = None,
+    timestep_shift: float = 0.0,
+    cfg_interval: float | tuple[float, float] | None = None,
+    diffusion_form: str = "sigma",
+    diffusion_norm: float = 1.0,
+    last_step: str | None = "Mean",
+    last_step_size: float = 0.04,
+    path_type: str = "Linear",
+    prediction: str = "velocity",
+    train_eps: float | None = None,
+    sample_eps: float | None = None,
 ) -> torch.Tensor:
-    """Latents [n, C, H, W] for n = len(class_labels), sampled as the published DiT sample.py does.
+    """Latents [n, C, H, W] for n = len(class_labels), sampled as the published DiT (or SiT) sample.py does.
 
     Classifier-free guidance on the first 3 channels (all with guide_all_channels=True), on the batch
     doubled with null labels. cfg_mode="always" (sample.py): guidance at any cfg_scale;
     cfg_mode="above_one" (sample_ddp.py): cfg_scale <= 1 samples conditionally without the null batch
     (a different noise stream: see the module doc). latent_size: the latents' size (int or (H, W))
-    when the model does not state it (x_embedder.img_size, grid_size * patch_size, input_size). sampler
-    "ddpm" (ancestral, learned variance) or "ddim" (eta); the process is respaced to num_steps
-    evenly spaced steps (timestep_respacing overrides, e.g. "ddim50"). noise: initial latents
-    (default: one randn from `generator`). cuda_graph: on CUDA, capture model + update as one graph
-    (skipped for a torch.compile'd model, which makes its own with mode="reduce-overhead"); on the
-    CPU the same loop runs eagerly.
+    when the model does not state it (x_embedder.img_size, grid_size * patch_size, input_size).
+    noise: initial latents (default: one randn from `generator`). cuda_graph: on CUDA, capture model +
+    update as one graph (skipped for a torch.compile'd model, which makes its own with
+    mode="reduce-overhead"); on the CPU the same loop runs eagerly. backend: the fused update's.
+
+    sampler: None picks the model's family's: "ddpm" for a DiT (and a module that does not say), "ode"
+    for a flow model (SiT); the other family's samplers are refused.
+    DDPM ("ddpm": ancestral, learned variance; "ddim": eta): the process is respaced to num_steps
+    evenly spaced steps (timestep_respacing overrides, e.g. "ddim50"); clip_denoised; progress: a bar (the
+    flow samplers show none).
+    Flow ("ode", "sde"; dit_fast.flow_sampling.sample_flow, whose arguments these are): num_steps grid
+    times (>= 2, the published num_sampling_steps); sampling_method "euler" | "heun2" (ode, default
+    euler) or "Euler" | "Heun" (sde, default Euler); timestep_shift (ode); cfg_interval: guide only for
+    t in [low, high] (a number s: [s, 1]); diffusion_form / diffusion_norm, last_step None | "Mean" |
+    "Tweedie" | "Euler" and last_step_size (sde; defaults of the published sample.py); path_type,
+    prediction, train_eps, sample_eps: the transport the model was trained with (create_transport's).
+    An argument of the other family's samplers is refused.
     """
-    if sampler not in SAMPLERS:
-        raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
-    if not isinstance(num_steps, int) or num_steps < 1:
-        raise ValueError(f"num_steps must be a positive int, got {num_steps!r}")
+    given = dict(eta=eta, timestep_respacing=timestep_respacing, clip_denoised=clip_denoised,
+                 sampling_method=sampling_method, timestep_shift=timestep_shift, cfg_interval=cfg_interval,
+                 diffusion_form=diffusion_form, diffusion_norm=diffusion_norm, last_step=last_step,
+                 last_step_size=last_step_size, path_type=path_type, prediction=prediction, train_eps=train_eps,
+                 sample_eps=sample_eps)
+    sampler = _resolve_sampler(model, sampler, given)
+    flow = sampler in FLOW_SAMPLERS
+    if not isinstance(num_steps, int) or isinstance(num_steps, bool) or num_steps < (2 if flow else 1):
+        raise ValueError(f"num_steps must be an int >= {2 if flow else 1}"
+                         f"{' (grid times including both ends)' if flow else ''}, got {num_steps!r}")
     # A NaN/inf scale or eta turns every latent into NaN (and cfg_scale=nan would skip guidance silently).
     if not _is_finite_number(cfg_scale):
         raise ValueError(f"cfg_scale must be a finite number, got {cfg_scale!r}")
@@ -171,16 +269,17 @@ def sample(
 
     y = _labels(class_labels, num_classes, device)
     n = y.numel()
+    if flow:
+        z = _initial_noise(noise, (n, C, H, W), device, generator)
+        flow_args = {k: given[k] for k in FLOW_ONLY}
+        return _sample_flow_model(model, z, y, num_classes, mode=sampler, num_steps=num_steps, cfg_scale=cfg_scale,
+                                  cfg_mode=cfg_mode, guide_all_channels=guide_all_channels, generator=generator,
+                                  cuda_graph=cuda_graph, backend=backend, **flow_args)
     cfg = cfg_mode == "always" or cfg_scale > 1.0
     diffusion = create_diffusion(timestep_respacing or str(num_steps), learn_sigma=learn_sigma)
     table, model_t = build_step_table(diffusion, sampler, eta, torch.float32, device)
 
-    if noise is None:
-        x = torch.randn(n, C, H, W, device=device, generator=generator)
-    else:
-        if tuple(noise.shape) != (n, C, H, W):
-            raise ValueError(f"noise must have shape {[n, C, H, W]}, got {list(noise.shape)}")
-        x = noise.to(device=device, dtype=torch.float32).clone(memory_format=torch.contiguous_format)
+    x = _initial_noise(noise, (n, C, H, W), device, generator)
     B = 2 * n if cfg else n
     y_in = torch.cat([y, torch.full_like(y, num_classes)]) if cfg else y
     noise_buf = torch.empty(B, C, H, W, device=device)
@@ -230,6 +329,49 @@ def sample(
     if bar is not None:
         bar.close()
     return x
+
+
+def _initial_noise(noise, shape: tuple, device, generator) -> torch.Tensor:
+    """The initial latents: `noise` (checked, copied as float32) or one randn of `shape` from `generator`
+    (the device's global generator when None), as the published sample.py draws z."""
+    if noise is None:
+        return torch.randn(shape, device=device, generator=generator)
+    if tuple(noise.shape) != tuple(shape):
+        raise ValueError(f"noise must have shape {list(shape)}, got {list(noise.shape)}")
+    return noise.to(device=device, dtype=torch.float32).clone(memory_format=torch.contiguous_format)
+
+
+def _sample_flow_model(model, z, y, num_classes: int, *, cfg_scale, cfg_mode, guide_all_channels, **flow_args):
+    """sample_flow on the published SiT loop's batch: guided on [z; z] with [y; null] when cfg_scale > 1
+    (sample_flow fuses the guidance), conditional on z when cfg_mode="above_one" and cfg_scale <= 1
+    (sample_ddp.py), and with cfg_mode="always" and cfg_scale <= 1 the doubled batch through an unfused
+    forward_with_cfg (sample.py guides at any scale: its state and its SDE noise are [2n])."""
+    guided = z.shape[1] if guide_all_channels else 3
+    with warnings.catch_warnings():  # sample() has said so already
+        warnings.filterwarnings("ignore", message="dit_fast.sample_flow: the model is in training mode")
+        if cfg_scale > 1.0 or cfg_mode == "above_one":
+            return sample_flow(model, z, y, cfg_scale=float(cfg_scale), null_class=num_classes,
+                               guide_all_channels=guide_all_channels, **flow_args)
+        n = z.shape[0]
+        y2 = torch.cat([y, torch.full_like(y, num_classes)])
+        with_cfg = _ForwardWithCfg(model, float(cfg_scale), guided, z.shape[1])
+        return sample_flow(with_cfg, torch.cat([z, z]), y2, cfg_scale=1.0, **flow_args)[:n]
+
+
+class _ForwardWithCfg:
+    """The published forward_with_cfg of any SiT-like module: the model on [x[:n]; x[:n]], the first
+    `guided` channels of its first `channels` output channels guided, both halves given the result."""
+
+    def __init__(self, model, cfg_scale: float, guided: int, channels: int):
+        self.model, self.cfg_scale, self.guided, self.channels = model, cfg_scale, guided, channels
+
+    def __call__(self, x, t, y):
+        half = x[: len(x) // 2]
+        out = self.model(torch.cat([half, half]), t, y)[:, : self.channels]
+        eps, rest = out[:, : self.guided], out[:, self.guided:]
+        cond, uncond = torch.split(eps, len(eps) // 2)
+        half_eps = uncond + self.cfg_scale * (cond - uncond)
+        return torch.cat([torch.cat([half_eps, half_eps]), rest], dim=1)
 
 
 def _capture(one_step, x: torch.Tensor, step: torch.Tensor) -> torch.cuda.CUDAGraph:
