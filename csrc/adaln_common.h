@@ -80,22 +80,41 @@ inline Chunking make_chunking(int64_t B, int64_t L, int64_t target_chunks, int64
 // kFused = gated_residual_adaln.
 enum class Mode { kModulate, kGated, kFused };
 
-enum ModIndex { kShift = 0, kScale = 1, kGate = 2 };
+enum ModIndex { kShift = 0, kScale = 1, kGate = 2, kWeight = 3 };
 
 inline bool has_norm(Mode m) { return m != Mode::kGated; }
 inline bool has_gate(Mode m) { return m != Mode::kModulate; }
 
+// The norm's modes (kModulate, kFused): LayerNorm or RMSNorm (`rms`: no centring, the saved mean is 0, the
+// normalized row rounded to x's dtype before the gain, as LightningDiT's RMSNorm), a gain `weight` [D] or
+// none, and a shift or none (scale-only adaLN).
+inline void check_gain(const std::optional<at::Tensor>& weight, const at::Tensor& x) {
+  if (!weight.has_value() || !weight->defined()) return;
+  check_float(*weight, "weight");
+  TORCH_CHECK(weight->dim() == 1 && weight->size(0) == x.size(2), "dit_fast_ext: weight must have shape [D] = [",
+              x.size(2), "], got ", weight->sizes());
+  TORCH_CHECK(weight->device() == x.device(), "dit_fast_ext: weight must be on ", x.device(), ", got ",
+              weight->device());
+}
+
+inline at::Tensor defined_or_empty(const std::optional<at::Tensor>& t) {
+  return t.has_value() && t->defined() ? t->contiguous() : at::Tensor();
+}
+
 // Inputs made contiguous and outputs allocated for one forward call. Unused slots are undefined.
 struct FwdTensors {
-  at::Tensor x, y, gate, shift, scale;
+  at::Tensor x, y, gate, shift, scale, weight;
   at::Tensor x_out, h, mean, rstd;
   at::ScalarType acc;
+  bool rms = false;
 };
 
 inline FwdTensors prepare_fwd(Mode mode, const at::Tensor& x, const at::Tensor& y, const at::Tensor& gate,
                               const at::Tensor& shift, const at::Tensor& scale,
-                              std::optional<at::ScalarType> out_dtype) {
+                              std::optional<at::ScalarType> out_dtype, bool rms = false,
+                              const std::optional<at::Tensor>& weight = std::nullopt) {
   FwdTensors t;
+  t.rms = rms;
   check_tokens(x, "x");
   t.x = x.contiguous();
   std::vector<at::ScalarType> dts{x.scalar_type()};
@@ -108,12 +127,17 @@ inline FwdTensors prepare_fwd(Mode mode, const at::Tensor& x, const at::Tensor& 
     dts.push_back(gate.scalar_type());
   }
   if (has_norm(mode)) {
-    check_mod(shift, "shift", x);
+    if (shift.defined()) {  // undefined: scale-only adaLN
+      check_mod(shift, "shift", x);
+      t.shift = shift.contiguous();
+      dts.push_back(shift.scalar_type());
+    }
     check_mod(scale, "scale", x);
-    t.shift = shift.contiguous();
+    check_gain(weight, x);
     t.scale = scale.contiguous();
-    dts.push_back(shift.scalar_type());
+    t.weight = defined_or_empty(weight);
     dts.push_back(scale.scalar_type());
+    if (t.weight.defined()) dts.push_back(t.weight.scalar_type());
   }
   t.acc = at::kFloat;
   for (auto d : dts) {
@@ -133,18 +157,22 @@ inline FwdTensors prepare_fwd(Mode mode, const at::Tensor& x, const at::Tensor& 
 // Inputs and outputs of one backward call. `dout` is dh (kModulate, kFused) or the gradient of
 // x_out (kGated); `dx_out` is the gradient of x_out in kFused, maybe undefined. `xn` is the
 // tensor that was normalized (x for kModulate, x_out for kFused). dmod[kShift/kScale/kGate]: [B, D]
-// in the compute dtype, separate tensors (op outputs must not alias each other), undefined if unused.
+// in the compute dtype, separate tensors (op outputs must not alias each other), undefined if unused;
+// dmod[kWeight]: [D], the gain's gradient summed over B and L, with a gain only.
 struct BwdTensors {
-  at::Tensor dout, dx_out, xn, y, gate, mean, rstd, scale;
+  at::Tensor dout, dx_out, xn, y, gate, mean, rstd, scale, weight;
   at::Tensor dx, dy;
-  at::Tensor dmod[3];
+  at::Tensor dmod[4];
   at::ScalarType acc;
+  bool rms = false;
 };
 
 inline BwdTensors prepare_bwd(Mode mode, const at::Tensor& dout, const std::optional<at::Tensor>& dx_out,
                               const at::Tensor& xn, const at::Tensor& y, const at::Tensor& gate,
-                              const at::Tensor& mean, const at::Tensor& rstd, const at::Tensor& scale) {
+                              const at::Tensor& mean, const at::Tensor& rstd, const at::Tensor& scale,
+                              bool rms = false, const std::optional<at::Tensor>& weight = std::nullopt) {
   BwdTensors t;
+  t.rms = rms;
   const at::Tensor& ref = has_norm(mode) ? xn : y;
   check_tokens(ref, has_norm(mode) ? "x" : "y");
   check_like(dout, has_norm(mode) ? "dh" : "dout", ref);
@@ -158,7 +186,10 @@ inline BwdTensors prepare_bwd(Mode mode, const at::Tensor& dout, const std::opti
     t.mean = mean.contiguous();
     t.rstd = rstd.contiguous();
     t.scale = scale.contiguous();
+    check_gain(weight, ref);
+    t.weight = defined_or_empty(weight);
     if (scale.scalar_type() == at::kDouble || mean.scalar_type() == at::kDouble) t.acc = at::kDouble;
+    if (t.weight.defined() && t.weight.scalar_type() == at::kDouble) t.acc = at::kDouble;
     t.dx = at::empty_like(t.xn);
   }
   if (has_gate(mode)) {
@@ -183,6 +214,7 @@ inline BwdTensors prepare_bwd(Mode mode, const at::Tensor& dout, const std::opti
   if (has_norm(mode)) {
     t.dmod[kShift] = at::empty({ref.size(0), ref.size(2)}, mod_opts);
     t.dmod[kScale] = at::empty({ref.size(0), ref.size(2)}, mod_opts);
+    if (t.weight.defined()) t.dmod[kWeight] = at::empty({ref.size(2)}, mod_opts);
   }
   if (has_gate(mode)) t.dmod[kGate] = at::empty({ref.size(0), ref.size(2)}, mod_opts);
   return t;

@@ -229,7 +229,10 @@ __global__ void __launch_bounds__(kMaxThreads) adaln_fwd_kernel(FwdParams p) {
         q[0] += d * d;
       }
       block_sum<1>(q, smem);
-      const float rs = rsqrtf(q[0] / D + p.eps);
+      // NaN where the squares overflowed (rsqrtf(inf) = 0 would give a row of exactly `shift`, hiding a
+      // diverging activation from non-finite guards); adaln_cpu_kernels.inc does the same.
+      float rs = rsqrtf(q[0] / D + p.eps);
+      if (!(rs > 0.f)) rs = __int_as_float(0x7fc00000);
 #pragma unroll
       for (int i = 0; i < kVec; ++i) v[i] = (v[i] - mu) * rs * sc1[i] + sh[i];
       store8(h, off, nv, p.vec, v);
@@ -614,8 +617,17 @@ void launch_bwd(BwdTensors& t) {
   }
 }
 
+// The norm modes (RMSNorm, a gain, no shift) have CPU kernels only so far; the capability table
+// (dit_fast/backends.py: norm_modes) sends such calls on CUDA tensors elsewhere.
+inline void check_layer_norm_mode(bool rms, const at::Tensor& weight, bool has_shift) {
+  TORCH_CHECK_NOT_IMPLEMENTED(!rms && !weight.defined() && has_shift,
+                              "dit_fast_ext: the CUDA kernels have no RMSNorm / norm-gain / scale-only adaLN mode yet "
+                              "(use the triton or torch backend)");
+}
+
 struct CudaKernels {
   static void fwd(Mode mode, FwdTensors& t, double eps) {
+    if (has_norm(mode)) check_layer_norm_mode(t.rms, t.weight, t.shift.defined());
     check_cuda_args(t.x, t.acc, {t.x, t.y, t.gate, t.shift, t.scale});
     c10::cuda::CUDAGuard guard(t.x.device());
     switch (mode) {
@@ -626,6 +638,7 @@ struct CudaKernels {
   }
   static void bwd(Mode mode, BwdTensors& t) {
     const at::Tensor& ref = has_norm(mode) ? t.xn : t.y;
+    if (has_norm(mode)) check_layer_norm_mode(t.rms, t.weight, true);
     check_cuda_args(ref, t.acc, {t.dout, t.dx_out, t.xn, t.y, t.gate, t.mean, t.rstd, t.scale});
     c10::cuda::CUDAGuard guard(ref.device());
     switch (mode) {

@@ -37,18 +37,23 @@ struct AdalnOps {
   using T = at::Tensor;
   using OptT = std::optional<at::Tensor>;
 
-  static std::tuple<T, T, T> adaln_modulate_fwd(const T& x, const T& shift, const T& scale, double eps,
-                                                std::optional<at::ScalarType> out_dtype) {
-    auto t = prepare_fwd(Mode::kModulate, x, T(), T(), shift, scale, out_dtype);
+  static T or_empty(const T& t, const T& like) { return t.defined() ? t : at::empty({0}, like.options()); }
+
+  static std::tuple<T, T, T> adaln_modulate_fwd(const T& x, const OptT& shift, const T& scale, double eps,
+                                                std::optional<at::ScalarType> out_dtype, bool rms,
+                                                const OptT& weight) {
+    auto t = prepare_fwd(Mode::kModulate, x, T(), T(), shift.value_or(T()), scale, out_dtype, rms, weight);
     Kernels::fwd(Mode::kModulate, t, eps);
     return {t.h, t.mean, t.rstd};
   }
 
-  static std::tuple<T, T, T> adaln_modulate_bwd(const T& dh, const T& x, const T& mean, const T& rstd,
-                                                const T& scale) {
-    auto t = prepare_bwd(Mode::kModulate, dh, std::nullopt, x, T(), T(), mean, rstd, scale);
+  // dshift is computed whether or not the forward had a shift (the caller drops it); dweight is empty
+  // without a gain.
+  static std::tuple<T, T, T, T> adaln_modulate_bwd(const T& dh, const T& x, const T& mean, const T& rstd,
+                                                   const T& scale, bool rms, const OptT& weight) {
+    auto t = prepare_bwd(Mode::kModulate, dh, std::nullopt, x, T(), T(), mean, rstd, scale, rms, weight);
     Kernels::bwd(Mode::kModulate, t);
-    return {t.dx, t.dmod[kShift], t.dmod[kScale]};
+    return {t.dx, t.dmod[kShift], t.dmod[kScale], or_empty(t.dmod[kWeight], x)};
   }
 
   static T gated_residual_fwd(const T& x, const T& y, const T& gate, const OptT& bias) {
@@ -66,20 +71,24 @@ struct AdalnOps {
   }
 
   static std::tuple<T, T, T, T> gated_residual_adaln_fwd(const T& x, const T& y, const T& gate, const OptT& bias,
-                                                         const T& shift, const T& scale, double eps,
-                                                         std::optional<at::ScalarType> out_dtype) {
-    auto t = prepare_fwd(Mode::kFused, x, add_bias(y, gate, bias), gate, shift, scale, out_dtype);
+                                                         const OptT& shift, const T& scale, double eps,
+                                                         std::optional<at::ScalarType> out_dtype, bool rms,
+                                                         const OptT& weight) {
+    auto t = prepare_fwd(Mode::kFused, x, add_bias(y, gate, bias), gate, shift.value_or(T()), scale, out_dtype,
+                         rms, weight);
     Kernels::fwd(Mode::kFused, t, eps);
     return {t.x_out, t.h, t.mean, t.rstd};
   }
 
-  static std::tuple<T, T, T, T, T, T> gated_residual_adaln_bwd(const T& dh, const OptT& dx_out, const T& x_out,
-                                                               const T& y, const T& gate, const OptT& bias,
-                                                               const T& mean, const T& rstd, const T& scale) {
-    auto t = prepare_bwd(Mode::kFused, dh, dx_out, x_out, add_bias(y, gate, bias), gate, mean, rstd, scale);
+  static std::tuple<T, T, T, T, T, T, T> gated_residual_adaln_bwd(const T& dh, const OptT& dx_out, const T& x_out,
+                                                                  const T& y, const T& gate, const OptT& bias,
+                                                                  const T& mean, const T& rstd, const T& scale,
+                                                                  bool rms, const OptT& weight) {
+    auto t = prepare_bwd(Mode::kFused, dh, dx_out, x_out, add_bias(y, gate, bias), gate, mean, rstd, scale, rms,
+                         weight);
     Kernels::bwd(Mode::kFused, t);
     auto [dy, dbias] = split_bias_grad(t.dy, y, bias);
-    return {t.dx, dy, t.dmod[kGate], dbias, t.dmod[kShift], t.dmod[kScale]};
+    return {t.dx, dy, t.dmod[kGate], dbias, t.dmod[kShift], t.dmod[kScale], or_empty(t.dmod[kWeight], x_out)};
   }
 };
 

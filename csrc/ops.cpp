@@ -12,21 +12,24 @@ TORCH_LIBRARY(dit_fast_ext, m) {
   // of x (resp. x_out), computed as pivot + mean(row - pivot) with the pivot the row's first element,
   // and 1 / sqrt(var + eps). The same definition as the Triton ops; the backward corrects for the
   // mean's rounding with mean(x - mean), so no pivot is re-read.
-  m.def("adaln_modulate_fwd(Tensor x, Tensor shift, Tensor scale, float eps, ScalarType? h_dtype)"
-        " -> (Tensor h, Tensor mean, Tensor rstd)");
-  // dshift, dscale in the compute dtype.
-  m.def("adaln_modulate_bwd(Tensor dh, Tensor x, Tensor mean, Tensor rstd, Tensor scale)"
-        " -> (Tensor dx, Tensor dshift, Tensor dscale)");
+  // Norm modes (adaln_common.h): rms (RMSNorm; mean saved as 0), weight (the norm's gain [D]), shift None
+  // (scale-only adaLN).
+  m.def("adaln_modulate_fwd(Tensor x, Tensor? shift, Tensor scale, float eps, ScalarType? h_dtype, bool rms=False,"
+        " Tensor? weight=None) -> (Tensor h, Tensor mean, Tensor rstd)");
+  // dshift, dscale, dweight in the compute dtype; dweight [D] (summed over B and L), empty without a gain.
+  m.def("adaln_modulate_bwd(Tensor dh, Tensor x, Tensor mean, Tensor rstd, Tensor scale, bool rms=False,"
+        " Tensor? weight=None) -> (Tensor dx, Tensor dshift, Tensor dscale, Tensor dweight)");
   // bias: [D] or None, x_out = x + gate * (y + bias) (adaln_ops.h: add_bias); dbias is empty without one.
   m.def("gated_residual_fwd(Tensor x, Tensor y, Tensor gate, Tensor? bias) -> Tensor");
   // dx is dout itself.
   m.def("gated_residual_bwd(Tensor dout, Tensor y, Tensor gate, Tensor? bias) -> (Tensor dy, Tensor dgate,"
         " Tensor dbias)");
-  m.def("gated_residual_adaln_fwd(Tensor x, Tensor y, Tensor gate, Tensor? bias, Tensor shift, Tensor scale,"
-        " float eps, ScalarType? h_dtype) -> (Tensor x_out, Tensor h, Tensor mean, Tensor rstd)");
+  m.def("gated_residual_adaln_fwd(Tensor x, Tensor y, Tensor gate, Tensor? bias, Tensor? shift, Tensor scale,"
+        " float eps, ScalarType? h_dtype, bool rms=False, Tensor? weight=None)"
+        " -> (Tensor x_out, Tensor h, Tensor mean, Tensor rstd)");
   m.def("gated_residual_adaln_bwd(Tensor dh, Tensor? dx_out, Tensor x_out, Tensor y, Tensor gate, Tensor? bias,"
-        " Tensor mean, Tensor rstd, Tensor scale) -> (Tensor dx, Tensor dy, Tensor dgate, Tensor dbias,"
-        " Tensor dshift, Tensor dscale)");
+        " Tensor mean, Tensor rstd, Tensor scale, bool rms=False, Tensor? weight=None) -> (Tensor dx, Tensor dy,"
+        " Tensor dgate, Tensor dbias, Tensor dshift, Tensor dscale, Tensor dweight)");
 }
 
 #define DIT_FAST_TORCH_VERSION \

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .backends import ATTENTION_CAPABILITIES
+from .ops import differentiable_backward as DB
 from .ops.adaln_projections import functorch_transforms_active
 
 AUTO_ORDER = ("flash_attn_3", "flash_attn_4", "flash_attn", "sdpa")
@@ -253,8 +254,65 @@ def unbind_packed(qkv5: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch
     return _UnbindPacked.apply(qkv5)
 
 
+class _TwiceDifferentiable(torch.autograd.Function):
+    """A fast attention kernel whose backward can be differentiated again.
+
+    SDPA's fused kernels and FlashAttention have first-order backwards only: a gradient penalty
+    (autograd.grad(..., create_graph=True), then .backward()) fails in them. The forward runs the kernel
+    (`run`) on detached copies of its inputs and keeps that small graph; the backward decides by grad mode,
+    which is on exactly under create_graph: off, the kernel's own backward runs on the kept graph (no
+    recomputation); on, the gradient is recomputed from the math path (`math`, twice differentiable), as
+    differentiable_backward.py does for the fused ops. A second backward of a retained graph recomputes the
+    kernel's graph first."""
+
+    @staticmethod
+    def forward(ctx, run, math, *inputs):
+        ctx.run, ctx.math = run, math
+        ctx.save_for_backward(*inputs)
+        ctx.kept = _kernel_graph(run, inputs)
+        return ctx.kept[1].detach()
+
+    @staticmethod
+    def backward(ctx, dout):
+        inputs = ctx.saved_tensors
+        kept, ctx.kept = ctx.kept, None  # freed now: its saved tensors must not outlive this backward
+        if DB.wanted():  # create_graph: a differentiable gradient, from the math path
+            return (None, None, *DB._vjp(ctx.math, inputs, (dout,)))
+        leaves, out = kept if kept is not None else _kernel_graph(ctx.run, inputs)
+        return (None, None, *torch.autograd.grad(out, leaves, dout, allow_unused=True))
+
+
+def _kernel_graph(run, inputs):
+    """(leaves, out): the kernel run under autograd on detached copies of its inputs (a graph of its own)."""
+    with torch.enable_grad():
+        leaves = tuple(t.detach().requires_grad_() for t in inputs)
+        return leaves, run(*leaves)
+
+
+def _saved_tensor_hooks_active() -> bool:
+    """Whether saved-tensor hooks pack what autograd saves (activation checkpointing, CPU offload)."""
+    try:
+        return torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
+    except (AttributeError, TypeError, RuntimeError):  # a torch without this query: assume none
+        return False
+
+
+def _twice_differentiable(name: str, *inputs) -> bool:
+    """Whether a call of kernel `name` takes _TwiceDifferentiable: a fused kernel under autograd, eager.
+    Compiled graphs are differentiated once (AOTAutograd), and functorch transforms differentiate the kernel
+    call itself: both take it plain. So do calls under saved-tensor hooks: activation checkpointing would drop
+    the kept graph's tensors and recompute the whole block a second time to get them back (a gradient penalty
+    through a checkpointed block needs attn_backend="math")."""
+    return (name != "math" and torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
+            and not torch.compiler.is_compiling() and not functorch_transforms_active()
+            and not _saved_tensor_hooks_active())
+
+
 def attention(qkv: torch.Tensor, num_heads: int, backend: str = "auto") -> torch.Tensor:
-    """softmax(q k^T / sqrt(head_dim)) v per head: qkv [B, L, 3*D] (q | k | v, heads inside) -> [B, L, D]."""
+    """softmax(q k^T / sqrt(head_dim)) v per head: qkv [B, L, 3*D] (q | k | v, heads inside) -> [B, L, D].
+
+    Twice differentiable on every backend: under create_graph the backward of a fused kernel is recomputed
+    from the math path (_TwiceDifferentiable), so gradient penalties work with the default "auto"."""
     if not isinstance(qkv, torch.Tensor) or qkv.dim() != 3:
         raise ValueError(f"qkv must be a tensor [B, L, 3*D], got {getattr(qkv, 'shape', type(qkv).__name__)}")
     B, L, D3 = qkv.shape
@@ -263,6 +321,42 @@ def attention(qkv: torch.Tensor, num_heads: int, backend: str = "auto") -> torch
     D = D3 // 3
     head_dim = D // num_heads
     name = resolve(backend, str(qkv.device), str(qkv.dtype), head_dim)
+    if _twice_differentiable(name, qkv):
+        return _TwiceDifferentiable.apply(lambda t: _run_kernel(t, num_heads, name),
+                                          lambda t: _run_kernel(t, num_heads, "math"), qkv)
+    return _run_kernel(qkv, num_heads, name)
+
+
+def attention_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """softmax(q k^T / sqrt(head_dim)) v for separate q, k, v [B, H, L, Dh] (last dim contiguous: e.g. the
+    output of dit_fast.ops.qk_norm_rope) -> [B, L, H * Dh]. Same backends and guarantees as attention()."""
+    for name_, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise ValueError(f"{name_} must be a tensor [B, H, L, Dh], got {getattr(t, 'shape', type(t).__name__)}")
+    if not q.shape == k.shape == v.shape:
+        raise ValueError(f"q, k, v must have one shape [B, H, L, Dh], got {list(q.shape)}, {list(k.shape)}, "
+                         f"{list(v.shape)}")
+    name = resolve(backend, str(q.device), str(q.dtype), q.shape[-1])
+    if _twice_differentiable(name, q, k, v):
+        return _TwiceDifferentiable.apply(lambda *t: _run_qkv(*t, name), lambda *t: _run_qkv(*t, "math"), q, k, v)
+    return _run_qkv(q, k, v, name)
+
+
+def _run_qkv(q, k, v, name: str) -> torch.Tensor:
+    """The attention kernel `name` (a resolved backend) on q, k, v [B, H, L, Dh] -> [B, L, H * Dh]."""
+    B, H, L, Dh = q.shape
+    if name in FLASH_BACKENDS:  # FlashAttention takes [B, L, H, Dh]: the transposes are views
+        out = _first(_flash_module(name)[0].flash_attn_func(*(t.transpose(1, 2) for t in (q, k, v))))
+        return out.reshape(B, L, H * Dh)
+    out = math_attention(q, k, v) if name == "math" else F.scaled_dot_product_attention(q, k, v)
+    return out.transpose(1, 2).reshape(B, L, H * Dh)
+
+
+def _run_kernel(qkv: torch.Tensor, num_heads: int, name: str) -> torch.Tensor:
+    """The attention kernel `name` (a resolved backend) on qkv [B, L, 3*D] -> [B, L, D]."""
+    B, L, D3 = qkv.shape
+    D = D3 // 3
+    head_dim = D // num_heads
     qkv5 = qkv.reshape(B, L, 3, num_heads, head_dim)  # a view for any qkv with a contiguous last dim
     if name == "flash_attn":
         out = _run_flash_attn(qkv5)
@@ -277,3 +371,4 @@ def attention(qkv: torch.Tensor, num_heads: int, backend: str = "auto") -> torch
         out = math_attention(q, k, v) if name == "math" else F.scaled_dot_product_attention(q, k, v)
         out = out.transpose(1, 2)
     return out.reshape(B, L, D)
+

@@ -24,16 +24,23 @@ ENV_VAR = "DIT_FAST_BACKEND"
 ADALN_OPS = ("adaln_modulate", "gated_residual", "gated_residual_adaln")
 EMBED_OPS = ("patch_embed", "final_layer", "linear_gelu_tanh")
 OPS = ADALN_OPS + EMBED_OPS
+# LightningDiT's MLP activation and attention-input ops: dispatched like OPS, listed apart until the model uses them
+# (OPS feeds the DiT benchmarks' labels and per-op tables). ALL_OPS: every op with a capability row.
+LIGHTNING_OPS = ("swiglu", "qk_norm_rope")
+ALL_OPS = OPS + LIGHTNING_OPS
 
 
 @dataclass(frozen=True)
 class Capability:
     """What a kernel family runs: these ops, on tensors of these device types. Every backend takes
-    float16, bfloat16 and float32 inputs (mixed freely); `float64` says whether float64 inputs run
+    float16, bfloat16 and float32 inputs (mixed freely, except patch_embed: outside autocast its x, weight and
+    bias share one dtype, as nn.Conv2d requires, on every backend); `float64` says whether float64 inputs run
     (in float64), `max_d` bounds the feature dim D (x.shape[-1]) where the kernels have a limit.
     `fused_bias`: the gated ops add their optional `bias` (of the GEMM that made y) inside the kernel and
     sum its gradient in their backward pass; without it the backend adds the bias in a separate pass,
-    so the model passes the bias to the gated op only where this is True (models.py)."""
+    so the model passes the bias to the gated op only where this is True (models.py).
+    `norm_modes`: the adaLN-family ops run LightningDiT's modes too: norm="rms", a norm gain (weight), and no
+    shift (scale-only adaLN); without it only LayerNorm without affine, with a shift."""
 
     backend: str
     device_types: tuple[str, ...]
@@ -41,9 +48,12 @@ class Capability:
     float64: bool
     max_d: int | None = None
     fused_bias: bool = False
+    norm_modes: bool = False
 
-    def refuses(self, float64: bool, d: int | None) -> str:
+    def refuses(self, float64: bool, d: int | None, norm_modes: bool = False) -> str:
         """Why this row cannot run a call ("" if it can)."""
+        if norm_modes and not self.norm_modes:
+            return "no RMSNorm / norm-gain / scale-only adaLN kernels yet"
         if float64 and not self.float64:
             return "no float64 kernels"
         if self.max_d is not None and d is not None and d > self.max_d:
@@ -55,11 +65,14 @@ class Capability:
 # backend adds its rows here (docs/DESIGN.md, "Adding a backend"). Whether a family is usable at all on
 # this machine (installed, built, a GPU present) is its module's `available(device_type)`.
 CAPABILITIES = (
-    Capability("triton", ("cuda", "cpu"), ADALN_OPS, float64=True, fused_bias=True),
-    Capability("triton", ("cuda", "cpu"), EMBED_OPS, float64=False),  # float32 accumulation only
-    Capability("ext", ("cpu",), ADALN_OPS, float64=True),
-    Capability("ext", ("cuda",), ADALN_OPS, float64=False, max_d=4096),  # kMaxD of csrc/adaln_cuda.cu
-    Capability("torch", ("cuda", "cpu"), OPS, float64=True),
+    Capability("triton", ("cuda", "cpu"), ADALN_OPS, float64=True, fused_bias=True, norm_modes=True),
+    # float32 accumulation only; final_layer's norm modes: the fused adaLN kernel, then the GEMM (triton_embed.py)
+    Capability("triton", ("cuda", "cpu"), EMBED_OPS, float64=False, norm_modes=True),
+    Capability("triton", ("cuda", "cpu"), LIGHTNING_OPS, float64=False),  # float32 math
+    Capability("ext", ("cpu",), ADALN_OPS, float64=True, norm_modes=True),
+    # kMaxD of csrc/adaln_cuda.cu; the CUDA kernels have no norm modes yet (they refuse them: NotImplementedError)
+    Capability("ext", ("cuda",), ADALN_OPS, float64=False, max_d=4096),
+    Capability("torch", ("cuda", "cpu"), ALL_OPS, float64=True, norm_modes=True),
 )
 
 @dataclass(frozen=True)
@@ -184,19 +197,21 @@ def _candidates(backend: str, op: str, device_type: str, env: str) -> tuple[str,
     return AUTO_CPU
 
 
-def resolve(backend: str, op: str, device_type: str, float64: bool = False, d: int | None = None) -> str:
+def resolve(backend: str, op: str, device_type: str, float64: bool = False, d: int | None = None,
+            norm_modes: bool = False) -> str:
     """The backend that runs `op` for tensors on `device_type` when `backend` is asked for; `float64`:
-    some input is float64; `d`: the feature dim D, for backends whose kernels bound it.
+    some input is float64; `d`: the feature dim D, for backends whose kernels bound it; `norm_modes`: an
+    adaLN-family call with norm="rms", a norm gain or no shift (Capability.norm_modes).
 
     Cached per call signature and per value of DIT_FAST_BACKEND, so changing the variable takes effect
     at the next eager call. A torch.compile'd function keeps the backends it was traced with (its graph
     holds the chosen ops); changing the variable does not recompile it.
     """
     env = os.environ.get(ENV_VAR, "")
-    key = (backend, op, device_type, float64, d, env)
+    key = (backend, op, device_type, float64, d, env, norm_modes)
     name = _resolved.get(key)
     if name is None:
-        name = _resolve(backend, op, device_type, float64, d, env)
+        name = _resolve(backend, op, device_type, float64, d, env, norm_modes)
         module_for(name)  # import now: inside a torch.compile trace module_for may only read its cache
         _resolved[key] = name
     return name
@@ -214,7 +229,8 @@ def fuses_bias(name: str, op: str, device_type: str) -> bool:
     return bool(row is not None and row.fused_bias)
 
 
-def why_not(backend: str, op: str, device_type: str, float64: bool = False, d: int | None = None) -> str:
+def why_not(backend: str, op: str, device_type: str, float64: bool = False, d: int | None = None,
+            norm_modes: bool = False) -> str:
     """Why `backend` cannot run this call ("" if it can): the machine (probe), then the table."""
     ok, why = probe(backend, device_type)
     if not ok:
@@ -222,18 +238,19 @@ def why_not(backend: str, op: str, device_type: str, float64: bool = False, d: i
     row = capability(backend, op, device_type)
     if row is None:
         return f"it has no {op} kernel for {device_type} tensors"
-    return row.refuses(float64, d)
+    return row.refuses(float64, d, norm_modes)
 
 
-def _resolve(backend: str, op: str, device_type: str, float64: bool, d: int | None, env: str) -> str:
+def _resolve(backend: str, op: str, device_type: str, float64: bool, d: int | None, env: str,
+             norm_modes: bool = False) -> str:
     explicit = backend != "auto"
     reasons = []
     for cand in _candidates(backend, op, device_type, env):
-        why = why_not(cand, op, device_type, float64, d)
+        why = why_not(cand, op, device_type, float64, d, norm_modes)
         if not why:
             if reasons and (explicit or env):
                 warn_once(
-                    (backend, op, device_type, float64, d, env),
+                    (backend, op, device_type, float64, d, env, norm_modes),
                     f"dit_fast: backend {backend if explicit else env!r} cannot run {op} on {device_type}"
                     f"{' (float64)' if float64 else ''} ({'; '.join(reasons)}); using {cand!r}",
                 )
@@ -246,7 +263,7 @@ def report(device_type: str) -> dict[str, dict[str, str]]:
     """For `python -m dit_fast.info`: per op, what "auto" picks (float16/bfloat16/float32 inputs) and, for
     each family, "yes" with the table's limits or "no (why)"."""
     out = {}
-    for op in OPS:
+    for op in ALL_OPS:
         row = {"auto": _resolve("auto", op, device_type, False, None, "")}
         for b in KERNEL_BACKENDS:
             why = why_not(b, op, device_type)

@@ -59,7 +59,7 @@ import triton.language as tl
 from dit_fast.ops.dtypes import compute_dtype
 
 from . import common
-from .common import cast_for, interpreting, n_sm, sum_partials
+from .common import cast_for, interpreting, inv_std, n_sm, sum_partials
 
 # Elements per program tile: 8 per thread at 8 warps, one 16-byte load per bf16 tensor.
 _TILE_ELEMS = 2048
@@ -72,8 +72,9 @@ _MAX_FWD_STEPS = 8
 # Backward: rows per program at most (longer chunks shrink the partial-sum buffers but cut parallelism).
 _MAX_CHUNK_ROWS = 256
 # Registers per thread assumed for a backward kernel when the compiled kernel cannot be asked (CPU,
-# interpreter, an old triton): the largest seen in scripts/check_triton_compile.py, rounded up.
-_CONSERVATIVE_REGS = 128
+# interpreter, an old triton): the largest of both Triton versions checked (3.9 here, 3.6 on the GPU machine:
+# 212 registers, benchmarks/results/2026-12-05-triton-compile-versions.md), rounded up to the allocation unit.
+_CONSERVATIVE_REGS = 216
 
 # Whether the kernels issue the next row block's loads before the current block's reductions (the
 # default), or load each block when it is reached (fewer live registers, maybe more CTAs per SM). A
@@ -145,9 +146,10 @@ _REGS: dict = {}  # (kernel variant key) -> registers per thread, fixed at the f
 
 
 def _regs_of(kernel, key, args, grid, kwargs) -> int:
-    """Registers per thread of the compiled backward kernel (compiled ahead of the launch by warmup);
-    the conservative table value where that is not available. Cached per variant: the chunking, and
-    so the order of the partial sums, never changes between calls."""
+    """Registers per thread of the compiled backward kernel (compiled ahead of the launch by warmup: the
+    same specialization the launch then takes from Triton's cache, as the chunking arguments are not
+    specialized, BWD_RUNTIME_ARGS); the conservative table value where that is not available. Cached per
+    variant: the chunking, and so the order of the partial sums, never changes between calls."""
     if key not in _REGS:
         regs = _CONSERVATIVE_REGS
         if not interpreting() and torch.cuda.is_available():
@@ -321,18 +323,41 @@ def _deviation(vc, mu, mask, SCALAR: tl.constexpr):
 
 
 @triton.jit
+def _squares(v, mask, SCALAR: tl.constexpr):
+    """RMS mode: one column tile of v (zero outside the mask) and its row sums of squares."""
+    d = tl.where(mask, v, 0.0)
+    return d, _row_sum(d * d, SCALAR)
+
+
+@triton.jit
+def _modulated(d, r, scale1, shift, x_ptr, ROUND_N: tl.constexpr, SHIFT: tl.constexpr, ROUND_BF16: tl.constexpr):
+    """One column tile of h = n * scale1 + shift with n = d * rstd, rounded to x's dtype first when ROUND_N
+    (RMSNorm as LightningDiT writes it: normalized in float32, cast back with type_as, then the gain; scale1
+    holds gain * (1 + scale) here). Without SHIFT (scale-only adaLN) nothing is added."""
+    n = d * r
+    if ROUND_N:
+        n = cast_for(n, x_ptr, ROUND_BF16).to(d.dtype)
+    h = n * scale1[None, :]
+    if SHIFT:
+        h += shift[None, :]
+    return h
+
+
+@triton.jit
 def _adaln_fwd_kernel(
-    x_ptr, y_ptr, gate_ptr, bias_ptr, shift_ptr, scale_ptr, xo_ptr, h_ptr, mean_ptr, rstd_ptr,
+    x_ptr, y_ptr, gate_ptr, bias_ptr, shift_ptr, scale_ptr, weight_ptr, xo_ptr, h_ptr, mean_ptr, rstd_ptr,
     L, D, n_groups, steps,
     x_sb, x_sl, y_sb, y_sl, gate_sb, shift_sb, scale_sb,
     eps,
     NORM: tl.constexpr, GATE: tl.constexpr, HAS_BIAS: tl.constexpr, PREFETCH: tl.constexpr,
+    RMS: tl.constexpr, SHIFT: tl.constexpr, HAS_WEIGHT: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, MASK_HEAD: tl.constexpr,
     HAS_TAIL: tl.constexpr, COMPUTE: tl.constexpr, ROUND_BF16: tl.constexpr,
 ):
     """Program (batch element, group): row blocks group*steps .. +steps of that batch element. Columns:
     the head tile [0, BLOCK_D) (masked past D only with MASK_HEAD) and, with HAS_TAIL, the tail tile
-    [BLOCK_D, D) in BLOCK_T lanes."""
+    [BLOCK_D, D) in BLOCK_T lanes. Norm modes (NORM): LayerNorm, or RMSNorm with RMS (no centring; the
+    saved mean is 0); a gain [D] with HAS_WEIGHT; the shift added only with SHIFT (scale-only adaLN)."""
     # Head and tail tiles get different register layouts (8 and 1 elements per thread at D = 1152). Row
     # statistics that both use, as [BLOCK_R] vectors, make the compiler move one tile's math into the
     # other's layout (shared-memory round trips of whole tiles, ~40% more registers); scalars carry no
@@ -350,10 +375,15 @@ def _adaln_fwd_kernel(
     shift_base = shift_ptr + b * shift_sb
     scale_base = scale_ptr + b * scale_sb
     gate, bias, shift, scale1 = _mod_vectors(gate_base, bias_ptr, shift_base, scale_base, cols, cmask,
-                                             GATE, HAS_BIAS, NORM, NORM, BLOCK_D, COMPUTE)
+                                             GATE, HAS_BIAS, NORM and SHIFT, NORM, BLOCK_D, COMPUTE)
+    if HAS_WEIGHT:  # the gain multiplies (1 + scale): one multiplier per column
+        scale1 *= _load_vec(weight_ptr, cols, cmask, COMPUTE)
     if HAS_TAIL:
         gate_t, bias_t, shift_t, scale1_t = _mod_vectors(gate_base, bias_ptr, shift_base, scale_base, cols_t,
-                                                         cmask_t, GATE, HAS_BIAS, NORM, NORM, BLOCK_T, COMPUTE)
+                                                         cmask_t, GATE, HAS_BIAS, NORM and SHIFT, NORM, BLOCK_T,
+                                                         COMPUTE)
+        if HAS_WEIGHT:
+            scale1_t *= _load_vec(weight_ptr, cols_t, cmask_t, COMPUTE)
 
     rows = first + tl.arange(0, BLOCK_R)
     rmask = rows < L
@@ -379,22 +409,31 @@ def _adaln_fwd_kernel(
             vt = _fwd_gated(xt, yt, gate_t, bias_t, xo_ptr, row_idx, D, cols_t, mask_t, GATE, HAS_BIAS, COMPUTE,
                             ROUND_BF16)
         if NORM:
-            vc, s = _centred(v, pivot, mask, HAS_TAIL)
-            if HAS_TAIL:
-                vct, s_t = _centred(vt, pivot, mask_t, HAS_TAIL)
-                s += s_t
-            mu = s / D
-            d, ss = _deviation(vc, mu, mask, HAS_TAIL)
-            if HAS_TAIL:
-                dt, ss_t = _deviation(vct, mu, mask_t, HAS_TAIL)
-                ss += ss_t
-            rstd = 1.0 / tl.sqrt(ss / D + eps)
+            if RMS:  # no centring: the mean of squares of the row itself
+                d, ss = _squares(v, mask, HAS_TAIL)
+                if HAS_TAIL:
+                    dt, ss_t = _squares(vt, mask_t, HAS_TAIL)
+                    ss += ss_t
+                mean_row = pivot * 0.0
+            else:
+                vc, s = _centred(v, pivot, mask, HAS_TAIL)
+                if HAS_TAIL:
+                    vct, s_t = _centred(vt, pivot, mask_t, HAS_TAIL)
+                    s += s_t
+                mu = s / D
+                d, ss = _deviation(vc, mu, mask, HAS_TAIL)
+                if HAS_TAIL:
+                    dt, ss_t = _deviation(vct, mu, mask_t, HAS_TAIL)
+                    ss += ss_t
+                mean_row = pivot + mu
+            rstd = inv_std(ss / D, eps)  # NaN, not 0, where the squares overflowed
             r = _per_row(rstd, HAS_TAIL)
-            _store_rows(h_ptr, row_idx, D, cols, d * r * scale1[None, :] + shift[None, :], mask, ROUND_BF16)
+            _store_rows(h_ptr, row_idx, D, cols, _modulated(d, r, scale1, shift, x_ptr, RMS, SHIFT, ROUND_BF16),
+                        mask, ROUND_BF16)
             if HAS_TAIL:
-                _store_rows(h_ptr, row_idx, D, cols_t, dt * r * scale1_t[None, :] + shift_t[None, :], mask_t,
-                            ROUND_BF16)
-            tl.store(mean_ptr + row_idx, pivot + mu, mask=rmask)
+                _store_rows(h_ptr, row_idx, D, cols_t,
+                            _modulated(dt, r, scale1_t, shift_t, x_ptr, RMS, SHIFT, ROUND_BF16), mask_t, ROUND_BF16)
+            tl.store(mean_ptr + row_idx, mean_row, mask=rmask)
             tl.store(rstd_ptr + row_idx, rstd, mask=rmask)
 
         rows, rmask = nrows, nrmask
@@ -492,9 +531,13 @@ def _bwd_tile(
 
 
 @triton.jit
-def _store_partials(part, D, cols, cmask, acc_dgate, acc_dbias, acc_dshift, acc_dscale,
-                    NORM: tl.constexpr, GATE: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """One column tile of a chunk's [K, D] partial sums: (dgate,) (dbias,) (dshift, dscale)."""
+def _store_partials(part, D, cols, cmask, acc_dgate, acc_dbias, acc_dshift, acc_dscale, scale_base, weight_ptr,
+                    NORM: tl.constexpr, GATE: tl.constexpr, HAS_BIAS: tl.constexpr, SHIFT: tl.constexpr,
+                    HAS_WEIGHT: tl.constexpr):
+    """One column tile of a chunk's [K, D] partial sums: (dgate,) (dbias,) (dshift,) (dscale,) (dweight,).
+    acc_dscale holds sum dh * xhat: dscale = weight * that, dweight = (1 + scale) * that (one batch element
+    per chunk, so (1 + scale) is one vector). Both are loaded again here rather than kept live through the
+    row loop (Triton 3.6 spills the RMS backward with a gain otherwise)."""
     k = 0
     if GATE:
         tl.store(part + cols, tl.sum(acc_dgate, axis=0), mask=cmask)
@@ -503,18 +546,35 @@ def _store_partials(part, D, cols, cmask, acc_dgate, acc_dbias, acc_dshift, acc_
             tl.store(part + D + cols, tl.sum(acc_dbias, axis=0), mask=cmask)
             k = 2
     if NORM:
-        tl.store(part + k * D + cols, tl.sum(acc_dshift, axis=0), mask=cmask)
-        tl.store(part + (k + 1) * D + cols, tl.sum(acc_dscale, axis=0), mask=cmask)
+        if SHIFT:
+            tl.store(part + k * D + cols, tl.sum(acc_dshift, axis=0), mask=cmask)
+            k += 1
+        s_dhx = tl.sum(acc_dscale, axis=0)
+        if HAS_WEIGHT:
+            weight = tl.load(weight_ptr + cols, mask=cmask, other=0.0).to(s_dhx.dtype)
+            scale1 = 1.0 + tl.load(scale_base + cols, mask=cmask, other=0.0).to(s_dhx.dtype)
+            tl.store(part + k * D + cols, s_dhx * weight, mask=cmask)
+            tl.store(part + (k + 1) * D + cols, s_dhx * scale1, mask=cmask)
+        else:
+            tl.store(part + k * D + cols, s_dhx, mask=cmask)
 
 
-@triton.jit
+# The backward's chunking arguments are runtime values, never specialized: Triton would otherwise compile
+# one variant for n_chunks == 1 (or chunk_rows % 16 == 0) and another for the rest, so the warmup that
+# sizes the chunking (_regs_of, run before they are known) would compile, and measure, a specialization
+# the real launch does not use. With them unspecialized the warmup compiles the launched kernel itself.
+BWD_RUNTIME_ARGS = ("n_chunks", "chunk_rows")
+
+
+@triton.jit(do_not_specialize=BWD_RUNTIME_ARGS)
 def _adaln_bwd_kernel(
-    dh_ptr, dxo_ptr, xn_ptr, y_ptr, gate_ptr, bias_ptr, scale_ptr, mean_ptr, rstd_ptr,
+    dh_ptr, dxo_ptr, xn_ptr, y_ptr, gate_ptr, bias_ptr, scale_ptr, weight_ptr, mean_ptr, rstd_ptr,
     dx_ptr, dy_ptr, part_ptr,
     L, D, n_chunks, chunk_rows,
     dh_sb, dh_sl, dxo_sb, dxo_sl, xn_sb, xn_sl, y_sb, y_sl, gate_sb, scale_sb,
     NORM: tl.constexpr, GATE: tl.constexpr, HAS_DXO: tl.constexpr, WRITE_DX: tl.constexpr, K: tl.constexpr,
-    HAS_BIAS: tl.constexpr, PREFETCH: tl.constexpr,
+    HAS_BIAS: tl.constexpr, PREFETCH: tl.constexpr, RMS: tl.constexpr, SHIFT: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, MASK_HEAD: tl.constexpr,
     HAS_TAIL: tl.constexpr, COMPUTE: tl.constexpr, ROUND_BF16: tl.constexpr,
 ):
@@ -540,6 +600,9 @@ def _adaln_bwd_kernel(
     scale_base = scale_ptr + b * scale_sb
     gate, bias, no_shift, scale1 = _mod_vectors(gate_base, bias_ptr, scale_base, scale_base, cols, cmask,
                                                 GATE, HAS_BIAS, False, NORM, BLOCK_D, COMPUTE)
+    gscale = scale1  # what multiplies dh into d(normalized row): (1 + scale) * gain
+    if HAS_WEIGHT:
+        gscale = scale1 * _load_vec(weight_ptr, cols, cmask, COMPUTE)
     # all four per tile, so one _bwd_tile serves every mode: the absent sums' accumulators are never updated
     # nor stored, and the compiler drops them
     acc_dgate = tl.zeros([BLOCK_R, BLOCK_D], dtype=COMPUTE)
@@ -547,6 +610,9 @@ def _adaln_bwd_kernel(
     if HAS_TAIL:
         gate_t, bias_t, no_shift_t, scale1_t = _mod_vectors(gate_base, bias_ptr, scale_base, scale_base, cols_t,
                                                             cmask_t, GATE, HAS_BIAS, False, NORM, BLOCK_T, COMPUTE)
+        gscale_t = scale1_t
+        if HAS_WEIGHT:
+            gscale_t = scale1_t * _load_vec(weight_ptr, cols_t, cmask_t, COMPUTE)
         acc_dgate_t = tl.zeros([BLOCK_R, BLOCK_T], dtype=COMPUTE)
         acc_dbias_t, acc_dshift_t, acc_dscale_t = acc_dgate_t, acc_dgate_t, acc_dgate_t
 
@@ -584,13 +650,18 @@ def _adaln_bwd_kernel(
         # without NORM these stand in for the norm's terms, which _bwd_tile then never reads
         xc, g, xc_t, g_t, c, mean_g, mean_gx = dh, dh, dh_t, dh_t, mean, mean, mean
         if NORM:
-            xc, g, s_xc, s_g, s_gxc = _bwd_row_sums(dh, xn, mean, scale1, mask, HAS_TAIL)  # the one reduction round
+            xc, g, s_xc, s_g, s_gxc = _bwd_row_sums(dh, xn, mean, gscale, mask, HAS_TAIL)  # the one reduction round
             if HAS_TAIL:
-                xc_t, g_t, t_xc, t_g, t_gxc = _bwd_row_sums(dh_t, xn_t, mean, scale1_t, mask_t, HAS_TAIL)
+                xc_t, g_t, t_xc, t_g, t_gxc = _bwd_row_sums(dh_t, xn_t, mean, gscale_t, mask_t, HAS_TAIL)
                 s_xc, s_g, s_gxc = _add3(s_xc, s_g, s_gxc, t_xc, t_g, t_gxc)
-            c = s_xc / D  # mean(xc): the saved mean's rounding
-            mean_g = s_g / D
-            mean_gx = rstd * (s_gxc / D - c * mean_g)
+            if RMS:  # no centring (the saved mean is 0): d x = rstd * (g - xhat * mean(g * xhat))
+                c = s_xc * 0.0
+                mean_g = c
+                mean_gx = rstd * (s_gxc / D)
+            else:
+                c = s_xc / D  # mean(xc): the saved mean's rounding
+                mean_g = s_g / D
+                mean_gx = rstd * (s_gxc / D - c * mean_g)
         acc_dgate, acc_dbias, acc_dshift, acc_dscale = _bwd_tile(
             dh, dxo, y, xc, g, c, rstd, mean_g, mean_gx, gate, bias, acc_dgate, acc_dbias, acc_dshift, acc_dscale,
             dx_ptr, dy_ptr, row_idx, D, cols, mask, NORM, GATE, HAS_DXO, WRITE_DX, HAS_BIAS, HAS_TAIL, ROUND_BF16,
@@ -609,10 +680,11 @@ def _adaln_bwd_kernel(
                 dh_n, xn_n, dxo_n, y_n, dh_tn, xn_tn, dxo_tn, y_tn, mean_n, rstd_n)
 
     part = part_ptr + (b * n_chunks + chunk) * K * D
-    _store_partials(part, D, cols, cmask, acc_dgate, acc_dbias, acc_dshift, acc_dscale, NORM, GATE, HAS_BIAS)
+    _store_partials(part, D, cols, cmask, acc_dgate, acc_dbias, acc_dshift, acc_dscale, scale_base, weight_ptr,
+                    NORM, GATE, HAS_BIAS, SHIFT, HAS_WEIGHT)
     if HAS_TAIL:
-        _store_partials(part, D, cols_t, cmask_t, acc_dgate_t, acc_dbias_t, acc_dshift_t, acc_dscale_t,
-                        NORM, GATE, HAS_BIAS)
+        _store_partials(part, D, cols_t, cmask_t, acc_dgate_t, acc_dbias_t, acc_dshift_t, acc_dscale_t, scale_base,
+                        weight_ptr, NORM, GATE, HAS_BIAS, SHIFT, HAS_WEIGHT)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -624,37 +696,45 @@ def _rows_strides(t: torch.Tensor) -> tuple[int, int]:
     return t.stride(0), t.stride(1)
 
 
-def _launch_fwd(mode, x, y, gate, shift, scale, eps, x_out, h, mean, rstd, bias=None):
+def _launch_fwd(mode, x, y, gate, shift, scale, eps, x_out, h, mean, rstd, bias=None, rms=False, weight=None):
     B, L, D = x.shape
     norm, gated = mode != GATED, mode != MODULATE
+    has_shift, has_weight = shift is not None, weight is not None
     block_r, num_warps, col_tiles = _tile(D, L)
     steps, n_groups = _fwd_steps(B, L, block_r, x.device)
     y = y if gated else x  # absent tensors are never read (constexpr flags): any tensor stands in
     gate = gate if gated else x
     has_bias = bias is not None
     bias = bias if has_bias else x
-    shift, scale = (shift, scale) if norm else (x, x)
+    optional = [t for t in (bias, shift if norm else None, weight) if t is not None]
+    shift, scale = (shift if has_shift else scale, scale) if norm else (x, x)
+    weight = weight if has_weight else x
     x_out = x_out if gated else x
     h, mean, rstd = (h, mean, rstd) if norm else (x, x, x)
-    ct = compute_dtype(x, y, gate, shift, scale, *((bias,) if has_bias else ()))
+    ct = compute_dtype(x, y, gate, scale, *optional)
     _adaln_fwd_kernel[(B * n_groups,)](
-        x, y, gate, bias, shift, scale, x_out, h, mean, rstd,
+        x, y, gate, bias, shift, scale, weight, x_out, h, mean, rstd,
         L, D, n_groups, steps,
         *_rows_strides(x), *_rows_strides(y), gate.stride(0), shift.stride(0), scale.stride(0),
         eps,
-        NORM=norm, GATE=gated, HAS_BIAS=has_bias, PREFETCH=PREFETCH,
+        NORM=norm, GATE=gated, HAS_BIAS=has_bias, PREFETCH=PREFETCH, RMS=norm and rms, SHIFT=norm and has_shift,
+        HAS_WEIGHT=norm and has_weight,
         BLOCK_R=block_r, **col_tiles, COMPUTE=_tl(ct), ROUND_BF16=interpreting(), num_warps=num_warps,
     )
 
 
-def _launch_bwd(mode, dh, dxo, xn, y, gate, scale, mean, rstd, dx, dy, ct, dtypes, bias=None):
+def _launch_bwd(mode, dh, dxo, xn, y, gate, scale, mean, rstd, dx, dy, ct, dtypes, bias=None, rms=False,
+                weight=None, has_shift=True):
     """Runs the backward kernel; returns the reduced modulation gradients (sum_partials, one launch) in
-    the order (dgate,) (dbias [D], summed over B too, when bias is given,) (dshift, dscale)."""
+    the order (dgate,) (dbias [D], summed over B too, when bias is given,) (dshift, when has_shift,) (dscale,)
+    (dweight [D], summed over B too, when weight is given); `dtypes` gives theirs, in that order."""
     ref = xn if xn is not None else y
     B, L, D = ref.shape
     norm, gated = mode != GATED, mode != MODULATE
     has_bias = bias is not None
-    K = int(norm) * 2 + int(gated) + int(has_bias)
+    has_weight = norm and weight is not None
+    has_shift = norm and has_shift
+    K = int(gated) + int(has_bias) + int(has_shift) + int(norm) + int(has_weight)
     block_r, num_warps, col_tiles = _tile(D, L)
     stand_in = ref
     dh = dh if dh is not None else stand_in
@@ -665,58 +745,91 @@ def _launch_bwd(mode, dh, dxo, xn, y, gate, scale, mean, rstd, dx, dy, ct, dtype
     gate = gate if gated else scale
     bias = bias if has_bias else gate
     scale = scale if norm else gate
+    weight = weight if has_weight else scale
     mean = mean if norm else stand_in
     rstd = rstd if norm else stand_in
     write_dx = dx is not None
     dx = dx if write_dx else stand_in
     dy = dy if dy is not None else stand_in
     consts = dict(NORM=norm, GATE=gated, HAS_DXO=has_dxo, WRITE_DX=write_dx, K=K, HAS_BIAS=has_bias,
-                  PREFETCH=PREFETCH,
+                  PREFETCH=PREFETCH, RMS=norm and rms, SHIFT=has_shift, HAS_WEIGHT=has_weight,
                   BLOCK_R=block_r, **col_tiles,
                   COMPUTE=_tl(ct), ROUND_BF16=interpreting(), num_warps=num_warps)
 
     def args(part, n_chunks, chunk_rows):
-        return (dh, dxo, xn, y, gate, bias, scale, mean, rstd, dx, dy, part,
+        return (dh, dxo, xn, y, gate, bias, scale, weight, mean, rstd, dx, dy, part,
                 L, D, n_chunks, chunk_rows,
                 *_rows_strides(dh), *_rows_strides(dxo), *_rows_strides(xn), *_rows_strides(y),
                 gate.stride(0), scale.stride(0))
 
-    key = (mode, has_dxo, write_dx, has_bias, PREFETCH, block_r, *col_tiles.values(), num_warps, ct,
-           *(t.dtype for t in (dh, dxo, xn, y, gate, bias, scale, dx, dy)), ref.device.type)
+    key = (mode, has_dxo, write_dx, has_bias, consts["RMS"], has_shift, has_weight, PREFETCH, block_r,
+           *col_tiles.values(), num_warps, ct,
+           *(t.dtype for t in (dh, dxo, xn, y, gate, bias, scale, weight, dx, dy)), ref.device.type)
     probe = torch.empty((B, 1, K, D), dtype=ct, device=ref.device)
     regs = _regs_of(_adaln_bwd_kernel, key, args(probe, 1, L), (B,), consts)
     chunk_rows, n_chunks = _chunking(B, L, block_r, num_warps, regs, ref.device)
     part = _empty((B, n_chunks, K, D), ct, ref.device)
     _adaln_bwd_kernel[(B * n_chunks,)](*args(part, n_chunks, chunk_rows), **consts)
-    return sum_partials(part, dtypes, totals=(False, True) if has_bias else ())
+    totals = (False,) * int(gated) + (True,) * int(has_bias) + (False,) * (int(has_shift) + int(norm)) + (
+        True,) * int(has_weight)
+    return sum_partials(part, dtypes, totals=totals)
 
 
-def adaln_modulate_fwd(x, shift, scale, eps: float, h_dtype=None):
-    """h = LayerNorm(x) * (1 + scale) + shift; returns (h, mean, rstd), statistics [B, L] in the compute dtype."""
-    x, shift, scale = _unit_last(x), _unit_last(shift), _unit_last(scale)
+def _opt(t):
+    return None if t is None else _unit_last(t)
+
+
+def _present(*tensors):
+    return tuple(t for t in tensors if t is not None)
+
+
+def adaln_modulate_fwd(x, shift, scale, eps: float, h_dtype=None, rms: bool = False, weight=None):
+    """h = norm(x) * weight * (1 + scale) + shift; returns (h, mean, rstd), statistics [B, L] in the compute
+    dtype. norm: LayerNorm without affine, or RMSNorm with rms (mean saved as 0; the normalized row is rounded
+    to x's dtype before the gain, as LightningDiT's RMSNorm does); weight [D] (the norm's gain) or None;
+    shift None for the scale-only adaLN."""
+    x, shift, scale, weight = _unit_last(x), _opt(shift), _unit_last(scale), _opt(weight)
     B, L, D = x.shape
-    ct = compute_dtype(x, shift, scale)
+    ct = compute_dtype(x, scale, *_present(shift, weight))
     h = _empty((B, L, D), h_dtype or x.dtype, x.device)
     mean = _empty((B, L), ct, x.device)
     rstd = _empty((B, L), ct, x.device)
     if h.numel() == 0:
         return h, mean.zero_(), rstd.zero_()
-    _launch_fwd(MODULATE, x, None, None, shift, scale, eps, None, h, mean, rstd)
+    _launch_fwd(MODULATE, x, None, None, shift, scale, eps, None, h, mean, rstd, rms=rms, weight=weight)
     return h, mean, rstd
 
 
-def adaln_modulate_bwd(dh, x, scale, mean, rstd, shift_dtype: torch.dtype):
-    """(dx, dshift, dscale) of adaln_modulate given dh; dshift/dscale reduced over L deterministically."""
-    dh, x, scale = _unit_last(dh), _unit_last(x), _unit_last(scale)
+def _norm_grads(sums, shift_dtype, weight):
+    """(dshift or None, dscale, (dweight,) when weight) from the norm's tail of _launch_bwd's sums."""
+    tail = list(sums)
+    dweight = (tail.pop(),) if weight is not None else ()
+    dscale = tail.pop()
+    dshift = tail.pop() if shift_dtype is not None else None
+    return dshift, dscale, dweight
+
+
+def _zero_norm_grads(B, D, ct, device, shift_dtype, scale, weight):
+    zeros = torch.zeros((B, D), dtype=ct, device=device)
+    dweight = (torch.zeros((D,), dtype=weight.dtype, device=device),) if weight is not None else ()
+    return None if shift_dtype is None else zeros.to(shift_dtype), zeros.to(scale.dtype), dweight
+
+
+def adaln_modulate_bwd(dh, x, scale, mean, rstd, shift_dtype, rms: bool = False, weight=None):
+    """(dx, dshift, dscale) of adaln_modulate given dh, and dweight [D] appended when weight is given;
+    dshift is None when shift_dtype is (no shift). Modulation gradients reduced over L deterministically."""
+    dh, x, scale, weight = _unit_last(dh), _unit_last(x), _unit_last(scale), _opt(weight)
     B, L, D = x.shape
     ct = mean.dtype
     dx = _empty((B, L, D), x.dtype, x.device)
     if dx.numel() == 0:
-        zeros = torch.zeros((B, D), dtype=ct, device=x.device)
-        return dx, zeros.to(shift_dtype), zeros.to(scale.dtype)
-    dshift, dscale = _launch_bwd(MODULATE, dh, None, x, None, None, scale, mean, rstd, dx, None, ct,
-                                 (shift_dtype, scale.dtype))
-    return dx, dshift, dscale
+        dshift, dscale, dweight = _zero_norm_grads(B, D, ct, x.device, shift_dtype, scale, weight)
+        return (dx, dshift, dscale, *dweight)
+    dtypes = _present(shift_dtype, scale.dtype, None if weight is None else weight.dtype)
+    sums = _launch_bwd(MODULATE, dh, None, x, None, None, scale, mean, rstd, dx, None, ct, dtypes, rms=rms,
+                       weight=weight, has_shift=shift_dtype is not None)
+    dshift, dscale, dweight = _norm_grads(sums, shift_dtype, weight)
+    return (dx, dshift, dscale, *dweight)
 
 
 def _bias_or_none(bias):
@@ -755,40 +868,44 @@ def gated_residual_bwd(dout, y, gate, bias=None):
     return dy, sums[0], _bias_grad(sums[1] if bias is not None else None, bias, D, y.device)
 
 
-def gated_residual_adaln_fwd(x, y, gate, shift, scale, eps: float, h_dtype=None, bias=None):
-    """(x_out, h, mean, rstd): x_out = x + gate * (y + bias) (x.dtype), h = adaln_modulate(x_out, shift, scale),
-    one pass."""
+def gated_residual_adaln_fwd(x, y, gate, shift, scale, eps: float, h_dtype=None, bias=None, rms: bool = False,
+                             weight=None):
+    """(x_out, h, mean, rstd): x_out = x + gate * (y + bias) (x.dtype), h = adaln_modulate(x_out, shift, scale,
+    rms=rms, weight=weight), one pass."""
     x, y, bias = _unit_last(x), _unit_last(y), _bias_or_none(bias)
-    gate, shift, scale = _unit_last(gate), _unit_last(shift), _unit_last(scale)
+    gate, shift, scale, weight = _unit_last(gate), _opt(shift), _unit_last(scale), _opt(weight)
     B, L, D = x.shape
-    ct = compute_dtype(x, y, gate, shift, scale, *((bias,) if bias is not None else ()))
+    ct = compute_dtype(x, y, gate, scale, *_present(shift, bias, weight))
     x_out = _empty((B, L, D), x.dtype, x.device)
     h = _empty((B, L, D), h_dtype or x.dtype, x.device)
     mean = _empty((B, L), ct, x.device)
     rstd = _empty((B, L), ct, x.device)
     if h.numel() == 0:
         return x_out, h, mean.zero_(), rstd.zero_()
-    _launch_fwd(FUSED, x, y, gate, shift, scale, eps, x_out, h, mean, rstd, bias)
+    _launch_fwd(FUSED, x, y, gate, shift, scale, eps, x_out, h, mean, rstd, bias, rms=rms, weight=weight)
     return x_out, h, mean, rstd
 
 
-def gated_residual_adaln_bwd(dx_out, dh, x_out, y, gate, scale, mean, rstd, shift_dtype: torch.dtype, bias=None):
-    """(dx, dy, dgate, dshift, dscale, dbias) of gated_residual_adaln in one pass; dx_out and/or dh may be
-    None; dbias is None without a bias.
+def gated_residual_adaln_bwd(dx_out, dh, x_out, y, gate, scale, mean, rstd, shift_dtype, bias=None, rms: bool = False,
+                             weight=None):
+    """(dx, dy, dgate, dshift, dscale, dbias) of gated_residual_adaln in one pass, and dweight [D] appended when
+    weight is given; dx_out and/or dh may be None; dbias is None without a bias, dshift None when shift_dtype
+    is (no shift).
 
     total = dx_out + LayerNorm-modulate backward of dh; dx = total, dy = total * gate,
     dgate = sum_L total * (y + bias), dshift = sum_L dh, dscale = sum_L dh * xhat, dbias = sum_B,L dy
     (deterministic reductions).
     """
     x_out, y, gate, scale = _unit_last(x_out), _unit_last(y), _unit_last(gate), _unit_last(scale)
-    bias = _bias_or_none(bias)
+    bias, weight = _bias_or_none(bias), _opt(weight)
     B, L, D = x_out.shape
     ct = mean.dtype
     dev = x_out.device
     if (dx_out is None and dh is None) or x_out.numel() == 0:
-        zeros = torch.zeros((B, D), dtype=ct, device=dev)
+        dshift, dscale, dweight = _zero_norm_grads(B, D, ct, dev, shift_dtype, scale, weight)
         return (torch.zeros_like(x_out), torch.zeros_like(y, memory_format=torch.contiguous_format),
-                zeros.to(gate.dtype), zeros.to(shift_dtype), zeros.to(scale.dtype), _bias_grad(None, bias, D, dev))
+                torch.zeros((B, D), dtype=gate.dtype, device=dev), dshift, dscale, _bias_grad(None, bias, D, dev),
+                *dweight)
     dx_out = None if dx_out is None else _unit_last(dx_out)
     dx = _empty((B, L, D), x_out.dtype, dev)
     dy = _empty((B, L, D), y.dtype, dev)
@@ -796,11 +913,13 @@ def gated_residual_adaln_bwd(dx_out, dh, x_out, y, gate, scale, mean, rstd, shif
     if dh is None:  # no norm gradient: the gated backward with total = dx_out
         sums = _launch_bwd(GATED, None, dx_out, None, y, gate, None, None, None, dx, dy, ct,
                            (gate.dtype,) + bias_dt, bias)
-        return (dx, dy, sums[0], torch.zeros((B, D), dtype=shift_dtype, device=dev),
-                torch.zeros((B, D), dtype=scale.dtype, device=dev),
-                _bias_grad(sums[1] if bias is not None else None, bias, D, dev))
+        dshift, dscale, dweight = _zero_norm_grads(B, D, ct, dev, shift_dtype, scale, weight)
+        return (dx, dy, sums[0], dshift, dscale, _bias_grad(sums[1] if bias is not None else None, bias, D, dev),
+                *dweight)
     dh = _unit_last(dh)
-    sums = _launch_bwd(FUSED, dh, dx_out, x_out, y, gate, scale, mean, rstd, dx, dy, ct,
-                       (gate.dtype,) + bias_dt + (shift_dtype, scale.dtype), bias)
-    dgate, dshift, dscale = sums[0], sums[-2], sums[-1]
-    return dx, dy, dgate, dshift, dscale, _bias_grad(sums[1] if bias is not None else None, bias, D, dev)
+    dtypes = (gate.dtype,) + bias_dt + _present(shift_dtype, scale.dtype, None if weight is None else weight.dtype)
+    sums = _launch_bwd(FUSED, dh, dx_out, x_out, y, gate, scale, mean, rstd, dx, dy, ct, dtypes, bias, rms=rms,
+                       weight=weight, has_shift=shift_dtype is not None)
+    dshift, dscale, dweight = _norm_grads(sums, shift_dtype, weight)
+    return (dx, dy, sums[0], dshift, dscale, _bias_grad(sums[1] if bias is not None else None, bias, D, dev),
+            *dweight)

@@ -44,6 +44,15 @@ def cast_for(v, ptr, INTERPRET: tl.constexpr):
     return v.to(ptr.dtype.element_ty)
 
 
+@triton.jit
+def inv_std(var, eps):
+    """1 / sqrt(var + eps) of a row, NaN where var overflowed (inf: the row's squares exceed the compute
+    dtype's range, |x| >~ 1e19 in float32). 1 / sqrt(inf) = 0 would turn such a row into exactly `shift`,
+    a finite constant that hides a diverging activation from every non-finite guard; NaN propagates."""
+    rstd = 1.0 / tl.sqrt(var + eps)
+    return tl.where(rstd > 0.0, rstd, float("nan"))
+
+
 @functools.cache
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
@@ -98,13 +107,13 @@ def _store_sums(out_ptr, acc, total, b, cols, D, mask, TOTAL: tl.constexpr, ROUN
 
 
 @triton.jit
-def _sum_partials_kernel(part_ptr, out0_ptr, out1_ptr, out2_ptr, out3_ptr, B, n_chunks, D, rows_per_program,
-                         K: tl.constexpr, TOTAL0: tl.constexpr, TOTAL1: tl.constexpr, TOTAL2: tl.constexpr,
-                         TOTAL3: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
-                         ROUND_BF16: tl.constexpr):
+def _sum_partials_kernel(part_ptr, out0_ptr, out1_ptr, out2_ptr, out3_ptr, out4_ptr, B, n_chunks, D,
+                         rows_per_program, K: tl.constexpr, TOTAL0: tl.constexpr, TOTAL1: tl.constexpr,
+                         TOTAL2: tl.constexpr, TOTAL3: tl.constexpr, TOTAL4: tl.constexpr, BLOCK_B: tl.constexpr,
+                         BLOCK_D: tl.constexpr, ROUND_BF16: tl.constexpr):
     """out_k[b, :] = sum over c of part[b, c, k, :] (c in increasing order), or, for a TOTAL slot,
     out_k[:] = that summed over b too, b in increasing tiles (a TOTAL launch has one program row over
-    all of B). Fixed orders throughout: deterministic, no atomics. k < K <= 4."""
+    all of B). Fixed orders throughout: deterministic, no atomics. k < K <= 5."""
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     cmask = cols < D
     first = tl.program_id(0) * rows_per_program
@@ -113,6 +122,7 @@ def _sum_partials_kernel(part_ptr, out0_ptr, out1_ptr, out2_ptr, out3_ptr, B, n_
     total1 = total0
     total2 = total0
     total3 = total0
+    total4 = total0
     for b0 in range(first, last, BLOCK_B):
         b = b0 + tl.arange(0, BLOCK_B)
         mask = (b < last)[:, None] & cmask[None, :]
@@ -128,6 +138,9 @@ def _sum_partials_kernel(part_ptr, out0_ptr, out1_ptr, out2_ptr, out3_ptr, B, n_
         if K > 3:
             acc = _chunk_sums(base, n_chunks, K, 3, D, mask, BLOCK_B, BLOCK_D)
             total3 = _store_sums(out3_ptr, acc, total3, b, cols, D, mask, TOTAL3, ROUND_BF16)
+        if K > 4:
+            acc = _chunk_sums(base, n_chunks, K, 4, D, mask, BLOCK_B, BLOCK_D)
+            total4 = _store_sums(out4_ptr, acc, total4, b, cols, D, mask, TOTAL4, ROUND_BF16)
     if TOTAL0:
         tl.store(out0_ptr + cols, cast_for(total0, out0_ptr, ROUND_BF16), mask=cmask)
     if TOTAL1:
@@ -136,6 +149,8 @@ def _sum_partials_kernel(part_ptr, out0_ptr, out1_ptr, out2_ptr, out3_ptr, B, n_
         tl.store(out2_ptr + cols, cast_for(total2, out2_ptr, ROUND_BF16), mask=cmask)
     if TOTAL3:
         tl.store(out3_ptr + cols, cast_for(total3, out3_ptr, ROUND_BF16), mask=cmask)
+    if TOTAL4:
+        tl.store(out4_ptr + cols, cast_for(total4, out4_ptr, ROUND_BF16), mask=cmask)
 
 
 # Elements per sum_partials tile. With a TOTAL slot one program row walks all of B, so its tiles are
@@ -152,8 +167,8 @@ def sum_partials(part, dtypes, totals=()):
     instead of a second reduction over [B, D].
     """
     B, n_chunks, K, D = part.shape
-    if K != len(dtypes) or not 1 <= K <= 4:
-        raise ValueError(f"sum_partials: part has K={K} sums, dtypes gives {len(dtypes)} (1 to 4 expected)")
+    if K != len(dtypes) or not 1 <= K <= 5:
+        raise ValueError(f"sum_partials: part has K={K} sums, dtypes gives {len(dtypes)} (1 to 5 expected)")
     totals = tuple(bool(t) for t in totals) + (False,) * (K - len(totals))
     if len(totals) != K:
         raise ValueError(f"sum_partials: totals has {len(totals)} flags for K={K} sums")
@@ -168,11 +183,11 @@ def sum_partials(part, dtypes, totals=()):
         block_d = min(triton.next_power_of_2(D), 1024)
         block_b = min(max(1, _SUM_TILE // block_d), triton.next_power_of_2(B))
         rows_per_program = block_b
-    ptrs = outs + [outs[0]] * (4 - K)  # unused pointers are never touched (K is constexpr)
-    flags = totals + (False,) * (4 - K)
+    ptrs = outs + [outs[0]] * (5 - K)  # unused pointers are never touched (K is constexpr)
+    flags = totals + (False,) * (5 - K)
     _sum_partials_kernel[(triton.cdiv(B, rows_per_program), triton.cdiv(D, block_d))](
         part, *ptrs, B, n_chunks, D, rows_per_program, K=K,
-        TOTAL0=flags[0], TOTAL1=flags[1], TOTAL2=flags[2], TOTAL3=flags[3],
+        TOTAL0=flags[0], TOTAL1=flags[1], TOTAL2=flags[2], TOTAL3=flags[3], TOTAL4=flags[4],
         BLOCK_B=block_b, BLOCK_D=block_d, ROUND_BF16=interpreting(), num_warps=4,
     )
     return outs

@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import cast_for, dot_acc, interpreting, sum_partials
+from .common import cast_for, dot_acc, interpreting, inv_std, sum_partials
 
 # Output features per tile (the dot's N): larger tiles need > 227 KB of shared memory at fp32.
 _MAX_BF = 128
@@ -69,7 +69,7 @@ def _row_stats(x_row_ptr, pivot, rmask, D, eps, BM: tl.constexpr, BK: tl.constex
         xv = tl.load(x_row_ptr[:, None] + cols[None, :], mask=m, other=0.0).to(tl.float32)
         xc = tl.where(m, xv - pivot[:, None], 0.0)
         mean, m2 = _chan_merge(mean, m2, k0 * 1.0, xc, m, tl.minimum(D - k0, BK).to(tl.float32))
-    return mean, 1.0 / tl.sqrt(m2 / D + eps)
+    return mean, inv_std(m2 / D, eps)  # NaN, not 0, where the squares overflowed
 
 
 @triton.jit
@@ -180,7 +180,7 @@ def _final_layer_bwd_kernel(
         t1 += tl.sum(dxn, axis=1)
         t2 += tl.sum(dxn * xc, axis=1)
     mu = mean
-    rstd = 1.0 / tl.sqrt(m2 / D + eps)
+    rstd = inv_std(m2 / D, eps)
     s1 = t1 / D
     s2 = rstd * (t2 / D - mu * s1)  # mean(dxn * xn)
 
@@ -206,13 +206,17 @@ def _final_layer_bwd_kernel(
 
 def _blocks(B: int, L: int, D: int, NF: int, x_bytes: int, on_gpu: bool):
     """(BM, BK, BF, num_warps). BF: output features per tile (forward) / per dh chunk (backward).
-    BK is halved for float32 x (autocast) so the live [BM, BK] float32 tiles stay in registers."""
+    BK is 64 columns (32 with 32 rows and BF > 64) whatever x's dtype (x_bytes, kept for callers), so the live
+    [BM, BK] float32 tiles stay in registers with both Triton versions checked (see below)."""
     BF = max(16, min(triton.next_power_of_2(NF), _MAX_BF))
     if on_gpu:
         # tl.dot needs >= 16 rows; small batches (B=2 sampling) take 16 to spread over more SMs.
         BM = 32 if B * L >= 32 * 512 else 16
-        # [BM, BK] float32 tiles live at once in the backward: 128 x 16 rows, 64 x 32 rows (128 x 32 spills).
-        BK = 128 if x_bytes <= 2 and BF <= 64 and BM == 16 else 64
+        # [BM, BK] float32 tiles live at once in the backward: 64 x 32 rows (128 x 32 spills). 128 x 16 rows
+        # (bf16 x) fits Triton 3.9 (126 registers) but spills with Triton 3.6 (the GPU machine's: 128 registers
+        # + 8 B of stack, benchmarks/results/*-triton-compile-versions.md), so tiles are chosen by the worse of
+        # the two: 64 columns.
+        BK = 64
         if BM == 32 and BF > 64:
             BK = 32
         return BM, BK, BF, 4

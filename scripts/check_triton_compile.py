@@ -22,15 +22,56 @@ limit (sm_80 166,912 B, sm_90 232,448 B: the launch would crash) or when it spil
 (the /2 configs with bf16 activations, autocast or bf16 model, forward and backward); spills elsewhere
 are printed as notes.
 
-  python scripts/check_triton_compile.py [--jobs 2] [--quick]
+  python scripts/check_triton_compile.py [--jobs 2] [--quick] [--json FILE] [--triton-venv VENV]
+(--triton-venv: compile with the triton of another venv, e.g. the GPU machine's 3.6; see
+scripts/compare_triton_versions.py, which runs both and writes the comparison to benchmarks/results/.)
 Exit status: 0 all compiled within limits, 1 a kernel failed to compile or exceeded a limit, 2 setup
 error (unsupported triton, a kernel never launched, a launcher that failed).
 """
+# ruff: noqa: E402  (which triton to import, --triton-venv, is settled before importing it)
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 os.environ["TRITON_INTERPRET"] = "0"  # before triton is imported: real JITFunctions, GPU code paths
+
+
+def _triton_site(venv: Path) -> Path:
+    """The site-packages of `venv` that holds a triton for this Python version (a clear error otherwise)."""
+    site = venv / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages"
+    if not (site / "triton" / "__init__.py").exists():
+        found = sorted(str(p.parent) for p in venv.glob("lib/python*/site-packages/triton/__init__.py"))
+        raise SystemExit(f"check_triton_compile: --triton-venv {venv}: no triton in {site} (this is Python "
+                         f"{sys.version_info.major}.{sys.version_info.minor}; found: {found or 'none'}). Create it "
+                         f"with this Python: python -m venv {venv} && {venv}/bin/pip install triton==X.Y.Z")
+    return site
+
+
+def _reexec_with_other_triton(argv: list) -> None:
+    """--triton-venv VENV: run this script again with VENV's site-packages first on sys.path, so `import triton`
+    finds that triton (torch and the rest still come from this interpreter; the venv needs triton only).
+    Done before triton is imported here; the child sees DIT_FAST_TRITON_SITE and does not re-exec."""
+    for i, arg in enumerate(argv):
+        if arg == "--triton-venv" or arg.startswith("--triton-venv="):
+            value = arg.split("=", 1)[1] if "=" in arg else (argv[i + 1] if i + 1 < len(argv) else "")
+            if not value:
+                raise SystemExit("check_triton_compile: --triton-venv needs a directory")
+            rest = argv[:i] + argv[i + (1 if "=" in arg else 2):]
+            break
+    else:
+        return
+    if os.environ.get("DIT_FAST_TRITON_SITE"):
+        return
+    site = _triton_site(Path(value).resolve())
+    env = dict(os.environ, DIT_FAST_TRITON_SITE=str(site),
+               PYTHONPATH=os.pathsep.join([str(site), *filter(None, [os.environ.get("PYTHONPATH")])]))
+    os.execve(sys.executable, [sys.executable, os.path.abspath(__file__), *rest], env)
+
+
+if __name__ == "__main__":
+    _reexec_with_other_triton(sys.argv[1:])
 
 import argparse
 import concurrent.futures
@@ -42,13 +83,11 @@ import multiprocessing
 import re
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 import traceback
 import types
 import warnings
-from pathlib import Path
 from unittest import mock
 
 import torch
@@ -60,7 +99,7 @@ ROOT = Path(__file__).resolve().parent.parent
 TARGETS = (80, 90)
 # Largest dynamic shared memory one CTA may use (opt-in maximum): A100 163 KB, H100 227 KB.
 SHARED_LIMIT = {80: 166_912, 90: 232_448}
-SM_COUNT = 132  # H100 SXM: sizes the backward kernels' row chunks (chunk_rows == 1 compiles as a constant)
+SM_COUNT = 132  # H100 SXM: sizes the backward kernels' row chunks (runtime values: adaln.BWD_RUNTIME_ARGS)
 EPS = 1e-6
 C_IN, C_OUT, MLP_RATIO = 4, 8, 4  # VAE latents: 4 channels in, 8 out (learned sigma); MLP 4 x D
 TRAIN_BATCH = 64  # per GPU; with 512 px it gives the largest row counts (final layer's training tile)
@@ -78,9 +117,9 @@ FAMILIES = {
 
 
 def _published_configs() -> dict:
-    """{name: (hidden D, patch)} of the 12 published configs (dit_fast.reference.CONFIGS), read from the
+    """{name: (hidden D, patch)} of the 12 published configs (dit_fast.configs.CONFIGS), read from the
     source file so that the package (and its extension) need not import here."""
-    spec = importlib.util.spec_from_file_location("dit_fast_reference_aot", ROOT / "dit_fast" / "reference.py")
+    spec = importlib.util.spec_from_file_location("dit_fast_configs_aot", ROOT / "dit_fast" / "configs.py")
     ref = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(ref)
     return {name: (hidden, patch) for name, (_, hidden, patch, _) in ref.CONFIGS.items()}
@@ -170,6 +209,16 @@ def run_launchers(mods, sc: Scenario) -> None:
         for grads in ((dxo, dh), (dxo, None), (None, dh)):
             A.gated_residual_adaln_bwd(*grads, xo, y, gate, scale, mean, rstd, shift.dtype, bias)
 
+    if sc.hot:  # LightningDiT's norm modes (RMSNorm with its gain; scale-only and with a shift) at the hot shapes
+        gain = t(D, dtype=dt["pos"])
+        for sh in (None, shift):
+            sh_dt = None if sh is None else sh.dtype
+            h, mean, rstd = A.adaln_modulate_fwd(x, sh, scale, EPS, dt["h"], True, gain)
+            A.adaln_modulate_bwd(torch.empty_like(h), x, scale, mean, rstd, sh_dt, True, gain)
+            xo, h, mean, rstd = A.gated_residual_adaln_fwd(x, y, gate, sh, scale, EPS, dt["h"], None, True, gain)
+            A.gated_residual_adaln_bwd(torch.empty_like(xo), torch.empty_like(h), xo, y, gate, scale, mean, rstd,
+                                       sh_dt, None, True, gain)
+
     img = t(B, C_IN, LATENT, LATENT, dtype=dt["act"])
     PE.patch_embed_fwd(img, t(D, C_IN, PATCH, PATCH, dtype=dt["act"]), t(D, dtype=dt["act"]),
                        t(1, L, D, dtype=dt["pos"]), PATCH)
@@ -188,6 +237,29 @@ def run_launchers(mods, sc: Scenario) -> None:
         for need_pre in (True, False):  # training stores pre; sampling does not
             GG.linear_bias_gelu_fwd(t(B * L, D, dtype=dt["act"]), w_mlp, b_mlp, need_pre)
 
+    SW = mods.get("swiglu")
+    if SW is not None:  # LightningDiT's SwiGLU on w12's packed output, H = int(2/3 * 4 D); w12's bias a parameter
+        H_sw = int(2 / 3 * MLP_RATIO * D)
+        ab = t(B, L, 2 * H_sw, dtype=dt["act"])
+        for bias in (t(2 * H_sw, dtype=dt["pos"]), None):
+            SW.swiglu_fwd(ab, bias)
+            SW.swiglu_bwd(t(B, L, H_sw, dtype=dt["act"]), ab, bias, bias is not None)
+    RQ = mods.get("rope_qknorm")
+    if RQ is not None:  # QK-norm + 2D RoPE on the QKV output: heads of 72 at D = 1152 (and 72), else of 64
+        Dh = 72 if D % 72 == 0 else 64
+        H_rq = D // Dh
+        qkv = t(B, L, 3 * D, dtype=dt["act"])
+        cos, sin = t(L, Dh, dtype=fp32), t(L, Dh, dtype=fp32)  # the RoPE buffers
+        g = t(Dh, dtype=dt["pos"])  # the norms' parameters
+        grad = t(B, H_rq, L, Dh, dtype=dt["act"]).transpose(1, 2)  # as SDPA's backward hands it back
+        none = (None, None)
+        for gains, biases, norm, rope in (((g, g), none, "rms", True), ((g, g), (g, g), "layer", True),
+                                          (none, none, "rms", True), ((g, g), none, "rms", False)):
+            tables = (cos, sin) if rope else (None, None)
+            RQ.qk_norm_rope_fwd(qkv, H_rq, *gains, EPS, *tables, *biases, norm)
+            for dv in (grad, None):  # eager (d(v) placed by the kernel) and compiled (zeros there)
+                RQ.qk_norm_rope_bwd(grad, grad, dv, qkv, H_rq, *gains, EPS, *tables, *biases, norm, True)
+
     S = mods.get("sampler_step")
     if S is not None and sc.family == "fp32":  # sampling runs on the fp32 latents whatever the model's dtype
         xs = t(B, C_IN, LATENT, LATENT, dtype=fp32)
@@ -196,6 +268,20 @@ def run_launchers(mods, sc: Scenario) -> None:
             out_s = t(2 * B if cfg else B, C_OUT, LATENT, LATENT, dtype=dt["act"])
             S.sampler_step_(xs, out_s, t(2 * B, C_IN, LATENT, LATENT, dtype=fp32), table, step,
                             4.0, 3, cfg, True, False, ddim)
+
+    FS = mods.get("flow_step")
+    if FS is not None and sc.family == "fp32":  # dit_fast.flow_sampling: the stage variants its samplers launch
+        xs, ks = t(B, C_IN, LATENT, LATENT, dtype=fp32), t(B, C_IN, LATENT, LATENT, dtype=fp32)
+        xin, noise = t(2 * B, C_IN, LATENT, LATENT, dtype=fp32), t(2 * B, C_IN, LATENT, LATENT, dtype=fp32)
+        out_f = t(2 * B, C_OUT, LATENT, LATENT, dtype=dt["act"])
+        table, step = t(500, FS.NUM_COLS, dtype=fp32), t(1, dtype=torch.int64)
+        E, H1, H2 = FS.STAGE_EULER, FS.STAGE_HEUN1, FS.STAGE_HEUN2
+        variants = [(E, 0, False, False), (H1, 0, False, False), (H2, 0, False, False), (E, 0, True, True),
+                    (E, 0, True, False), (FS.STAGE_TWEEDIE, 0, False, False), (FS.STAGE_NOISE, 0, False, False),
+                    (H1, 0, True, False), (H2, 0, True, True), (E, FS.PRED_NOISE, False, False)]
+        for stage, pred, use_score, sde in variants:
+            FS.flow_step_(xs, xin, xin if stage == FS.STAGE_NOISE else out_f, ks, noise, table, step, 2, 1, 4.0, 3,
+                          True, stage, pred, use_score, sde)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -408,7 +494,20 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="DiT-XL/2 only")
     ap.add_argument("--json", type=Path, default=None,
                     help="also write every variant's resources (registers, stack, shared memory) to this file")
+    ap.add_argument("--triton-venv", type=Path, default=None,
+                    help="compile with the triton of this venv (e.g. python -m venv /tmp/triton36 && "
+                         "/tmp/triton36/bin/pip install triton==3.6.0: the GPU machine's); torch and the rest "
+                         "come from this interpreter (scripts/compare_triton_versions.py runs both)")
+    ap.add_argument("--modules", default=None,
+                    help="comma-separated kernels/ modules to hold to the every-kernel-launched rule (default: all)")
     args = ap.parse_args()
+    if args.triton_venv is not None and not os.environ.get("DIT_FAST_TRITON_SITE"):
+        print("check_triton_compile: --triton-venv must be handled before triton is imported", file=sys.stderr)
+        return 2
+    if os.environ.get("DIT_FAST_TRITON_SITE") and not triton.__file__.startswith(os.environ["DIT_FAST_TRITON_SITE"]):
+        print(f"check_triton_compile: expected triton from {os.environ['DIT_FAST_TRITON_SITE']}, "
+              f"imported {triton.__file__}", file=sys.stderr)
+        return 2
     t0 = time.perf_counter()
     try:
         api = triton_api()
@@ -418,7 +517,12 @@ def main() -> int:
     mods = load_kernel_modules()
     scs = scenarios(args.quick)
     specs, failures = record_launches(mods, scs)
-    kernels = {f"{m}.{name}" for m, mod in mods.items() for name, obj in vars(mod).items()
+    only = set(args.modules.split(",")) if args.modules else set(mods)
+    if only - set(mods):
+        print(f"check_triton_compile: --modules {sorted(only - set(mods))} not in kernels/ {sorted(mods)}",
+              file=sys.stderr)
+        return 2
+    kernels = {f"{m}.{name}" for m, mod in mods.items() if m in only for name, obj in vars(mod).items()
                if isinstance(obj, triton.runtime.jit.JITFunction) and name.endswith("_kernel")
                and obj.fn.__module__ == mod.__name__}
     launched = {f"{fn.fn.__module__.rsplit('.', 1)[-1]}.{fn.__name__}" for fn, *_ in specs.values()}

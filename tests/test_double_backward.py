@@ -13,7 +13,7 @@ import torch
 
 import dit_fast
 import dit_fast.ops as ops
-from dit_fast import backends
+from dit_fast import backends, reference
 from dit_fast.testing import randomize_weights_
 from tolerances import assert_close
 
@@ -130,3 +130,59 @@ def test_gradient_penalty_on_a_tiny_dit(backend):
             continue
         assert got is not None, f"{backend}: {name}.grad is None, the torch backend has one"
         assert_close(got, want, torch.float32, name=f"{backend} penalty grad of {name}")
+
+
+@pytest.mark.parametrize("backend", ["torch", "ext", "triton"])
+def test_gradient_penalty_with_default_attention_matches_the_reference(backend):
+    """Issue 19 item 10: a gradient penalty through dit_fast.DiT with the default attn_backend="auto" (SDPA's
+    fused kernels or FlashAttention, first-order only) gives the published model's gradients."""
+    for op in ("adaln_modulate", "gated_residual_adaln"):
+        need(backend, op)
+    config = dict(input_size=8, patch_size=2, in_channels=3, hidden_size=40, depth=2, num_heads=2, num_classes=5,
+                  class_dropout_prob=0.0)  # no label dropout: both models see the same labels
+    seed = torch.initial_seed()
+    torch.manual_seed(seed)
+    ref = randomize_weights_(reference.DiT(**config)).to(DEVICE)
+    for block in ref.blocks:  # timm's explicit softmax: the published model's twice-differentiable path
+        block.attn.fused_attn = False
+    model = dit_fast.DiT(**config, backend=backend).to(DEVICE)
+    model.load_state_dict(ref.state_dict())
+    assert model.attn_backend == "auto"
+    x0 = torch.randn(2, 3, 8, 8, device=DEVICE)
+    t = torch.rand(2, device=DEVICE) * 999
+    y = torch.randint(0, 5, (2,), device=DEVICE)
+    grads = {}
+    for name, m in (("reference", ref), (backend, model)):
+        x = x0.clone().requires_grad_()
+        out = m(x, t, y)
+        (dx,) = torch.autograd.grad(out.square().mean(), x, create_graph=True)
+        (out.mean() + dx.square().sum()).backward()  # R1-style penalty
+        grads[name] = {"x": x.grad, **{n: p.grad for n, p in m.named_parameters()}}
+    for name, want in grads["reference"].items():
+        got = grads[backend][name]
+        if want is None:
+            continue
+        assert got is not None, f"{backend}: {name}.grad is None, the reference has one"
+        assert_close(got, want, torch.float32, name=f"{backend} penalty grad of {name}")
+
+
+@pytest.mark.parametrize("attn_backend", ["auto", "sdpa"])
+def test_attention_first_and_second_order_grads(attn_backend):
+    """The attention op alone: first-order grads equal the kernel's own (no recomputation path), a retained
+    graph can be differentiated twice, and create_graph gives the math path's second derivatives."""
+    from dit_fast.attention import attention
+
+    qkv = torch.randn(2, 7, 3 * 12, device=DEVICE, dtype=torch.float64)
+    dout = torch.randn(2, 7, 12, device=DEVICE, dtype=torch.float64)
+    ref = qkv.clone().requires_grad_()
+    want = torch.autograd.grad(attention(ref, 3, "math"), ref, dout, create_graph=True)[0]
+    want2 = torch.autograd.grad(want.square().sum(), ref)[0]
+
+    leaf = qkv.clone().requires_grad_()
+    out = attention(leaf, 3, attn_backend)
+    first = torch.autograd.grad(out, leaf, dout, retain_graph=True)[0]
+    again = torch.autograd.grad(out, leaf, dout, retain_graph=True)[0]  # the kept graph was freed: recomputed
+    torch.testing.assert_close(first, want, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(again, first, rtol=0, atol=0)
+    (g,) = torch.autograd.grad(out, leaf, dout, create_graph=True)
+    torch.testing.assert_close(torch.autograd.grad(g.square().sum(), leaf)[0], want2, rtol=1e-10, atol=1e-12)

@@ -296,3 +296,27 @@ def test_gpu_ext_bitwise_deterministic(op):
     second = fwd_bwd(lambda a: call(ext_backend, op, a), detached(args), grads_out)
     for a, b in zip(first[0] + first[1], second[0] + second[1]):
         assert torch.equal(a, b)
+
+
+@needs_ext
+def test_cpu_kernels_take_the_norm_modes_directly():
+    """The registered CPU op's RMSNorm mode with a gain and no shift is the torch backend's (float64 inputs)."""
+    x = torch.randn(2, 3, 40, dtype=torch.float64)
+    scale, w = torch.randn(2, 40, dtype=torch.float64), torch.randn(40, dtype=torch.float64)
+    h, mean, rstd = torch.ops.dit_fast_ext.adaln_modulate_fwd(x, None, scale, 1e-6, None, True, w)
+    torch.testing.assert_close(h, torch_backend.adaln_modulate(x, None, scale, 1e-6, None, "rms", w))
+    assert (mean == 0).all()
+    torch.testing.assert_close(rstd, (x.square().mean(-1) + 1e-6).rsqrt())
+
+
+@pytest.mark.gpu
+def test_cuda_kernels_refuse_the_norm_modes_clearly():
+    """The CUDA kernels have no norm modes yet: a direct call says so (the capability table keeps dit_fast.ops
+    calls away from them)."""
+    if not ext_backend.available("cuda")[0]:
+        pytest.skip(ext_backend.available("cuda")[1])
+    x, s = torch.randn(1, 2, 64, device="cuda"), torch.randn(1, 64, device="cuda")
+    with pytest.raises(NotImplementedError, match="RMSNorm"):
+        torch.ops.dit_fast_ext.adaln_modulate_fwd(x, s, s, 1e-6, None, True, None)
+    with pytest.raises(NotImplementedError, match="RMSNorm"):
+        torch.ops.dit_fast_ext.adaln_modulate_fwd(x, None, s, 1e-6, None, False, None)

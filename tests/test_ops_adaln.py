@@ -360,6 +360,11 @@ def _opcheck_cases():
         "gated_residual_adaln_bwd": (dh, dx_out, x, y, gate, None, mean, rstd, scale, torch.float32),
         "gated_residual_adaln_bwd_bias": (dh, dx_out, x, y, gate, bias, mean, rstd, scale, torch.float32),
         "gated_residual_adaln_bwd_no_dxo": (dh, None, x, y, gate, None, mean, rstd, scale, bf),
+        # LightningDiT's modes: RMSNorm with a gain and no shift (the _rms suffix is dropped for the op name)
+        "adaln_modulate_fwd_rms": (x, None, scale, EPS, None, True, bias),
+        "adaln_modulate_bwd_rms": (dh, x, mean * 0, rstd, scale, None, True, bias),
+        "gated_residual_adaln_fwd_rms": (x, y, gate, bias, None, scale, EPS, bf, True, bias.to(bf)),
+        "gated_residual_adaln_bwd_rms": (dh, dx_out, x, y, gate, None, mean * 0, rstd, scale, None, True, bias),
     }
 
 
@@ -371,7 +376,7 @@ def test_triton_opcheck(name):
     args = _opcheck_cases()[name]
     if "_fwd" in name:
         args = tuple(a.requires_grad_() if isinstance(a, torch.Tensor) else a for a in args)
-    op = getattr(torch.ops.dit_fast_triton, name.replace("_no_dxo", "").replace("_bias", ""))
+    op = getattr(torch.ops.dit_fast_triton, name.replace("_no_dxo", "").replace("_bias", "").replace("_rms", ""))
     torch.library.opcheck(op, args)
 
 
@@ -664,3 +669,69 @@ def test_triton_offsets_beyond_int32_gpu():
     eager = eager_lowp("adaln_modulate", {"x": x[tail], "shift": shift[tail], "scale": scale[tail]})[0]
     del x
     assert_close(h[tail], want, torch.bfloat16, eager_lowp=eager, name="last rows")
+
+
+def _int_specialization(value):
+    """What Triton specializes an int argument on (unless told not to): == 1, and divisibility by 16."""
+    return (value == 1, value % 16 == 0) if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+@pytest.mark.parametrize("op", OP_NAMES)
+def test_triton_backward_warmup_compiles_the_launched_specialization(op, monkeypatch):
+    """Issue 20 item 5: the warmup that sizes the backward's chunking (run with n_chunks=1) must compile the
+    specialization the launch uses, so each backward variant JIT-compiles once and chunking is sized from
+    its own registers: every int argument Triton specializes agrees between the two calls."""
+    need("triton", op)
+    import inspect
+
+    from dit_fast.kernels import adaln as kernels
+
+    real = kernels._adaln_bwd_kernel
+    names = list(inspect.signature(real.fn).parameters)
+    seen = {}
+
+    def record_probe(kernel, key, args, grid, kwargs):
+        seen["probe"] = args
+        return kernels._CONSERVATIVE_REGS
+
+    class RecordLaunch:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                seen["launch"] = args
+                return real[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(kernels, "_regs_of", record_probe)
+    monkeypatch.setattr(kernels, "_adaln_bwd_kernel", RecordLaunch())
+    inp = make_inputs(op, 2, 40, 72, torch.float32)  # 3 chunks per batch element (interpreter stand-ins)
+    with_grads(lambda t: call(op, t, "triton"), inp, random_cotangents(call(op, inp, "triton")))
+    probe, launch = seen["probe"], seen["launch"]
+    assert launch[names.index("n_chunks")] > 1, "the case must launch several chunks to mean anything"
+    for name, a, b in zip(names, probe, launch):
+        if name in kernels.BWD_RUNTIME_ARGS:
+            continue
+        assert _int_specialization(a) == _int_specialization(b), (
+            f"argument {name}: the warmup compiles for {a!r}, the launch runs {b!r} (another specialization)")
+    # ...and those two are declared unspecialized (JITFunction, or the interpreter's kwargs)
+    declared = getattr(real, "do_not_specialize", None) or getattr(real, "kwargs", {}).get("do_not_specialize")
+    assert set(kernels.BWD_RUNTIME_ARGS) <= set(declared or ()) and set(kernels.BWD_RUNTIME_ARGS) <= set(names)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("op", OP_NAMES)
+def test_triton_backward_compiles_each_variant_once_gpu(op):
+    """On a GPU: after the first backward of a variant, Triton's cache for the backward kernel holds one
+    compiled kernel more, not two (the warmup's and the launch's)."""
+    need("triton", op)
+    from dit_fast.kernels import adaln as kernels
+
+    kernels._REGS.clear()
+    cache = kernels._adaln_bwd_kernel.device_caches[torch.cuda.current_device()][0]
+    before = len(cache)
+    inp = make_inputs(op, 4, 1024, 1152, torch.bfloat16)
+    cot = random_cotangents(call(op, inp, "triton"))
+    with_grads(lambda t: call(op, t, "triton"), inp, cot)
+    after_first = len(cache)
+    assert after_first - before <= 1, f"{op}: one backward compiled {after_first - before} kernels"
+    with_grads(lambda t: call(op, t, "triton"), inp, cot)
+    assert len(cache) == after_first

@@ -264,6 +264,24 @@ def test_autocast_matches_torch_backend(backend, op):
     assert_close(out, ref, torch.bfloat16, eager_lowp=low, name=f"{op} under autocast")
 
 
+@pytest.mark.parametrize("which", ["weight", "bias"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_patch_embed_mixed_dtypes_outside_autocast_is_refused(backend, which):
+    """nn.Conv2d (the published patch embedding) refuses bf16 x with fp32 parameters outside autocast: every
+    backend gives one clear error naming both dtypes (issue 19 item 21), and runs the same call under autocast."""
+    p, D = 2, 8
+    x = _r(1, 4, 8, 8).to(torch.bfloat16)
+    w = _r(D, 4, p, p).to(torch.bfloat16 if which == "bias" else torch.float32)
+    b = _r(D).to(torch.bfloat16 if which == "weight" else torch.float32)
+    pos = _r(1, 16, D)
+    with pytest.raises(TypeError, match=rf"x is torch.bfloat16 but {which} is torch.float32"):
+        ops.patch_embed(x, w, b, pos, p, backend=backend)
+    _skip_unless(backend, "patch_embed")
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        out = ops.patch_embed(x, w, b, pos, p, backend=backend)
+    assert out.shape == (1, 16, D)
+
+
 # ------------------------------------------------------------------------------ launchers: poisoned out
 
 

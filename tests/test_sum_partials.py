@@ -12,6 +12,7 @@ from conftest import DEVICE, needs_triton
     (3, 2, 2, 40, (False, True)),
     (70, 3, 4, 40, (False, True, False, True)),  # B over one tile of rows: several row tiles
     (5, 1, 3, 1152, (True,)),
+    (4, 2, 5, 40, (False, True, False, False, True)),  # RMS adaLN with bias and gain: dweight a total too
 ])
 def test_sums_and_totals_match_float64(B, n_chunks, K, D, totals):
     from dit_fast.kernels import adaln
@@ -38,5 +39,5 @@ def test_bad_flags_are_refused():
 
     with pytest.raises(ValueError, match="totals"):
         sum_partials(torch.zeros(2, 1, 1, 4, device=DEVICE), (torch.float32,), (True, False))
-    with pytest.raises(ValueError, match="K=5"):
-        sum_partials(torch.zeros(2, 1, 5, 4, device=DEVICE), (torch.float32,) * 5)
+    with pytest.raises(ValueError, match="K=6"):
+        sum_partials(torch.zeros(2, 1, 6, 4, device=DEVICE), (torch.float32,) * 6)

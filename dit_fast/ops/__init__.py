@@ -11,21 +11,38 @@ import math
 
 import torch
 
-from ..backends import OPS, check_backend_name, module_for, resolve
+from ..backends import LIGHTNING_OPS, OPS, check_backend_name, module_for, resolve
 from . import torch_backend
 
-__all__ = [*OPS, "adaln_projections", "timestep_embedding", "patchify", "unpatchify", "sampler_step", "sampler_step_"]
+__all__ = [*OPS, *LIGHTNING_OPS, "adaln_projections", "timestep_embedding", "patchify", "unpatchify", "sampler_step",
+           "sampler_step_"]
 
 patchify = torch_backend.patchify
 unpatchify = torch_backend.unpatchify
 timestep_embedding = torch_backend.timestep_embedding
 
 
-def _impl(backend: str, op: str, device: torch.device, d: int | None, *tensors):
-    """The backend function that runs `op` on these inputs (capability table: device, float64, D)."""
+def _impl(backend: str, op: str, device: torch.device, d: int | None, *tensors, norm_modes: bool = False):
+    """The backend function that runs `op` on these inputs (capability table: device, float64, D, and the
+    adaLN norm modes: norm="rms", a norm gain or no shift)."""
     check_backend_name(backend)
     float64 = any(t is not None and t.dtype == torch.float64 for t in tensors)
-    return getattr(module_for(resolve(backend, op, device.type, float64, d)), op)
+    return getattr(module_for(resolve(backend, op, device.type, float64, d, norm_modes)), op)
+
+
+def _check_norm(norm, weight, x: torch.Tensor, shift, name: str = "weight") -> bool:
+    """Checks the adaLN norm arguments; returns whether the call uses a LightningDiT mode (norm="rms", a
+    norm gain, or no shift)."""
+    if norm not in ("layer", "rms"):
+        raise ValueError(f"norm must be 'layer' (LayerNorm) or 'rms' (RMSNorm), got {norm!r}")
+    if weight is not None:
+        _check_float(name, weight)
+        if tuple(weight.shape) != (x.shape[-1],):
+            raise ValueError(f"{name} (the norm's gain) must have shape [D] = [{x.shape[-1]}] for x of shape "
+                             f"{_shape(x)}, got {_shape(weight)}")
+        if weight.device != x.device:
+            raise ValueError(f"{name} must be on {x.device} like x, got {weight.device}")
+    return norm != "layer" or weight is not None or shift is None
 
 
 def _shape(t) -> str:
@@ -76,17 +93,26 @@ def _check_mod(name: str, t, x: torch.Tensor) -> None:
         raise ValueError(f"{name} must be on {x.device} like x, got {t.device}")
 
 
-def adaln_modulate(x, shift, scale, eps: float = 1e-6, *, h_dtype=None, backend: str = "auto"):
-    """LayerNorm(x) (no affine, float32 statistics) * (1 + scale) + shift.
+def adaln_modulate(x, shift, scale, eps: float = 1e-6, *, h_dtype=None, norm: str = "layer", weight=None,
+                   backend: str = "auto"):
+    """norm(x) (float32 statistics) * weight * (1 + scale) + shift.
 
-    x: [B, L, D]; shift, scale: [B, D]; returns h [B, L, D] in h_dtype (default x.dtype).
+    x: [B, L, D]; shift (None: scale-only adaLN, LightningDiT's wo_shift), scale: [B, D]; norm "layer"
+    (LayerNorm without affine) or "rms" (RMSNorm: x * rsqrt(mean(x^2) + eps) in float32, cast back to x's
+    dtype, then the gain, as LightningDiT's RMSNorm); weight: the norm's gain [D] or None. Returns h [B, L, D]
+    in h_dtype (default x.dtype).
     """
     _check_tokens("x", x)
-    _check_mod("shift", shift, x)
+    if shift is not None:
+        _check_mod("shift", shift, x)
     _check_mod("scale", scale, x)
     _check_eps(eps)
     _check_h_dtype(h_dtype)
-    return _impl(backend, "adaln_modulate", x.device, x.shape[-1], x, shift, scale)(x, shift, scale, eps, h_dtype)
+    modes = _check_norm(norm, weight, x, shift)
+    impl = _impl(backend, "adaln_modulate", x.device, x.shape[-1], x, shift, scale, weight, norm_modes=modes)
+    if not modes:  # the LayerNorm call every backend takes, in its original signature
+        return impl(x, shift, scale, eps, h_dtype)
+    return impl(x, shift, scale, eps, h_dtype, norm, weight)
 
 
 def _check_bias(bias, x: torch.Tensor) -> None:
@@ -113,20 +139,39 @@ def gated_residual(x, y, gate, *, bias=None, backend: str = "auto"):
 
 
 def gated_residual_adaln(
-    x, y, gate, shift, scale, eps: float = 1e-6, *, h_dtype=None, bias=None, backend: str = "auto"
+    x, y, gate, shift, scale, eps: float = 1e-6, *, h_dtype=None, bias=None, norm: str = "layer", weight=None,
+    backend: str = "auto"
 ):
-    """(x_out, h): x_out = x + gate * (y + bias) (x.dtype), h = adaln_modulate(x_out, shift, scale)
-    (h_dtype or x.dtype); bias as in gated_residual."""
+    """(x_out, h): x_out = x + gate * (y + bias) (x.dtype), h = adaln_modulate(x_out, shift, scale, norm=norm,
+    weight=weight) (h_dtype or x.dtype); bias as in gated_residual; shift may be None (scale-only adaLN)."""
     _check_tokens("x", x)
     _check_like("y", y, "x", x)
     _check_mod("gate", gate, x)
-    _check_mod("shift", shift, x)
+    if shift is not None:
+        _check_mod("shift", shift, x)
     _check_mod("scale", scale, x)
     _check_eps(eps)
     _check_h_dtype(h_dtype)
     _check_bias(bias, x)
-    impl = _impl(backend, "gated_residual_adaln", x.device, x.shape[-1], x, y, gate, shift, scale, bias)
-    return impl(x, y, gate, shift, scale, eps, h_dtype, bias)
+    modes = _check_norm(norm, weight, x, shift)
+    impl = _impl(backend, "gated_residual_adaln", x.device, x.shape[-1], x, y, gate, shift, scale, bias, weight,
+                 norm_modes=modes)
+    if not modes:
+        return impl(x, y, gate, shift, scale, eps, h_dtype, bias)
+    return impl(x, y, gate, shift, scale, eps, h_dtype, bias, norm, weight)
+
+
+def _check_conv_dtypes(x, weight, bias) -> None:
+    """The published patch embedding is an nn.Conv2d, which refuses mixed dtypes outside autocast: one rule
+    for every backend (under autocast the GEMM runs in the autocast dtype, whatever x's and weight's)."""
+    if torch.is_autocast_enabled(x.device.type):
+        return
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and t.dtype != x.dtype:
+            raise TypeError(
+                f"patch_embed: x is {x.dtype} but {name} is {t.dtype}; outside torch.autocast x, weight and bias "
+                f"must share one dtype (as nn.Conv2d requires): cast them, or run under torch.autocast"
+            )
 
 
 def patch_embed(x, weight, bias, pos_embed, patch_size: int, *, backend: str = "auto"):
@@ -147,15 +192,19 @@ def patch_embed(x, weight, bias, pos_embed, patch_size: int, *, backend: str = "
         raise ValueError(f"bias must have shape [{D}], got {_shape(bias)}")
     if tuple(pos_embed.shape) != (1, T, D):
         raise ValueError(f"pos_embed must have shape [1, {T}, {D}] for x of shape {_shape(x)}, got {_shape(pos_embed)}")
+    _check_conv_dtypes(x, weight, bias)
     return _impl(backend, "patch_embed", x.device, None, x, weight, bias, pos_embed)(x, weight, bias, pos_embed, p)
 
 
 def final_layer(
-    x, shift, scale, weight, bias, patch_size: int, out_channels: int, eps: float = 1e-6, *, backend: str = "auto"
+    x, shift, scale, weight, bias, patch_size: int, out_channels: int, eps: float = 1e-6, *, norm: str = "layer",
+    norm_weight=None, backend: str = "auto"
 ):
-    """adaln_modulate + linear (weight [p*p*C, D], bias) + unpatchify: [N, T, D] -> [N, C, H, W]."""
+    """adaln_modulate + linear (weight [p*p*C, D], bias) + unpatchify: [N, T, D] -> [N, C, H, W]; norm and
+    norm_weight (the norm's gain [D]) as adaln_modulate's norm and weight; shift may be None."""
     _check_tokens("x", x)
-    _check_mod("shift", shift, x)
+    if shift is not None:
+        _check_mod("shift", shift, x)
     _check_mod("scale", scale, x)
     out_features = patch_size * patch_size * out_channels
     if tuple(weight.shape) != (out_features, x.shape[-1]):
@@ -168,8 +217,12 @@ def final_layer(
     if bias is not None and tuple(bias.shape) != (out_features,):
         raise ValueError(f"bias must have shape [{out_features}], got {_shape(bias)}")
     _check_eps(eps)
-    impl = _impl(backend, "final_layer", x.device, x.shape[-1], x, shift, scale, weight, bias)
-    return impl(x, shift, scale, weight, bias, patch_size, out_channels, eps)
+    modes = _check_norm(norm, norm_weight, x, shift, "norm_weight")
+    impl = _impl(backend, "final_layer", x.device, x.shape[-1], x, shift, scale, weight, bias, norm_weight,
+                 norm_modes=modes)
+    if not modes:
+        return impl(x, shift, scale, weight, bias, patch_size, out_channels, eps)
+    return impl(x, shift, scale, weight, bias, patch_size, out_channels, eps, norm, norm_weight)
 
 
 def linear_gelu_tanh(x, weight, bias, *, backend: str = "auto"):
@@ -190,6 +243,9 @@ def linear_gelu_tanh(x, weight, bias, *, backend: str = "auto"):
 
 # Every adaLN projection of a model as one GEMM (pure torch: no backend choice).
 from .adaln_projections import adaln_projections  # noqa: E402
+
+# LightningDiT's SwiGLU activation and q/k preparation (QK-norm + 2D RoPE): checked and dispatched there.
+from .lightning_api import qk_norm_rope, swiglu  # noqa: E402, F401
 
 # The sampler's fused per-step update (not a DiT block op: it has no backward and its own dispatch).
 from .sampler_step import sampler_step, sampler_step_  # noqa: E402

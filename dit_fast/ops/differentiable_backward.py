@@ -54,10 +54,12 @@ def _placeholder(like: torch.Tensor, dtype: torch.dtype, shape=None) -> torch.Te
     return like.new_zeros(like.shape if shape is None else shape, dtype=dtype)
 
 
-def adaln_modulate(x, shift_dtype, scale, eps, h_dtype, dh):
-    """(dx, dshift, dscale) of h = adaln_modulate(x, shift, scale, eps, h_dtype)."""
-    shift = _placeholder(scale, shift_dtype)
-    return _vjp(lambda x, s, c: torch_backend.adaln_modulate(x, s, c, eps, h_dtype), (x, shift, scale), (dh,))
+def adaln_modulate(x, shift_dtype, scale, eps, h_dtype, dh, norm="layer", weight=None):
+    """(dx, dshift, dscale, dweight) of h = adaln_modulate(x, shift, scale, eps, h_dtype, norm, weight);
+    shift_dtype None: no shift (dshift None); dweight None without a weight."""
+    shift = None if shift_dtype is None else _placeholder(scale, shift_dtype)
+    return _vjp(lambda x, s, c, w: torch_backend.adaln_modulate(x, s, c, eps, h_dtype, norm, w),
+                (x, shift, scale, weight), (dh,))
 
 
 def gated_residual(x_dtype, y, gate, bias, dout):
@@ -66,14 +68,16 @@ def gated_residual(x_dtype, y, gate, bias, dout):
     return _vjp(torch_backend.gated_residual, (x, y, gate, bias), (dout,))
 
 
-def gated_residual_adaln(x_out, y, gate, bias, shift_dtype, scale, eps, h_dtype, dx_out, dh):
-    """(dx, dy, dgate, dbias, dshift, dscale) of (x_out, h) = gated_residual_adaln(x, y, gate, shift, scale,
-    ..., bias), from the saved output x_out (h is a function of x_out; x_out's own history carries the rest)."""
-    dxo_h, dshift, dscale = adaln_modulate(x_out, shift_dtype, scale, eps, h_dtype, dh)
+def gated_residual_adaln(x_out, y, gate, bias, shift_dtype, scale, eps, h_dtype, dx_out, dh, norm="layer",
+                         weight=None):
+    """(dx, dy, dgate, dbias, dshift, dscale, dweight) of (x_out, h) = gated_residual_adaln(x, y, gate, shift,
+    scale, ..., bias, norm, weight), from the saved output x_out (h is a function of x_out; x_out's own history
+    carries the rest)."""
+    dxo_h, dshift, dscale, dweight = adaln_modulate(x_out, shift_dtype, scale, eps, h_dtype, dh, norm, weight)
     parts = [g for g in (dx_out, dxo_h) if g is not None]
     total = None if not parts else parts[0] if len(parts) == 1 else parts[0] + parts[1]
     dx, dy, dgate, dbias = gated_residual(x_out.dtype, y, gate, bias, total)
-    return dx, dy, dgate, dbias, dshift, dscale
+    return dx, dy, dgate, dbias, dshift, dscale, dweight
 
 
 def final_layer(x, shift, scale, weight, bias, patch_size, out_channels, eps, dout):

@@ -92,18 +92,23 @@ def _empty(shape, dtype, device):
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def _fake_modulate_fwd(x, shift, scale, eps, h_dtype):
-    dev = _device("adaln_modulate_fwd", x=x, shift=shift, scale=scale)
-    ct = compute_dtype(x, shift, scale)
+def _fake_modulate_fwd(x, shift, scale, eps, h_dtype, rms=False, weight=None):
+    dev = _device("adaln_modulate_fwd", x=x, shift=shift, scale=scale, weight=weight)
+    ct = compute_dtype(x, shift, scale, weight)
     B, L, _ = x.shape
     return _empty(x.shape, h_dtype or x.dtype, dev), _empty((B, L), ct, dev), _empty((B, L), ct, dev)
 
 
-def _fake_modulate_bwd(dh, x, mean, rstd, scale):
-    dev = _device("adaln_modulate_bwd", dh=dh, x=x, mean=mean, rstd=rstd, scale=scale)
-    ct = compute_dtype(dh, x, mean, scale)
+def _fake_dweight(weight, x, ct, dev):
+    return _empty((0,), x.dtype, dev) if weight is None else _empty(weight.shape, ct, dev)
+
+
+def _fake_modulate_bwd(dh, x, mean, rstd, scale, rms=False, weight=None):
+    dev = _device("adaln_modulate_bwd", dh=dh, x=x, mean=mean, rstd=rstd, scale=scale, weight=weight)
+    ct = compute_dtype(dh, x, mean, scale, weight)
     B, _, D = x.shape
-    return _empty(x.shape, x.dtype, dev), _empty((B, D), ct, dev), _empty((B, D), ct, dev)
+    return (_empty(x.shape, x.dtype, dev), _empty((B, D), ct, dev), _empty((B, D), ct, dev),
+            _fake_dweight(weight, x, ct, dev))
 
 
 def _fake_dbias(bias, y, dev):
@@ -121,9 +126,9 @@ def _fake_gated_bwd(dout, y, gate, bias):
             _fake_dbias(bias, y, dev))
 
 
-def _fake_fused_fwd(x, y, gate, bias, shift, scale, eps, h_dtype):
-    dev = _device("gated_residual_adaln_fwd", x=x, y=y, gate=gate, bias=bias, shift=shift, scale=scale)
-    ct = compute_dtype(x, y, gate, bias, shift, scale)
+def _fake_fused_fwd(x, y, gate, bias, shift, scale, eps, h_dtype, rms=False, weight=None):
+    dev = _device("gated_residual_adaln_fwd", x=x, y=y, gate=gate, bias=bias, shift=shift, scale=scale, weight=weight)
+    ct = compute_dtype(x, y, gate, bias, shift, scale, weight)
     B, L, _ = x.shape
     return (
         _empty(x.shape, x.dtype, dev),
@@ -133,16 +138,16 @@ def _fake_fused_fwd(x, y, gate, bias, shift, scale, eps, h_dtype):
     )
 
 
-def _fake_fused_bwd(dh, dx_out, x_out, y, gate, bias, mean, rstd, scale):
+def _fake_fused_bwd(dh, dx_out, x_out, y, gate, bias, mean, rstd, scale, rms=False, weight=None):
     dev = _device(
         "gated_residual_adaln_bwd", dh=dh, dx_out=dx_out, x_out=x_out, y=y, gate=gate, bias=bias, mean=mean,
-        rstd=rstd, scale=scale,
+        rstd=rstd, scale=scale, weight=weight,
     )
-    ct = compute_dtype(dh, dx_out, x_out, y, gate, bias, mean, scale)
+    ct = compute_dtype(dh, dx_out, x_out, y, gate, bias, mean, scale, weight)
     B, _, D = x_out.shape
     dgate, dshift, dscale = (_empty((B, D), ct, dev) for _ in range(3))
     return (_empty(x_out.shape, x_out.dtype, dev), _empty(y.shape, y.dtype, dev), dgate, _fake_dbias(bias, y, dev),
-            dshift, dscale)
+            dshift, dscale, _fake_dweight(weight, x_out, ct, dev))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -155,22 +160,37 @@ def _cast(t, dtype):
     return t if t is None or t.dtype == dtype else t.to(dtype)
 
 
+def _norm_mode(ctx, shift, rms):
+    ctx.shift_dtype = None if shift is None else shift.dtype
+    ctx.rms, ctx.norm = rms, "rms" if rms else "layer"
+
+
 def _setup_modulate(ctx, inputs, output):
-    x, shift, scale, eps, h_dtype = inputs
+    x, shift, scale, eps, h_dtype, rms, weight = inputs
     _h, mean, rstd = output
-    ctx.save_for_backward(x, mean, rstd, scale)
-    ctx.shift_dtype, ctx.eps, ctx.h_dtype = shift.dtype, eps, h_dtype
+    ctx.save_for_backward(x, mean, rstd, scale, weight)
+    ctx.eps, ctx.h_dtype = eps, h_dtype
+    _norm_mode(ctx, shift, rms)
     ctx.set_materialize_grads(False)
+
+
+def _norm_grads(ctx, dshift, dscale, dweight, scale, weight):
+    """The kernels' norm gradients (compute dtype; dshift computed even without a shift) in the inputs' dtypes."""
+    return (None if ctx.shift_dtype is None else _cast(dshift, ctx.shift_dtype), _cast(dscale, scale.dtype),
+            None if weight is None else _cast(dweight, weight.dtype))
 
 
 def _backward_modulate(ctx, dh, _dmean, _drstd):
     if dh is None:
-        return None, None, None, None, None
-    x, mean, rstd, scale = ctx.saved_tensors
+        return (None,) * 7
+    x, mean, rstd, scale, weight = ctx.saved_tensors
     if DB.wanted():
-        return (*DB.adaln_modulate(x, ctx.shift_dtype, scale, ctx.eps, ctx.h_dtype, dh), None, None)
-    dx, dshift, dscale = torch.ops.dit_fast_ext.adaln_modulate_bwd(dh, x, mean, rstd, scale)
-    return dx, _cast(dshift, ctx.shift_dtype), _cast(dscale, scale.dtype), None, None
+        dx, dshift, dscale, dweight = DB.adaln_modulate(x, ctx.shift_dtype, scale, ctx.eps, ctx.h_dtype, dh, ctx.norm,
+                                                        weight)
+        return dx, dshift, dscale, None, None, None, dweight
+    dx, dshift, dscale, dweight = torch.ops.dit_fast_ext.adaln_modulate_bwd(dh, x, mean, rstd, scale, ctx.rms, weight)
+    dshift, dscale, dweight = _norm_grads(ctx, dshift, dscale, dweight, scale, weight)
+    return dx, dshift, dscale, None, None, None, dweight
 
 
 def _setup_gated(ctx, inputs, output):
@@ -191,28 +211,31 @@ def _backward_gated(ctx, dout):
 
 
 def _setup_fused(ctx, inputs, output):
-    _x, y, gate, bias, shift, scale, eps, h_dtype = inputs
+    _x, y, gate, bias, shift, scale, eps, h_dtype, rms, weight = inputs
     x_out, _h, mean, rstd = output
-    ctx.save_for_backward(x_out, y, gate, bias, mean, rstd, scale)
-    ctx.shift_dtype, ctx.eps, ctx.h_dtype = shift.dtype, eps, h_dtype
+    ctx.save_for_backward(x_out, y, gate, bias, mean, rstd, scale, weight)
+    ctx.eps, ctx.h_dtype = eps, h_dtype
+    _norm_mode(ctx, shift, rms)
     ctx.set_materialize_grads(False)
 
 
 def _backward_fused(ctx, dx_out, dh, _dmean, _drstd):
-    x_out, y, gate, bias, mean, rstd, scale = ctx.saved_tensors
+    x_out, y, gate, bias, mean, rstd, scale, weight = ctx.saved_tensors
     if dh is None and dx_out is None:
-        return (None,) * 8
+        return (None,) * 10
     if DB.wanted():
-        return (*DB.gated_residual_adaln(x_out, y, gate, bias, ctx.shift_dtype, scale, ctx.eps, ctx.h_dtype,
-                                         dx_out, dh), None, None)
+        dx, dy, dgate, dbias, dshift, dscale, dweight = DB.gated_residual_adaln(
+            x_out, y, gate, bias, ctx.shift_dtype, scale, ctx.eps, ctx.h_dtype, dx_out, dh, ctx.norm, weight)
+        return dx, dy, dgate, dbias, dshift, dscale, None, None, None, dweight
     if dh is None:
         dy, dgate, dbias = torch.ops.dit_fast_ext.gated_residual_bwd(dx_out, y, gate, bias)
-        return dx_out, dy, _cast(dgate, gate.dtype), dbias if bias is not None else None, None, None, None, None
-    dx, dy, dgate, dbias, dshift, dscale = torch.ops.dit_fast_ext.gated_residual_adaln_bwd(
-        dh, dx_out, x_out, y, gate, bias, mean, rstd, scale
+        return (dx_out, dy, _cast(dgate, gate.dtype), dbias if bias is not None else None) + (None,) * 6
+    dx, dy, dgate, dbias, dshift, dscale, dweight = torch.ops.dit_fast_ext.gated_residual_adaln_bwd(
+        dh, dx_out, x_out, y, gate, bias, mean, rstd, scale, ctx.rms, weight
     )
-    return (dx, dy, _cast(dgate, gate.dtype), dbias if bias is not None else None, _cast(dshift, ctx.shift_dtype),
-            _cast(dscale, scale.dtype), None, None)
+    dshift, dscale, dweight = _norm_grads(ctx, dshift, dscale, dweight, scale, weight)
+    return (dx, dy, _cast(dgate, gate.dtype), dbias if bias is not None else None, dshift, dscale, None, None, None,
+            dweight)
 
 
 def _register():
@@ -241,9 +264,11 @@ if _C is not None:
 # ----------------------------------------------------------------------------------------------
 
 
-def adaln_modulate(x, shift, scale, eps: float = 1e-6, h_dtype: torch.dtype | None = None):
-    """LayerNorm(x) (no affine) * (1 + scale) + shift, fused; h in h_dtype or x.dtype."""
-    return torch.ops.dit_fast_ext.adaln_modulate_fwd(x, shift, scale, float(eps), h_dtype)[0]
+def adaln_modulate(x, shift, scale, eps: float = 1e-6, h_dtype: torch.dtype | None = None, norm: str = "layer",
+                   weight=None):
+    """norm(x) * weight * (1 + scale) + shift, fused (norm "layer" or "rms"; weight, shift optional); h in h_dtype
+    or x.dtype."""
+    return torch.ops.dit_fast_ext.adaln_modulate_fwd(x, shift, scale, float(eps), h_dtype, norm == "rms", weight)[0]
 
 
 def gated_residual(x, y, gate, bias=None):
@@ -252,8 +277,9 @@ def gated_residual(x, y, gate, bias=None):
 
 
 def gated_residual_adaln(x, y, gate, shift, scale, eps: float = 1e-6, h_dtype: torch.dtype | None = None,
-                         bias=None):
-    """(x_out, h): x_out = x + gate * (y + bias) and h = adaln_modulate(x_out, shift, scale), in one pass."""
+                         bias=None, norm: str = "layer", weight=None):
+    """(x_out, h): x_out = x + gate * (y + bias) and h = adaln_modulate(x_out, shift, scale, norm=norm,
+    weight=weight), in one pass."""
     x_out, h, _, _ = torch.ops.dit_fast_ext.gated_residual_adaln_fwd(x, y, gate, bias, shift, scale, float(eps),
-                                                                     h_dtype)
+                                                                     h_dtype, norm == "rms", weight)
     return x_out, h

@@ -12,16 +12,41 @@ import torch
 import torch.nn.functional as F
 
 from .dtypes import compute_dtype
+from .torch_lightning import qk_norm_rope, swiglu  # noqa: F401  (LightningDiT's ops, defined there)
+
+NORMS = ("layer", "rms")
 
 
-def adaln_modulate(x, shift, scale, eps: float = 1e-6, h_dtype: torch.dtype | None = None):
-    """LayerNorm without affine over the last dim, then x * (1 + scale) + shift.
+def _normalized(x, eps: float, norm: str, ct: torch.dtype):
+    """The normalized rows of x in ct: LayerNorm without affine, or RMSNorm as LightningDiT writes it
+    (x * rsqrt(mean(x^2) + eps) in float32, cast back to x's dtype before the gain is applied)."""
+    if norm == "rms":
+        xc = x.to(ct)
+        rstd = torch.rsqrt(xc.square().mean(-1, keepdim=True) + eps)
+        xn = (xc * rstd).to(x.dtype).to(ct)
+    else:
+        xn, _mean, rstd = torch.native_layer_norm(x.to(ct), x.shape[-1:], None, None, eps)
+    # A row whose squares overflow (|x| >~ 1e19 in float32) gets rstd = 1 / sqrt(inf) = 0 and would come
+    # out as exactly `shift`, a finite constant that hides a diverging activation from non-finite guards:
+    # NaN instead (forward and, through the factor, backward), as every backend does.
+    return xn * torch.where(rstd > 0, 1.0, float("nan")).to(ct)
 
-    x: [B, L, D]; shift, scale: [B, D]. Output dtype: h_dtype, else x.dtype.
+
+def adaln_modulate(x, shift, scale, eps: float = 1e-6, h_dtype: torch.dtype | None = None, norm: str = "layer",
+                   weight=None):
+    """norm(x) * weight * (1 + scale) + shift over the last dim.
+
+    x: [B, L, D]; shift (None: scale-only adaLN, LightningDiT's wo_shift), scale: [B, D]; norm "layer"
+    (LayerNorm without affine) or "rms" (RMSNorm, see _normalized); weight: the norm's gain [D] or None.
+    Math in float32 (float64 for float64 inputs); output dtype: h_dtype, else x.dtype.
     """
-    ct = compute_dtype(x, shift, scale)
-    xn = F.layer_norm(x.to(ct), x.shape[-1:], eps=eps)
-    h = xn * (1 + scale.to(ct).unsqueeze(1)) + shift.to(ct).unsqueeze(1)
+    ct = compute_dtype(x, scale, *(t for t in (shift, weight) if t is not None))
+    xn = _normalized(x, eps, norm, ct)
+    if weight is not None:
+        xn = xn * weight.to(ct)
+    h = xn * (1 + scale.to(ct).unsqueeze(1))
+    if shift is not None:
+        h = h + shift.to(ct).unsqueeze(1)
     return h.to(h_dtype or x.dtype)
 
 
@@ -38,13 +63,14 @@ def gated_residual(x, y, gate, bias=None):
 
 
 def gated_residual_adaln(x, y, gate, shift, scale, eps: float = 1e-6, h_dtype: torch.dtype | None = None,
-                         bias=None):
-    """(x_out, h) with x_out = gated_residual(x, y, gate, bias) and h = adaln_modulate(x_out, shift, scale).
+                         bias=None, norm: str = "layer", weight=None):
+    """(x_out, h) with x_out = gated_residual(x, y, gate, bias) and h = adaln_modulate(x_out, shift, scale,
+    norm=norm, weight=weight).
 
     h is normalized from x_out as stored (rounded to x.dtype), as the unfused model would.
     """
     x_out = gated_residual(x, y, gate, bias)
-    return x_out, adaln_modulate(x_out, shift, scale, eps, h_dtype)
+    return x_out, adaln_modulate(x_out, shift, scale, eps, h_dtype, norm, weight)
 
 
 def patchify(x, patch_size: int):
@@ -76,12 +102,14 @@ def unpatchify(x, patch_size: int, out_channels: int):
     return x.reshape(N, c, h * p, w * p)
 
 
-def final_layer(x, shift, scale, weight, bias, patch_size: int, out_channels: int, eps: float = 1e-6):
+def final_layer(x, shift, scale, weight, bias, patch_size: int, out_channels: int, eps: float = 1e-6,
+                norm: str = "layer", norm_weight=None):
     """adaln_modulate + linear + unpatchify: [N, T, D] -> [N, out_channels, H, W].
 
-    weight [p*p*out_channels, D], bias [p*p*out_channels]. Output dtype follows F.linear (and so autocast).
+    weight [p*p*out_channels, D], bias [p*p*out_channels]; norm and norm_weight (the norm's gain) as in
+    adaln_modulate; shift may be None. Output dtype follows F.linear (and so autocast).
     """
-    h = adaln_modulate(x, shift, scale, eps)
+    h = adaln_modulate(x, shift, scale, eps, None, norm, norm_weight)
     return unpatchify(F.linear(h, weight, bias), patch_size, out_channels)
 
 

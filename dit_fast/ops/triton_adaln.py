@@ -3,16 +3,19 @@
 Registered ops, named like the ext backend's (docs/DESIGN.md, "Op contract"): forwards return the row
 statistics mean, rstd [B, L] (compute dtype, dtypes.py) saved for backward; backwards take the output
 gradients first, then the saved tensors, then dtype arguments.
-  dit_fast_triton::adaln_modulate_fwd(x, shift, scale, eps, h_dtype) -> (h, mean, rstd)
-  dit_fast_triton::adaln_modulate_bwd(dh, x, mean, rstd, scale, shift_dtype) -> (dx, dshift, dscale)
+  dit_fast_triton::adaln_modulate_fwd(x, shift?, scale, eps, h_dtype, rms, weight?) -> (h, mean, rstd)
+  dit_fast_triton::adaln_modulate_bwd(dh, x, mean, rstd, scale, shift_dtype?, rms, weight?)
+      -> (dx, dshift, dscale, dweight)
   dit_fast_triton::gated_residual_fwd(x, y, gate, bias?) -> x_out
   dit_fast_triton::gated_residual_bwd(dout, y, gate, bias?) -> (dy, dgate, dbias)
-  dit_fast_triton::gated_residual_adaln_fwd(x, y, gate, bias?, shift, scale, eps, h_dtype) -> (x_out, h, mean, rstd)
-  dit_fast_triton::gated_residual_adaln_bwd(dh?, dx_out?, x_out, y, gate, bias?, mean, rstd, scale, shift_dtype)
-      -> (dx, dy, dgate, dbias, dshift, dscale)
+  dit_fast_triton::gated_residual_adaln_fwd(x, y, gate, bias?, shift?, scale, eps, h_dtype, rms, weight?)
+      -> (x_out, h, mean, rstd)
+  dit_fast_triton::gated_residual_adaln_bwd(dh?, dx_out?, x_out, y, gate, bias?, mean, rstd, scale, shift_dtype?,
+      rms, weight?) -> (dx, dy, dgate, dbias, dshift, dscale, dweight)
 bias [D] (optional): the bias of the GEMM that made y, added in the kernel (x + gate * (y + bias)); its
-gradient is summed in the backward's pass. Without a bias the registered backwards return dbias as an
-empty tensor.
+gradient is summed in the backward's pass. Norm modes: rms (RMSNorm instead of LayerNorm), weight [D] (the
+norm's gain), shift None (scale-only adaLN; shift_dtype None in the backward). An absent input's gradient
+comes back from a registered backward as an empty tensor.
 Gradients come back in their inputs' dtypes. float64 inputs are computed in float64 by the same kernels.
 The three call paths of each op (compiled, eager with grad, eager without) come from one spec (triton_op.py).
 """
@@ -39,34 +42,53 @@ def _stats_like(x: Tensor, *inputs: Tensor) -> Tensor:
     return x.new_empty((B, L), dtype=compute_dtype(*inputs))
 
 
+def _present(*tensors: Optional[Tensor]) -> tuple[Tensor, ...]:
+    return tuple(t for t in tensors if t is not None)
+
+
 @torch.library.custom_op("dit_fast_triton::adaln_modulate_fwd", mutates_args=())
 def _adaln_modulate_fwd(
-    x: Tensor, shift: Tensor, scale: Tensor, eps: float, h_dtype: Optional[torch.dtype]
+    x: Tensor, shift: Optional[Tensor], scale: Tensor, eps: float, h_dtype: Optional[torch.dtype], rms: bool = False,
+    weight: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    return K.adaln_modulate_fwd(x, shift, scale, eps, h_dtype)
+    return K.adaln_modulate_fwd(x, shift, scale, eps, h_dtype, rms, weight)
 
 
 @_adaln_modulate_fwd.register_fake
-def _(x, shift, scale, eps, h_dtype):
-    stats = (_stats_like(x, x, shift, scale), _stats_like(x, x, shift, scale))
-    return (x.new_empty(x.shape, dtype=h_dtype or x.dtype), *stats)
+def _(x, shift, scale, eps, h_dtype, rms=False, weight=None):
+    inputs = (x, scale, *_present(shift, weight))
+    return (x.new_empty(x.shape, dtype=h_dtype or x.dtype), _stats_like(x, *inputs), _stats_like(x, *inputs))
 
 
-def _launch_adaln_modulate_bwd(dh, x, mean, rstd, scale, shift_dtype):
-    return K.adaln_modulate_bwd(dh, x, scale, mean, rstd, shift_dtype)
+def _norm_grads_out(dshift, dweight, like: Tensor):
+    """A registered op returns tensors only: an absent shift's / weight's gradient -> an empty tensor."""
+    return _dbias_out(dshift, like), _dbias_out(dweight, like)
+
+
+def _launch_adaln_modulate_bwd(dh, x, mean, rstd, scale, shift_dtype, rms, weight):
+    dx, dshift, dscale, *dweight = K.adaln_modulate_bwd(dh, x, scale, mean, rstd, shift_dtype, rms, weight)
+    dshift, dweight = _norm_grads_out(dshift, dweight[0] if dweight else None, x)
+    return dx, dshift, dscale, dweight
 
 
 @torch.library.custom_op("dit_fast_triton::adaln_modulate_bwd", mutates_args=())
 def _adaln_modulate_bwd(
-    dh: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, scale: Tensor, shift_dtype: torch.dtype
-) -> tuple[Tensor, Tensor, Tensor]:
-    return _launch_adaln_modulate_bwd(dh, x, mean, rstd, scale, shift_dtype)
+    dh: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, scale: Tensor, shift_dtype: Optional[torch.dtype],
+    rms: bool = False, weight: Optional[Tensor] = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return _launch_adaln_modulate_bwd(dh, x, mean, rstd, scale, shift_dtype, rms, weight)
+
+
+def _fake_dshift(shift_dtype, like: Tensor) -> Tensor:
+    B, _, D = like.shape
+    return like.new_empty(0) if shift_dtype is None else like.new_empty((B, D), dtype=shift_dtype)
 
 
 @_adaln_modulate_bwd.register_fake
-def _(dh, x, mean, rstd, scale, shift_dtype):
+def _(dh, x, mean, rstd, scale, shift_dtype, rms=False, weight=None):
     B, _, D = x.shape
-    return x.new_empty(x.shape), x.new_empty((B, D), dtype=shift_dtype), x.new_empty((B, D), dtype=scale.dtype)
+    return (x.new_empty(x.shape), _fake_dshift(shift_dtype, x), x.new_empty((B, D), dtype=scale.dtype),
+            _dbias_fake(weight, x))
 
 
 def _dbias_out(dbias: Optional[Tensor], like: Tensor) -> Tensor:
@@ -107,21 +129,21 @@ def _(dout, y, gate, bias):
     return y.new_empty(y.shape), gate.new_empty(gate.shape), _dbias_fake(bias, y)
 
 
-def _launch_gated_residual_adaln_fwd(x, y, gate, bias, shift, scale, eps, h_dtype):
-    return K.gated_residual_adaln_fwd(x, y, gate, shift, scale, eps, h_dtype, bias)
+def _launch_gated_residual_adaln_fwd(x, y, gate, bias, shift, scale, eps, h_dtype, rms, weight):
+    return K.gated_residual_adaln_fwd(x, y, gate, shift, scale, eps, h_dtype, bias, rms, weight)
 
 
 @torch.library.custom_op("dit_fast_triton::gated_residual_adaln_fwd", mutates_args=())
 def _gated_residual_adaln_fwd(
-    x: Tensor, y: Tensor, gate: Tensor, bias: Optional[Tensor], shift: Tensor, scale: Tensor, eps: float,
-    h_dtype: Optional[torch.dtype],
+    x: Tensor, y: Tensor, gate: Tensor, bias: Optional[Tensor], shift: Optional[Tensor], scale: Tensor, eps: float,
+    h_dtype: Optional[torch.dtype], rms: bool = False, weight: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return _launch_gated_residual_adaln_fwd(x, y, gate, bias, shift, scale, eps, h_dtype)
+    return _launch_gated_residual_adaln_fwd(x, y, gate, bias, shift, scale, eps, h_dtype, rms, weight)
 
 
 @_gated_residual_adaln_fwd.register_fake
-def _(x, y, gate, bias, shift, scale, eps, h_dtype):
-    inputs = _with_bias(x, y, gate, shift, scale, bias=bias)
+def _(x, y, gate, bias, shift, scale, eps, h_dtype, rms=False, weight=None):
+    inputs = (x, y, gate, scale, *_present(shift, bias, weight))
     return (
         x.new_empty(x.shape),
         x.new_empty(x.shape, dtype=h_dtype or x.dtype),
@@ -130,10 +152,11 @@ def _(x, y, gate, bias, shift, scale, eps, h_dtype):
     )
 
 
-def _launch_gated_residual_adaln_bwd(dh, dx_out, x_out, y, gate, bias, mean, rstd, scale, shift_dtype):
-    dx, dy, dgate, dshift, dscale, dbias = K.gated_residual_adaln_bwd(
-        dx_out, dh, x_out, y, gate, scale, mean, rstd, shift_dtype, bias)
-    return dx, dy, dgate, _dbias_out(dbias, y), dshift, dscale
+def _launch_gated_residual_adaln_bwd(dh, dx_out, x_out, y, gate, bias, mean, rstd, scale, shift_dtype, rms, weight):
+    dx, dy, dgate, dshift, dscale, dbias, *dweight = K.gated_residual_adaln_bwd(
+        dx_out, dh, x_out, y, gate, scale, mean, rstd, shift_dtype, bias, rms, weight)
+    dshift, dweight = _norm_grads_out(dshift, dweight[0] if dweight else None, x_out)
+    return dx, dy, dgate, _dbias_out(dbias, y), dshift, dscale, dweight
 
 
 @torch.library.custom_op("dit_fast_triton::gated_residual_adaln_bwd", mutates_args=())
@@ -147,21 +170,25 @@ def _gated_residual_adaln_bwd(
     mean: Tensor,
     rstd: Tensor,
     scale: Tensor,
-    shift_dtype: torch.dtype,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return _launch_gated_residual_adaln_bwd(dh, dx_out, x_out, y, gate, bias, mean, rstd, scale, shift_dtype)
+    shift_dtype: Optional[torch.dtype],
+    rms: bool = False,
+    weight: Optional[Tensor] = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return _launch_gated_residual_adaln_bwd(dh, dx_out, x_out, y, gate, bias, mean, rstd, scale, shift_dtype, rms,
+                                            weight)
 
 
 @_gated_residual_adaln_bwd.register_fake
-def _(dh, dx_out, x_out, y, gate, bias, mean, rstd, scale, shift_dtype):
+def _(dh, dx_out, x_out, y, gate, bias, mean, rstd, scale, shift_dtype, rms=False, weight=None):
     B, _, D = x_out.shape
     return (
         x_out.new_empty(x_out.shape),
         y.new_empty(y.shape),
         gate.new_empty((B, D)),
         _dbias_fake(bias, y),
-        gate.new_empty((B, D), dtype=shift_dtype),
+        _fake_dshift(shift_dtype, x_out),
         scale.new_empty((B, D)),
+        _dbias_fake(weight, x_out),
     )
 
 
@@ -182,21 +209,37 @@ _COMPILED = SimpleNamespace(
 # ----------------------------------------------------------------------------------------------
 
 
+def _norm_mode(ctx, shift, rms):
+    ctx.shift_dtype = None if shift is None else shift.dtype
+    ctx.rms, ctx.norm = rms, "rms" if rms else "layer"
+
+
+def _absent_as_none(grad: Tensor, present: bool):
+    """The registered backwards return an empty tensor for an absent input's gradient: None to autograd."""
+    return grad if present else None
+
+
 def _setup_adaln_modulate(ctx, inputs, output):
-    x, shift, scale, eps, h_dtype = inputs
+    x, shift, scale, eps, h_dtype, rms, weight = inputs
     _, mean, rstd = output
-    ctx.save_for_backward(x, mean, rstd, scale)
-    ctx.shift_dtype, ctx.eps, ctx.h_dtype = shift.dtype, eps, h_dtype
+    ctx.save_for_backward(x, mean, rstd, scale, weight)
+    ctx.eps, ctx.h_dtype = eps, h_dtype
+    _norm_mode(ctx, shift, rms)
 
 
 def _backward_adaln_modulate(ctx, kernels, dh):
-    dx, dshift, dscale = kernels.adaln_modulate_bwd(dh, *ctx.saved_tensors, ctx.shift_dtype)
-    return dx, dshift, dscale, None, None
+    x, mean, rstd, scale, weight = ctx.saved_tensors
+    dx, dshift, dscale, dweight = kernels.adaln_modulate_bwd(dh, x, mean, rstd, scale, ctx.shift_dtype, ctx.rms,
+                                                             weight)
+    return (dx, _absent_as_none(dshift, ctx.shift_dtype is not None), dscale, None, None, None,
+            _absent_as_none(dweight, weight is not None))
 
 
 def _graph_backward_adaln_modulate(ctx, dh):
-    x, _, _, scale = ctx.saved_tensors
-    return (*DB.adaln_modulate(x, ctx.shift_dtype, scale, ctx.eps, ctx.h_dtype, dh), None, None)
+    x, _, _, scale, weight = ctx.saved_tensors
+    dx, dshift, dscale, dweight = DB.adaln_modulate(x, ctx.shift_dtype, scale, ctx.eps, ctx.h_dtype, dh, ctx.norm,
+                                                    weight)
+    return dx, dshift, dscale, None, None, None, dweight
 
 
 def _setup_gated_residual(ctx, inputs, output):
@@ -216,23 +259,28 @@ def _graph_backward_gated_residual(ctx, dout):
 
 
 def _setup_gated_residual_adaln(ctx, inputs, output):
-    _, y, gate, bias, shift, scale, eps, h_dtype = inputs
+    _, y, gate, bias, shift, scale, eps, h_dtype, rms, weight = inputs
     x_out, _, mean, rstd = output
     # x_out is also the next op's saved input, so keeping it costs no extra memory.
-    ctx.save_for_backward(x_out, y, gate, bias, mean, rstd, scale)
-    ctx.shift_dtype, ctx.eps, ctx.h_dtype = shift.dtype, eps, h_dtype
+    ctx.save_for_backward(x_out, y, gate, bias, mean, rstd, scale, weight)
+    ctx.eps, ctx.h_dtype = eps, h_dtype
+    _norm_mode(ctx, shift, rms)
 
 
 def _backward_gated_residual_adaln(ctx, kernels, dx_out, dh):
-    dx, dy, dgate, dbias, dshift, dscale = kernels.gated_residual_adaln_bwd(
-        dh, dx_out, *ctx.saved_tensors, ctx.shift_dtype)
-    return dx, dy, dgate, dbias if ctx.saved_tensors[3] is not None else None, dshift, dscale, None, None
+    x_out, y, gate, bias, mean, rstd, scale, weight = ctx.saved_tensors
+    dx, dy, dgate, dbias, dshift, dscale, dweight = kernels.gated_residual_adaln_bwd(
+        dh, dx_out, x_out, y, gate, bias, mean, rstd, scale, ctx.shift_dtype, ctx.rms, weight)
+    return (dx, dy, dgate, _absent_as_none(dbias, bias is not None),
+            _absent_as_none(dshift, ctx.shift_dtype is not None), dscale, None, None, None,
+            _absent_as_none(dweight, weight is not None))
 
 
 def _graph_backward_gated_residual_adaln(ctx, dx_out, dh):
-    x_out, y, gate, bias, _, _, scale = ctx.saved_tensors
-    grads = DB.gated_residual_adaln(x_out, y, gate, bias, ctx.shift_dtype, scale, ctx.eps, ctx.h_dtype, dx_out, dh)
-    return (*grads, None, None)
+    x_out, y, gate, bias, _, _, scale, weight = ctx.saved_tensors
+    dx, dy, dgate, dbias, dshift, dscale, dweight = DB.gated_residual_adaln(
+        x_out, y, gate, bias, ctx.shift_dtype, scale, ctx.eps, ctx.h_dtype, dx_out, dh, ctx.norm, weight)
+    return dx, dy, dgate, dbias, dshift, dscale, None, None, None, dweight
 
 
 _ADALN_MODULATE = TritonOp(
@@ -254,9 +302,11 @@ _GATED_RESIDUAL_ADALN = TritonOp(
 # ----------------------------------------------------------------------------------------------
 
 
-def adaln_modulate(x, shift, scale, eps: float = 1e-6, h_dtype: Optional[torch.dtype] = None):
-    """LayerNorm(x) (no affine) * (1 + scale) + shift, fused; h in h_dtype or x.dtype."""
-    return _ADALN_MODULATE(x, shift, scale, float(eps), h_dtype)
+def adaln_modulate(x, shift, scale, eps: float = 1e-6, h_dtype: Optional[torch.dtype] = None, norm: str = "layer",
+                   weight=None):
+    """norm(x) * weight * (1 + scale) + shift, fused (norm "layer" or "rms"; weight, shift optional); h in
+    h_dtype or x.dtype."""
+    return _ADALN_MODULATE(x, shift, scale, float(eps), h_dtype, norm == "rms", weight)
 
 
 def gated_residual(x, y, gate, bias=None):
@@ -265,6 +315,7 @@ def gated_residual(x, y, gate, bias=None):
 
 
 def gated_residual_adaln(x, y, gate, shift, scale, eps: float = 1e-6, h_dtype: Optional[torch.dtype] = None,
-                         bias=None):
-    """(x_out, h): x_out = x + gate * (y + bias) and h = adaln_modulate(x_out, shift, scale), in one pass."""
-    return tuple(_GATED_RESIDUAL_ADALN(x, y, gate, bias, shift, scale, float(eps), h_dtype))
+                         bias=None, norm: str = "layer", weight=None):
+    """(x_out, h): x_out = x + gate * (y + bias) and h = adaln_modulate(x_out, shift, scale, norm=norm,
+    weight=weight), in one pass."""
+    return tuple(_GATED_RESIDUAL_ADALN(x, y, gate, bias, shift, scale, float(eps), h_dtype, norm == "rms", weight))

@@ -12,6 +12,8 @@ import torch
 # The backend's ops (dit_fast.backends looks them up on this module by name).
 from .triton_adaln import adaln_modulate, gated_residual, gated_residual_adaln  # noqa: F401
 from .triton_embed import final_layer, linear_gelu_tanh, patch_embed  # noqa: F401
+from .triton_qk_norm_rope import qk_norm_rope  # noqa: F401
+from .triton_swiglu import swiglu  # noqa: F401
 
 
 def available(device_type: str) -> tuple[bool, str]:

@@ -11,6 +11,8 @@ dtype when autocast is on for the tensors' device (as F.linear under autocast wo
 dtype; weight and bias are cast to it here, outside the op, so their gradients flow back through the
 casts in their own dtypes. Accumulation and all elementwise math are float32.
 - patch_embed: output dtype = promote(activation dtype, pos_embed dtype), like `F.linear(...) + pos_embed`.
+  Outside autocast, dit_fast.ops.patch_embed refuses an x whose dtype differs from weight's or bias's, as
+  nn.Conv2d does (one rule for every backend), so the casts here only act under autocast.
 - final_layer: output in the activation dtype; shift/scale/x may be any float dtypes (read as float32).
 - linear_gelu_tanh: output in the activation dtype. Default: cuBLAS GEMM without the bias, then one pass
   for bias + GELU; DIT_FAST_FC1_GEMM=triton: one Triton GEMM with the bias + GELU epilogue, reading the
@@ -34,6 +36,7 @@ from ..kernels import gemm_gelu as _gemm_gelu
 from ..kernels import patch_embed as _pe
 from . import differentiable_backward as DB
 from . import gelu_epilogue
+from .torch_backend import unpatchify as torch_unpatchify
 from .triton_op import TritonOp
 
 __all__ = ["patch_embed", "final_layer", "linear_gelu_tanh"]
@@ -211,9 +214,17 @@ _FINAL_LAYER = TritonOp(
 )
 
 
-def final_layer(x, shift, scale, weight, bias, patch_size, out_channels, eps=1e-6):
-    """adaLN modulate + linear + unpatchify; see kernels/final_layer.py and the module notes on dtypes."""
+def final_layer(x, shift, scale, weight, bias, patch_size, out_channels, eps=1e-6, norm="layer", norm_weight=None):
+    """adaLN modulate + linear + unpatchify; see kernels/final_layer.py and the module notes on dtypes.
+
+    LightningDiT's norm modes (norm="rms", a norm gain, no shift) run as the fused Triton adaLN kernel with h
+    in the activation dtype, then F.linear and unpatchify (kernels/final_layer.py has no such mode yet)."""
     act = _act_dtype(x)
+    if norm != "layer" or norm_weight is not None or shift is None:
+        from .triton_adaln import adaln_modulate
+
+        h = adaln_modulate(x, shift, scale, eps, act, norm, norm_weight)
+        return torch_unpatchify(F.linear(h, _cast(weight, act), _cast(bias, act)), patch_size, out_channels)
     return _FINAL_LAYER(x, shift, scale, _cast(weight, act), _cast(bias, act), patch_size, out_channels, eps)
 
 
