@@ -9,7 +9,7 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .convert_diffusers import dit_from_diffusers, dit_to_diffusers
 from .diffusion import create_diffusion
 from .flow_sampling import sample_flow
-from .models import DiT, DiT_models, SiT, SiT_models, from_reference
+from .models import DiT, DiT_models, LightningDiT, LightningDiT_models, SiT, SiT_models, from_reference
 from .reference import get_2d_sincos_pos_embed
 from .sampling import sample
 from .transport import create_transport
@@ -20,6 +20,8 @@ __all__ = [
     "DiT_models",
     "SiT",
     "SiT_models",
+    "LightningDiT",
+    "LightningDiT_models",
     "from_reference",
     "load_checkpoint",
     "save_checkpoint",

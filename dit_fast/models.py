@@ -16,19 +16,25 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from . import ops
-from .attention import attention
+from . import ops, reference
+from .attention import attention, attention_qkv
 from .backends import check_backend_name, fuses_bias, resolve
+from .lightning_modules import SwiGLUFFN, swiglu_hidden_size
 from .reference import (
-    LabelEmbedder,
-    TimestepEmbedder,
+    PatchEmbed,
     attention_published,
+    build_modules,
     check_config,
+    check_lightning_config,
     config_table,
     forward_with_cfg,
     initialize_dit_weights,
+    lightning_family_options,
+    lightning_forward_with_cfg,
     mlp_published,
+    modulate_published,
     published_output,
+    split_modulations,
 )
 from .stock import (
     has_hooks,
@@ -39,11 +45,13 @@ from .stock import (
     stock_layer_norm,
     stock_linear,
     stock_patch_proj,
+    stock_rms_norm,
+    stock_rope,
     stock_tanh_gelu,
     transforms_active,
 )
 
-__all__ = ["DiT", "DiT_models", "SiT", "SiT_models", "from_reference"]
+__all__ = ["DiT", "DiT_models", "SiT", "SiT_models", "LightningDiT", "LightningDiT_models", "from_reference"]
 
 
 # -- helpers ---------------------------------------------------------------------------------
@@ -105,68 +113,74 @@ class _Carry:
 # -- modules -----------------------------------------------------------------------------------
 
 
-class PatchEmbed(nn.Module):
-    """The published patch embedding (timm's PatchEmbed attributes, same state_dict keys).
+class Attention(reference.Attention):
+    """timm's Attention as the published DiT builds it (same submodules and ``fused_attn`` switch), or with
+    LightningDiT's options (dit_fast.reference.Attention builds the tree).
 
-    Called directly it returns the tokens [N, T, D] without pos_embed, as published; the model's
-    fast path runs the projection as one GEMM with bias and pos_embed fused (ops.patch_embed).
+    While every part but qkv and proj is stock (Identity or stock q/k norms, Identity norm, inactive
+    Dropouts, ``fused_attn`` on, the stock rotary embedding), attention runs on the model's kernels over the
+    packed QKV output (the QK-norm + RoPE op first where q/k norms or RoPE are used); otherwise the published
+    calls (dit_fast.reference.attention_published), so each replaced part is honored.
     """
 
-    def __init__(self, img_size: int, patch_size: int, in_chans: int, embed_dim: int):
-        super().__init__()
-        self.img_size = (img_size, img_size)
-        self.patch_size = (patch_size, patch_size)
-        self.grid_size = (img_size // patch_size, img_size // patch_size)
-        self.num_patches = self.grid_size[0] * self.grid_size[1]
-        self.flatten = True
-        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size, bias=True)
-        self.norm = nn.Identity()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.proj(x).flatten(2).transpose(1, 2))
-
-
-class Attention(nn.Module):
-    """timm's Attention as the published DiT builds it (same submodules and ``fused_attn`` switch).
-
-    While every part but qkv and proj is stock (Identity q/k norm and norm, inactive Dropouts,
-    ``fused_attn`` on), attention runs on the model's kernel over the packed QKV output; otherwise the
-    published calls (dit_fast.reference.attention_published), so each replaced part is honored.
-    """
-
-    def __init__(self, dim: int, num_heads: int):
-        super().__init__()
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
-        self.scale = self.head_dim**-0.5
-        self.fused_attn = True
-        self.qkv = nn.Linear(dim, dim * 3, bias=True)
-        self.q_norm = nn.Identity()
-        self.k_norm = nn.Identity()
-        self.attn_drop = nn.Dropout(0.0)
-        self.norm = nn.Identity()
-        self.proj = nn.Linear(dim, dim)
-        self.proj_drop = nn.Dropout(0.0)
+    def __init__(self, dim: int, num_heads: int, qk_norm=None, scale_norm_slot: bool = True):
+        super().__init__(dim, num_heads, qk_norm=qk_norm, scale_norm_slot=scale_norm_slot)
         self.backend = "auto"
+        self.ops_backend = "auto"
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        if not self.kernel_runs():
-            return attention_published(self, h)
-        return self.proj(self.attend(h))
+    def forward(self, h: torch.Tensor, rope=None) -> torch.Tensor:
+        args = self.kernel_args(rope)
+        if args is None:
+            return attention_published(self, h, rope)
+        return self.proj(self.attend(h, args))
 
-    def kernel_runs(self) -> bool:
-        """Whether the attention kernel may stand in for everything between qkv and proj."""
-        return (
-            self.fused_attn and stock_identity(self.q_norm) and stock_identity(self.k_norm)
-            and stock_identity(self.norm) and inactive_dropout(self.attn_drop) and inactive_dropout(self.proj_drop)
-        )
+    def kernel_args(self, rope=None) -> dict | None:
+        """None unless the attention kernels may stand in for everything between qkv and proj; else {} (q and
+        k go to attention as they are) or the QK-norm + RoPE op's arguments."""
+        norm = self._modules.get("norm")
+        if not (self.fused_attn and (norm is None or stock_identity(norm)) and inactive_dropout(self.attn_drop)
+                and inactive_dropout(self.proj_drop)):
+            return None
+        q_norm, k_norm = self.q_norm, self.k_norm
+        if stock_identity(q_norm) and stock_identity(k_norm):
+            if rope is None:
+                return {}
+            args = {}
+        else:
+            args = qk_norm_args(q_norm, k_norm, self.head_dim)
+            if args is None:
+                return None
+        if rope is not None:
+            if not stock_rope(rope) or transforms_active():
+                return None
+            args.update(cos=rope.freqs_cos, sin=rope.freqs_sin)
+        return args
 
-    def attend(self, h: torch.Tensor) -> torch.Tensor:
-        """softmax attention of qkv(h), before the output projection (only while kernel_runs())."""
-        return attention(self.qkv(h), self.num_heads, self.backend)
+    def attend(self, h: torch.Tensor, args: dict) -> torch.Tensor:
+        """softmax attention of qkv(h) (q/k normed and rotated by the op with `args`, from kernel_args()),
+        before the output projection."""
+        qkv = self.qkv(h)
+        if not args:
+            return attention(qkv, self.num_heads, self.backend)
+        q, k, v = ops.qk_norm_rope(qkv, self.num_heads, backend=self.ops_backend, **args)
+        return attention_qkv(q, k, v, self.backend)
 
 
-class Mlp(nn.Module):
+def qk_norm_args(q_norm: nn.Module, k_norm: nn.Module, head_dim: int):
+    """The QK-norm + RoPE op's norm arguments for a stock pair of q/k norms (LightningDiT's RMSNorm, or an
+    affine LayerNorm of the same eps), else None."""
+    if stock_rms_norm(q_norm, head_dim) and stock_rms_norm(k_norm, head_dim) and q_norm.eps == k_norm.eps:
+        return dict(q_gain=q_norm.weight, k_gain=k_norm.weight, eps=q_norm.eps, norm="rms")
+    if (plain(q_norm, nn.LayerNorm) and plain(k_norm, nn.LayerNorm) and q_norm.eps == k_norm.eps
+            and tuple(q_norm.normalized_shape) == tuple(k_norm.normalized_shape) == (head_dim,)
+            and q_norm.weight is not None and k_norm.weight is not None
+            and (q_norm.bias is None) == (k_norm.bias is None)):
+        return dict(q_gain=q_norm.weight, k_gain=k_norm.weight, q_bias=q_norm.bias, k_bias=k_norm.bias,
+                    eps=q_norm.eps, norm="layer")
+    return None
+
+
+class Mlp(reference.Mlp):
     """timm's Mlp as the published DiT builds it (fc1, tanh GELU, drop1, norm, fc2, drop2).
 
     fc1 + GELU run as one op while both are stock; drop1/norm/drop2 other than stock and inactive
@@ -174,13 +188,7 @@ class Mlp(nn.Module):
     """
 
     def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU(approximate="tanh")
-        self.drop1 = nn.Dropout(0.0)
-        self.norm = nn.Identity()
-        self.fc2 = nn.Linear(hidden, dim)
-        self.drop2 = nn.Dropout(0.0)
+        super().__init__(dim, hidden)
         self.backend = "auto"
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
@@ -199,80 +207,106 @@ class Mlp(nn.Module):
         return self.act(self.fc1(h))
 
 
-def _project_for_residual(module: nn.Module, inner: str, proj: str, h: torch.Tensor, fusable: bool):
-    """(y, bias) for the gated residual that consumes module(h): while `fusable` (the module is stock
-    around its output projection) and the projection is a stock Linear, the projection runs without
-    its bias, which the gated op adds and whose gradient its backward sums in the pass it makes anyway.
-    Else the published call module(h), bias None, so wrappers, replaced parts and hooks see what they
-    would see on the published model."""
-    linear = getattr(module, proj) if fusable else None
-    if linear is None or not stock_linear(linear):
-        return module(h), None
-    return F.linear(getattr(module, inner)(h), linear.weight), linear.bias
+def _swiglu_hidden(mlp: SwiGLUFFN, h: torch.Tensor, backend: str) -> torch.Tensor:
+    """silu(x1) * x2 of w12(h): the fused SwiGLU op on the packed projection while w12 is a stock Linear."""
+    w12 = mlp.w12
+    if stock_linear(w12, with_bias=False) and not transforms_active():
+        return ops.swiglu(F.linear(h, w12.weight), bias=w12.bias, backend=backend)
+    x1, x2 = w12(h).chunk(2, dim=-1)
+    return F.silu(x1) * x2
 
 
-class DiTBlock(nn.Module):
-    """The published block: ``block(x, c) -> x`` with c = t_emb + y_emb (SiLU inside adaLN_modulation).
+def _mlp_for_residual(mlp: nn.Module, h: torch.Tensor, fuse_bias: bool, backend: str):
+    """(y, bias) for the gated residual that consumes mlp(h): see _project_for_residual."""
+    if plain(mlp, Mlp) and mlp.stock_around_fc2():
+        return _project_for_residual(mlp, mlp.hidden, mlp.fc2, h, fuse_bias)
+    if plain(mlp, SwiGLUFFN):
+        return _project_for_residual(mlp, lambda t: _swiglu_hidden(mlp, t, backend), mlp.w3, h, fuse_bias)
+    return mlp(h), None
 
-    The model calls a stock block as ``block(x, c, carry=...)`` (always through the module, so hooks,
-    wrappers and FSDP see every call): then the block uses the modulations the model computed for all
-    blocks at once and the h = modulate(norm1(x)) carried from the previous block, and leaves in the
-    carry the next consumer's h, computed in the same pass as its last gated residual (see _Carry).
-    Any other block (a subclass, a user module, a patched forward) is called as published, ``block(x, c)``.
+
+def _project_for_residual(module: nn.Module, hidden, linear: nn.Module, h: torch.Tensor, fuse_bias: bool):
+    """(y, bias) for the gated residual that consumes module(h) = linear(hidden(h)), the module stock around
+    its output projection: with fuse_bias and a stock Linear, the projection runs without its bias, which
+    the gated op adds and whose gradient its backward sums in the pass it makes anyway. A replaced or hooked
+    projection is called as a module (bias None)."""
+    if fuse_bias and stock_linear(linear):
+        return F.linear(hidden(h), linear.weight), linear.bias
+    return linear(hidden(h)), None
+
+
+class DiTBlock(reference.DiTBlock):
+    """The published block: ``block(x, c) -> x`` with c = t_emb + y_emb (SiLU inside adaLN_modulation);
+    LightningDiT's options (RMSNorm, SwiGLU, QK-norm, scale-only adaLN; ``block(x, c, feat_rope)``) configure
+    the same block (dit_fast.reference.DiTBlock has the published calls).
+
+    The model calls a stock block as ``block(x, c, [feat_rope,] carry=...)`` (always through the module, so
+    hooks, wrappers and FSDP see every call): then the block uses the modulations the model computed for all
+    blocks at once and the h = modulate(norm1(x)) carried from the previous block, and leaves in the carry
+    the next consumer's h, computed in the same pass as its last gated residual (see _Carry). Any other
+    block (a subclass, a user module, a patched forward) is called as published.
     """
 
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.attn = Attention(hidden_size, num_heads)
-        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
+    attention_cls, mlp_cls = Attention, Mlp
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, **options):
+        super().__init__(hidden_size, num_heads, mlp_ratio, **options)
         self.backend = "auto"
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor, *, carry: _Carry | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, c: torch.Tensor, feat_rope=None, *, carry: _Carry | None = None):
         h_dtype = _h_dtype(x)
+        dim = x.shape[-1]
         if carry is None or c is not carry.c:
             if carry is not None:
                 carry.set_output(None, None, False)
             carry = None
-            mods = self.adaLN_modulation(c).chunk(6, dim=1)
+            mods = split_modulations(self.adaLN_modulation(c), self.wo_shift)
             h, next_mod = None, None
         else:
             mods, next_mod = carry.mods, carry.next_mod
-            h = carry.h_for(x, has_hooks(self)) if stock_layer_norm(self.norm1, x.shape[-1]) else None
+            h = carry.h_for(x, has_hooks(self)) if norm_kwargs(self.norm1, dim) is not None else None
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods
         if h is None:
             h = _norm_modulate(self.norm1, x, shift_msa, scale_msa, h_dtype, self.backend)
         fuse_bias = self._fuses_bias(x)
-        attn, mlp = self.attn, self.mlp
-        a, a_bias = _project_for_residual(
-            attn, "attend", "proj", h, fuse_bias and plain(attn, Attention) and attn.kernel_runs()
-        )
-        if stock_layer_norm(self.norm2, x.shape[-1]) and not transforms_active():
-            x, h = ops.gated_residual_adaln(
-                x, a, gate_msa, shift_mlp, scale_mlp, self.norm2.eps, h_dtype=h_dtype, bias=a_bias,
-                backend=self.backend,
-            )
+        attn = self.attn
+        attn_args = attn.kernel_args(feat_rope) if plain(attn, Attention) else None
+        if attn_args is not None:
+            a, a_bias = _project_for_residual(attn, lambda t: attn.attend(t, attn_args), attn.proj, h, fuse_bias)
+        else:
+            a, a_bias = (attn(h) if feat_rope is None else attn(h, rope=feat_rope)), None
+        norm2 = norm_kwargs(self.norm2, dim)
+        if norm2 is not None and not transforms_active():
+            x, h = ops.gated_residual_adaln(x, a, gate_msa, shift_mlp, scale_mlp, h_dtype=h_dtype, bias=a_bias,
+                                            backend=self.backend, **norm2)
         else:
             x = _gated_residual(x, a, gate_msa, a_bias, self.backend)
             h = _norm_modulate(self.norm2, x, shift_mlp, scale_mlp, h_dtype, self.backend)
-        m, m_bias = _project_for_residual(
-            mlp, "hidden", "fc2", h, fuse_bias and plain(mlp, Mlp) and mlp.stock_around_fc2()
-        )
+        m, m_bias = _mlp_for_residual(self.mlp, h, fuse_bias, self.backend)
         if next_mod is None or transforms_active():
             return _gated_residual(x, m, gate_mlp, m_bias, self.backend)
-        x, h_next = ops.gated_residual_adaln(x, m, gate_mlp, *next_mod, h_dtype=h_dtype, bias=m_bias,
-                                             backend=self.backend)
+        shift, scale, kwargs = next_mod
+        x, h_next = ops.gated_residual_adaln(x, m, gate_mlp, shift, scale, h_dtype=h_dtype, bias=m_bias,
+                                             backend=self.backend, **kwargs)
         carry.set_output(x, h_next, has_hooks(self))
         return x
 
     def _fuses_bias(self, x: torch.Tensor) -> bool:
-        """Whether the gated ops' backend here adds attn.proj's and mlp.fc2's biases in its kernels."""
+        """Whether the gated ops' backend here adds attn.proj's and the MLP's output biases in its kernels."""
         if transforms_active():
             return False
         op, dev = "gated_residual_adaln", x.device.type
         return fuses_bias(resolve(self.backend, op, dev, x.dtype == torch.float64, x.shape[-1]), op, dev)
+
+
+def norm_kwargs(norm: nn.Module, dim: int) -> dict | None:
+    """The fused adaLN ops' norm arguments for a stock norm (LayerNorm without affine: eps only, the call
+    every backend takes; LightningDiT's RMSNorm: its gain too), else None (the published call runs)."""
+    if stock_layer_norm(norm, dim):
+        return {"eps": norm.eps}
+    if stock_rms_norm(norm, dim):
+        return {"eps": norm.eps, "norm": "rms", "weight": norm.weight}
+    return None
 
 
 def _gated_residual(x, y, gate, bias, backend):
@@ -282,22 +316,20 @@ def _gated_residual(x, y, gate, bias, backend):
 
 
 def _norm_modulate(norm: nn.Module, x, shift, scale, h_dtype, backend):
-    """modulate(norm(x), shift, scale): one fused op while norm is the stock LayerNorm, else the published
-    calls (so a replaced norm, or its hooks, is honored)."""
-    if not stock_layer_norm(norm, x.shape[-1]) or transforms_active():
-        h = norm(x) * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+    """modulate(norm(x), shift, scale): one fused op while norm is stock (dit_fast.stock), else the published
+    calls (so a replaced norm, or its hooks, is honored). shift None: LightningDiT's scale-only adaLN."""
+    kwargs = norm_kwargs(norm, x.shape[-1])
+    if kwargs is None or transforms_active():
+        h = modulate_published(norm(x), shift, scale)
         return h if h_dtype is None else h.to(h_dtype)
-    return ops.adaln_modulate(x, shift, scale, norm.eps, h_dtype=h_dtype, backend=backend)
+    return ops.adaln_modulate(x, shift, scale, h_dtype=h_dtype, backend=backend, **kwargs)
 
 
-class FinalLayer(nn.Module):
+class FinalLayer(reference.FinalLayer):
     """The published final layer: ``final_layer(x, c) -> [N, T, p*p*C]`` tokens (unpatchified by the model)."""
 
-    def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
-        super().__init__()
-        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels, bias=True)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=True))
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int, use_rmsnorm: bool = False):
+        super().__init__(hidden_size, patch_size, out_channels, use_rmsnorm)
         self.backend = "auto"
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
@@ -322,6 +354,8 @@ class DiT(nn.Module):
     """
 
     returns_sigma = True  # forward's output includes the learned-sigma channels (SiT's does not)
+    _family_options: dict = {}  # build_modules' block options (LightningDiT sets its own per instance)
+    _passes_rope = False  # LightningDiT's blocks are called block(x, c, feat_rope)
 
     def __init__(
         self,
@@ -358,12 +392,8 @@ class DiT(nn.Module):
         self.num_classes = num_classes
         self.checkpoint_every = checkpoint_every
 
-        self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size)
-        self.t_embedder = TimestepEmbedder(hidden_size)
-        self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
-        self.pos_embed = nn.Parameter(torch.zeros(1, self.x_embedder.num_patches, hidden_size), requires_grad=False)
-        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
-        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        build_modules(self, DiTBlock, FinalLayer, input_size, patch_size, in_channels, hidden_size, depth, num_heads,
+                      mlp_ratio, class_dropout_prob, num_classes, **self._family_options)
         self.set_backend(backend, attn_backend)
         initialize_dit_weights(self)
         self._adaln_fused = None
@@ -377,7 +407,7 @@ class DiT(nn.Module):
         if attn_backend is not None:
             self.attn_backend = attn_backend
         for block in self.blocks:
-            block.backend = block.mlp.backend = self.backend
+            block.backend = block.mlp.backend = block.attn.ops_backend = self.backend
             block.attn.backend = self.attn_backend
         self.final_layer.backend = self.backend
         return self
@@ -528,7 +558,7 @@ class DiT(nn.Module):
         SiLU or Linear, a patched forward) runs the published call adaLN_modulation(c).
         """
         active = [o for o in owners if o is not None]
-        chunks = [6 if isinstance(o, DiTBlock) else 2 for o in active]
+        chunks = [(4 if o.wo_shift else 6) if isinstance(o, DiTBlock) else 2 for o in active]
         stock = [stock_adaln(o.adaLN_modulation) for o in active]
         if all(stock) and not transforms_active():
             linears = [o.adaLN_modulation[1] for o in active]
@@ -539,7 +569,7 @@ class DiT(nn.Module):
                 silu_c.requires_grad or any(lin.weight.requires_grad or lin.bias.requires_grad for lin in linears)
             )
             if wants_grad and _projections_batchable(silu_c, linears):
-                mods = iter(ops.adaln_projections(
+                mods = iter(_with_shifts(m) for m in ops.adaln_projections(
                     silu_c, [lin.weight for lin in linears], [lin.bias for lin in linears], chunks,
                     fused=self._adaln_fused if fused_ok else None,
                 ))
@@ -547,9 +577,9 @@ class DiT(nn.Module):
             if not wants_grad and fused_ok:
                 weight, bias = self._adaln_fused
                 flat = F.linear(silu_c, weight, bias).split([lin.out_features for lin in linears], 1)
-                return [m.chunk(k, dim=1) for m, k in zip(flat, chunks)]
+                return [_with_shifts(m.chunk(k, dim=1)) for m, k in zip(flat, chunks)]
         projected = iter(
-            (o.adaLN_modulation[1](silu_c) if st else o.adaLN_modulation(c)).chunk(k, dim=1)
+            _with_shifts((o.adaLN_modulation[1](silu_c) if st else o.adaLN_modulation(c)).chunk(k, dim=1))
             for o, st, k in zip(active, stock, chunks)
         )
         return [next(projected) if o is not None else None for o in owners]
@@ -598,9 +628,8 @@ class DiT(nn.Module):
             # The last block ends with a plain gated residual: ops.final_layer reads x once for norm,
             # modulate, linear and unpatchify.
             nxt = blocks[i + 1] if i + 1 < len(blocks) else None
-            next_mod = None
-            if nxt is not None and engine[i + 1] and stock_layer_norm(nxt.norm1, dim):
-                next_mod = (*mods[i + 1][:2], nxt.norm1.eps)
+            next_norm = norm_kwargs(nxt.norm1, dim) if nxt is not None and engine[i + 1] else None
+            next_mod = None if next_norm is None else (*mods[i + 1][:2], next_norm)
             hooked = has_hooks(block)
             carry = _Carry(c, h, x, mods[i], next_mod, hooked)
             out = self._call_block(i, block, x, c, carry)
@@ -609,16 +638,27 @@ class DiT(nn.Module):
         if not fl_engine:
             return self.unpatchify(fl(x, c))
         shift, scale = mods[-1]
-        if stock_layer_norm(fl.norm_final, dim) and stock_linear(fl.linear) and not transforms_active():
+        final_norm = norm_kwargs(fl.norm_final, dim)
+        if final_norm is not None and stock_linear(fl.linear) and not transforms_active():
+            kwargs = {"eps": final_norm["eps"]}
+            if "weight" in final_norm:
+                kwargs.update(norm=final_norm["norm"], norm_weight=final_norm["weight"])
             return ops.final_layer(x, shift, scale, fl.linear.weight, fl.linear.bias, self.patch_size,
-                                   self.out_channels, fl.norm_final.eps, backend=self.backend)
+                                   self.out_channels, backend=self.backend, **kwargs)
         return self.unpatchify(fl.tokens(x, shift, scale))
 
     def _call_block(self, i, block, x, c, carry=None):
-        kwargs = {} if carry is None else {"carry": carry}
+        """block(x, c) as published (LightningDiT: block(x, c, feat_rope)), with the carry for engine blocks."""
+        args = (x, c, self.feat_rope) if self._passes_rope else (x, c)
+        if carry is not None:
+            if args[-1] is None:  # an engine block takes feat_rope=None by default
+                args = args[:2]
+            kwargs = {"carry": carry}
+        else:
+            kwargs = {}
         if self._checkpointed(i):
-            return checkpoint(block, x, c, use_reentrant=False, **kwargs)
-        return block(x, c, **kwargs)
+            return checkpoint(block, *args, use_reentrant=False, **kwargs)
+        return block(*args, **kwargs)
 
     def initialize_weights(self) -> None:
         """The paper's init, as the published model's method (adaLN and the final layer zeroed)."""
@@ -683,23 +723,44 @@ def _reference_config(model: nn.Module) -> dict:
     p = model.x_embedder.proj.kernel_size[0]
     grid = int(round(model.pos_embed.shape[1] ** 0.5))
     block = model.blocks[0]
-    return dict(
+    swiglu = hasattr(block.mlp, "w12")
+    config = dict(
         input_size=grid * p,
         patch_size=p,
         in_channels=model.x_embedder.proj.in_channels,
         hidden_size=hidden,
         depth=len(model.blocks),
         num_heads=block.attn.num_heads,
-        mlp_ratio=block.mlp.fc1.out_features / hidden,
+        mlp_ratio=_swiglu_ratio(block.mlp.w3.in_features, hidden) if swiglu else block.mlp.fc1.out_features / hidden,
         class_dropout_prob=model.y_embedder.dropout_prob,
         num_classes=model.y_embedder.num_classes,
         learn_sigma=model.out_channels != model.x_embedder.proj.in_channels,
     )
+    if _is_lightning(model):
+        config.update(
+            use_qknorm=not isinstance(block.attn.q_norm, nn.Identity), use_swiglu=swiglu,
+            use_rope=model.feat_rope is not None, use_rmsnorm=type(block.norm1).__name__ == "RMSNorm",
+            wo_shift=block.adaLN_modulation[-1].out_features == 4 * hidden,
+            use_checkpoint=bool(getattr(model, "use_checkpoint", False)),
+        )
+    return config
+
+
+def _is_lightning(model: nn.Module) -> bool:
+    return hasattr(model, "feat_rope") or type(model).__name__ == "LightningDiT"
+
+
+def _swiglu_ratio(hidden_features: int, hidden: int) -> float:
+    """An mlp_ratio whose SwiGLU width (int(2/3 * int(hidden * ratio))) is hidden_features."""
+    for ratio in (4.0, round(1.5 * hidden_features / hidden, 6), (1.5 * hidden_features + 1) / hidden):
+        if swiglu_hidden_size(hidden, ratio) == hidden_features:
+            return ratio
+    raise ValueError(f"no mlp_ratio gives a SwiGLU width of {hidden_features} at hidden_size {hidden}")
 
 
 def from_reference(model: nn.Module, share_weights: bool = False, cls: type | None = None, **kwargs) -> DiT:
     """A fast DiT computing the same function as `model` (a dit_fast.reference.DiT or official instance; a
-    SiT, ours or the official one, gives a fast SiT).
+    SiT or LightningDiT, ours or the official one, gives a fast SiT or LightningDiT).
 
     share_weights=False copies the weights; True makes the fast model use the very same Parameter
     objects (training either trains both). cls picks the fast class (default: SiT for a SiT, else DiT).
@@ -709,18 +770,69 @@ def from_reference(model: nn.Module, share_weights: bool = False, cls: type | No
     ref_param = next(model.parameters())
     if cls is None:
         sit = not getattr(model, "returns_sigma", True) or type(model).__name__ == "SiT"
-        cls = SiT if sit else DiT
+        cls = LightningDiT if _is_lightning(model) else SiT if sit else DiT
     with torch.device("meta"):
         fast = cls(**config, **kwargs)
     if share_weights:
-        for name, param in model.named_parameters():
+        for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
             owner, _, leaf = name.rpartition(".")
-            setattr(fast.get_submodule(owner) if owner else fast, leaf, param)
+            setattr(fast.get_submodule(owner) if owner else fast, leaf, tensor)
     else:
         fast = fast.to_empty(device=ref_param.device).to(ref_param.dtype)
         fast.load_state_dict(model.state_dict(), strict=True)
     fast.train(model.training)
     return fast
+
+
+def _with_shifts(chunks: tuple) -> tuple:
+    """A block's 6 modulations (shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp) from its adaLN
+    chunks; LightningDiT's scale-only 4 (scale_msa, gate_msa, scale_mlp, gate_mlp) get None shifts. The final
+    layer's 2 pass through."""
+    if len(chunks) != 4:
+        return chunks
+    scale_msa, gate_msa, scale_mlp, gate_mlp = chunks
+    return None, scale_msa, gate_msa, None, scale_mlp, gate_mlp
+
+
+class LightningDiT(DiT):
+    """Drop-in fast LightningDiT (dit_fast.reference.LightningDiT has the published calls): the published
+    constructor (in_channels 32, learn_sigma False; use_qknorm, use_swiglu, use_rope, use_rmsnorm, wo_shift,
+    use_checkpoint), state_dict keys (feat_rope's buffers included), forward(x, t, y) and
+    forward_with_cfg(x, t, y, cfg_scale, cfg_interval, cfg_interval_start), on the DiT engine: RMSNorm +
+    adaLN, SwiGLU and QK-norm + 2D RoPE run as fused ops while their modules are stock."""
+
+    returns_sigma = False
+    _passes_rope = True
+
+    def __init__(self, input_size: int = 32, patch_size: int = 2, in_channels: int = 32, hidden_size: int = 1152,
+                 depth: int = 28, num_heads: int = 16, mlp_ratio: float = 4.0, class_dropout_prob: float = 0.1,
+                 num_classes: int = 1000, learn_sigma: bool = False, use_qknorm: bool = False,
+                 use_swiglu: bool = False, use_rope: bool = False, use_rmsnorm: bool = False, wo_shift: bool = False,
+                 use_checkpoint: bool = False, *, backend: str = "auto", attn_backend: str = "auto",
+                 checkpoint_every: int | None = None, batch_adaln: bool = False):
+        check_lightning_config(hidden_size, num_heads, use_rope)
+        self.__dict__["_family_options"] = lightning_family_options(use_qknorm, use_swiglu, use_rope, use_rmsnorm,
+                                                                    wo_shift)
+        if checkpoint_every is None:  # the published use_checkpoint: every block
+            checkpoint_every = 1 if use_checkpoint else 0
+        super().__init__(input_size, patch_size, in_channels, hidden_size, depth, num_heads, mlp_ratio,
+                         class_dropout_prob, num_classes, learn_sigma, backend=backend, attn_backend=attn_backend,
+                         checkpoint_every=checkpoint_every, batch_adaln=batch_adaln)
+        self.use_rope, self.use_rmsnorm, self.use_checkpoint = use_rope, use_rmsnorm, use_checkpoint
+        self.depth, self.hidden_size = depth, hidden_size
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor = None, y: torch.Tensor = None, force_drop_ids=None):
+        return super().forward(x, t, y, force_drop_ids)
+
+    def forward_with_cfg(self, x, t, y, cfg_scale, cfg_interval=None, cfg_interval_start=None):
+        """LightningDiT's guidance (dit_fast.reference.lightning_forward_with_cfg): with cfg_interval True, no
+        guidance while t[0] < cfg_interval_start."""
+        if not isinstance(x, torch.Tensor) or x.dim() == 0 or x.shape[0] % 2:
+            raise ValueError(
+                f"forward_with_cfg needs an even batch (conditional half, then unconditional half), "
+                f"got x of shape {_desc(x)}"
+            )
+        return lightning_forward_with_cfg(self, x, t, y, cfg_scale, cfg_interval, cfg_interval_start)
 
 
 class SiT(DiT):
@@ -732,3 +844,4 @@ class SiT(DiT):
 
 DiT_models = config_table(DiT)
 SiT_models = config_table(SiT, "SiT")
+LightningDiT_models = config_table(LightningDiT, "LightningDiT")

@@ -11,12 +11,18 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from .configs import CONFIGS, LIGHTNING_CONFIGS
+from .lightning_modules import RMSNorm, SwiGLUFFN, VisionRotaryEmbeddingFast, swiglu_hidden_size
 
 __all__ = [
     "DiT",
     "DiT_models",
     "SiT",
     "SiT_models",
+    "LightningDiT",
+    "LightningDiT_models",
     "CONFIGS",
     "get_2d_sincos_pos_embed",
     "timestep_embedding",
@@ -123,38 +129,49 @@ class Attention(nn.Module):
     """timm's Attention as the published DiT builds it (qkv_bias=True, timm >= 1.0): the same submodules
     (q_norm, k_norm, attn_drop, norm, proj_drop; Identity and inactive Dropout by default) and the same
     switch, ``fused_attn``: True (timm's default) runs F.scaled_dot_product_attention, False the explicit
-    softmax, whose probabilities pass through attn_drop (so a hook there sees the attention maps)."""
+    softmax, whose probabilities pass through attn_drop (so a hook there sees the attention maps).
 
-    def __init__(self, dim: int, num_heads: int, attn_drop: float = 0.0, proj_drop: float = 0.0):
+    LightningDiT's variant (``scale_norm_slot=False``): no ``norm`` submodule, q_norm/k_norm from
+    ``qk_norm`` (a factory of a head_dim norm, e.g. RMSNorm), and the rotary embedding passed to forward."""
+
+    def __init__(self, dim: int, num_heads: int, attn_drop: float = 0.0, proj_drop: float = 0.0,
+                 qk_norm=None, scale_norm_slot: bool = True):
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.scale = self.head_dim**-0.5
         self.fused_attn = True
         self.qkv = nn.Linear(dim, dim * 3, bias=True)
-        self.q_norm = nn.Identity()
-        self.k_norm = nn.Identity()
+        self.q_norm = qk_norm(self.head_dim) if qk_norm else nn.Identity()
+        self.k_norm = qk_norm(self.head_dim) if qk_norm else nn.Identity()
         self.attn_drop = nn.Dropout(attn_drop)
-        self.norm = nn.Identity()
+        if scale_norm_slot:
+            self.norm = nn.Identity()
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return attention_published(self, x)
+    def forward(self, x: torch.Tensor, rope=None) -> torch.Tensor:
+        return attention_published(self, x, rope)
 
 
-def attention_published(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The published attention's calls, in order, on any module with timm Attention's attributes."""
+def attention_published(attn: nn.Module, x: torch.Tensor, rope=None) -> torch.Tensor:
+    """The published attention's calls, in order, on any module with timm Attention's attributes (LightningDiT's:
+    the rotary embedding module applied to q and k after their norms; no ``norm`` submodule)."""
     B, L, _ = x.shape
     q, k, v = attn.qkv(x).reshape(B, L, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
     q, k = attn.q_norm(q), attn.k_norm(k)
+    if rope is not None:
+        q, k = rope(q), rope(k)
     if attn.fused_attn:
         p = attn.attn_drop.p if attn.training else 0.0
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
     else:
         scores = (q * attn.scale) @ k.transpose(-2, -1)
         out = attn.attn_drop(scores.softmax(dim=-1)) @ v
-    out = attn.norm(out.transpose(1, 2).reshape(B, L, attn.num_heads * attn.head_dim))
+    out = out.transpose(1, 2).reshape(B, L, attn.num_heads * attn.head_dim)
+    norm = getattr(attn, "norm", None)
+    if norm is not None:
+        out = norm(out)
     return attn.proj_drop(attn.proj(out))
 
 
@@ -179,26 +196,69 @@ def mlp_published(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return mlp.drop2(mlp.fc2(mlp.norm(mlp.drop1(mlp.act(mlp.fc1(x))))))
 
 
-class DiTBlock(nn.Module):
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.attn = Attention(hidden_size, num_heads)
-        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
+def modulate_published(x: torch.Tensor, shift, scale: torch.Tensor) -> torch.Tensor:
+    """modulate with LightningDiT's scale-only case (shift None)."""
+    if shift is None:
+        return x * (1 + scale.unsqueeze(1))
+    return modulate(x, shift, scale)
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
-        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
-        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+
+class DiTBlock(nn.Module):
+    """The published block. DiT/SiT: ``block(x, c)``; LightningDiT's options (RMSNorm, SwiGLU, QK-norm, a
+    scale-only adaLN with 4 chunks) and its ``block(x, c, feat_rope)`` are the same block configured.
+    The fast engine's block builds the same tree from its own Attention and Mlp (attention_cls, mlp_cls)."""
+
+    attention_cls: type = None  # Attention (set below, once the class exists)
+    mlp_cls: type = None  # Mlp
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, *, use_qknorm: bool = False,
+                 use_swiglu: bool = False, use_rmsnorm: bool = False, wo_shift: bool = False,
+                 layout: str = "dit"):
+        super().__init__()
+        # The published module order: DiT's norm1, attn, norm2; LightningDiT's norm1, norm2, attn (no attn.norm).
+        self.norm1 = block_norm(hidden_size, use_rmsnorm)
+        if layout == "lightning":
+            self.norm2 = block_norm(hidden_size, use_rmsnorm)
+        qk_norm = (RMSNorm if use_rmsnorm else nn.LayerNorm) if use_qknorm else None
+        self.attn = self.attention_cls(hidden_size, num_heads, qk_norm=qk_norm, scale_norm_slot=layout == "dit")
+        if layout == "dit":
+            self.norm2 = block_norm(hidden_size, use_rmsnorm)
+        if use_swiglu:
+            self.mlp = SwiGLUFFN(hidden_size, swiglu_hidden_size(hidden_size, mlp_ratio))
+        else:
+            self.mlp = self.mlp_cls(hidden_size, int(hidden_size * mlp_ratio))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, (4 if wo_shift else 6) * hidden_size))
+        self.wo_shift = wo_shift
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor, feat_rope=None) -> torch.Tensor:
+        mods = split_modulations(self.adaLN_modulation(c), self.wo_shift)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods
+        x = x + gate_msa.unsqueeze(1) * self.attn(modulate_published(self.norm1(x), shift_msa, scale_msa),
+                                                  **({} if feat_rope is None else {"rope": feat_rope}))
+        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate_published(self.norm2(x), shift_mlp, scale_mlp))
         return x
 
 
+DiTBlock.attention_cls, DiTBlock.mlp_cls = Attention, Mlp
+
+
+def split_modulations(mods: torch.Tensor, wo_shift: bool) -> tuple:
+    """(shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp) from a block's adaLN output: 6 chunks,
+    or with wo_shift LightningDiT's 4 (scale_msa, gate_msa, scale_mlp, gate_mlp), the shifts None."""
+    if not wo_shift:
+        return mods.chunk(6, dim=1)
+    scale_msa, gate_msa, scale_mlp, gate_mlp = mods.chunk(4, dim=1)
+    return None, scale_msa, gate_msa, None, scale_mlp, gate_mlp
+
+
+def block_norm(hidden_size: int, use_rmsnorm: bool) -> nn.Module:
+    return RMSNorm(hidden_size) if use_rmsnorm else nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+
+
 class FinalLayer(nn.Module):
-    def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int, use_rmsnorm: bool = False):
         super().__init__()
-        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.norm_final = block_norm(hidden_size, use_rmsnorm)
         self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels, bias=True)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=True))
 
@@ -211,6 +271,7 @@ class DiT(nn.Module):
     """Diffusion transformer with adaLN-Zero conditioning, exactly as published."""
 
     returns_sigma = True  # forward's output includes the learned-sigma channels (SiT's does not)
+    _family_options: dict = {}  # build_modules' options (LightningDiT sets its own per instance)
 
     def __init__(
         self,
@@ -239,14 +300,8 @@ class DiT(nn.Module):
         self.input_size = input_size
         self.num_classes = num_classes
 
-        self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size)
-        self.t_embedder = TimestepEmbedder(hidden_size)
-        self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
-        num_patches = self.x_embedder.num_patches
-        # Fixed, but a Parameter so that it is saved in (and loaded from) checkpoints like the original.
-        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, hidden_size), requires_grad=False)
-        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
-        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        build_modules(self, DiTBlock, FinalLayer, input_size, patch_size, in_channels, hidden_size, depth, num_heads,
+                      mlp_ratio, class_dropout_prob, num_classes, **self._family_options)
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
@@ -270,6 +325,86 @@ class DiT(nn.Module):
 
     def forward_with_cfg(self, x, t, y, cfg_scale, guide_all_channels: bool = False):
         return forward_with_cfg(self, x, t, y, cfg_scale, guide_all_channels)
+
+
+def build_modules(model, block_cls, final_cls, input_size, patch_size, in_channels, hidden_size, depth, num_heads,
+                  mlp_ratio, class_dropout_prob, num_classes, use_rope=False, block_options=None,
+                  use_rmsnorm=False) -> None:
+    """The published modules, in the published order (x_embedder, t_embedder, y_embedder, pos_embed, LightningDiT's
+    feat_rope, blocks, final_layer), shared by every family and by the reference and the fast engine."""
+    model.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size)
+    model.t_embedder = TimestepEmbedder(hidden_size)
+    model.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
+    # Fixed, but a Parameter so that it is saved in (and loaded from) checkpoints like the original.
+    model.pos_embed = nn.Parameter(torch.zeros(1, model.x_embedder.num_patches, hidden_size), requires_grad=False)
+    if block_options is not None:  # LightningDiT: feat_rope is a module, or the attribute None
+        grid = input_size // patch_size
+        model.feat_rope = VisionRotaryEmbeddingFast(hidden_size // num_heads // 2, grid) if use_rope else None
+    options = block_options or {}
+    model.blocks = nn.ModuleList([block_cls(hidden_size, num_heads, mlp_ratio, **options) for _ in range(depth)])
+    model.final_layer = final_cls(hidden_size, patch_size, model.out_channels, use_rmsnorm=use_rmsnorm)
+
+
+def lightning_family_options(use_qknorm, use_swiglu, use_rope, use_rmsnorm, wo_shift) -> dict:
+    """build_modules' options for a LightningDiT (both engines' LightningDiT constructors)."""
+    block = dict(use_qknorm=use_qknorm, use_swiglu=use_swiglu, use_rmsnorm=use_rmsnorm, wo_shift=wo_shift,
+                 layout="lightning")
+    return dict(use_rope=use_rope, use_rmsnorm=use_rmsnorm, block_options=block)
+
+
+class LightningDiT(DiT):
+    """LightningDiT (Yao et al.; hustvl/LightningDiT): DiT's engine with RMSNorm, SwiGLU, 2D RoPE, QK-norm and a
+    scale-only adaLN as options; the published constructor (learn_sigma False and in_channels 32 by default),
+    state_dict keys (feat_rope's buffers included), forward and forward_with_cfg (with the CFG interval)."""
+
+    returns_sigma = False
+
+    def __init__(self, input_size: int = 32, patch_size: int = 2, in_channels: int = 32, hidden_size: int = 1152,
+                 depth: int = 28, num_heads: int = 16, mlp_ratio: float = 4.0, class_dropout_prob: float = 0.1,
+                 num_classes: int = 1000, learn_sigma: bool = False, use_qknorm: bool = False,
+                 use_swiglu: bool = False, use_rope: bool = False, use_rmsnorm: bool = False, wo_shift: bool = False,
+                 use_checkpoint: bool = False):
+        check_lightning_config(hidden_size, num_heads, use_rope)
+        self.__dict__["_family_options"] = lightning_family_options(use_qknorm, use_swiglu, use_rope, use_rmsnorm,
+                                                                    wo_shift)
+        super().__init__(input_size, patch_size, in_channels, hidden_size, depth, num_heads, mlp_ratio,
+                         class_dropout_prob, num_classes, learn_sigma)
+        self.use_rope, self.use_rmsnorm, self.use_checkpoint = use_rope, use_rmsnorm, use_checkpoint
+        self.depth, self.hidden_size = depth, hidden_size
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor = None, y: torch.Tensor = None) -> torch.Tensor:
+        x = self.x_embedder(x) + self.pos_embed
+        c = self.t_embedder(t) + self.y_embedder(y, self.training)
+        for block in self.blocks:
+            if self.use_checkpoint:
+                x = checkpoint(block, x, c, self.feat_rope, use_reentrant=True)
+            else:
+                x = block(x, c, self.feat_rope)
+        x = self.final_layer(x, c)
+        return published_output(self, self.unpatchify(x))
+
+    def forward_with_cfg(self, x, t, y, cfg_scale, cfg_interval=None, cfg_interval_start=None):
+        return lightning_forward_with_cfg(self, x, t, y, cfg_scale, cfg_interval, cfg_interval_start)
+
+
+def check_lightning_config(hidden_size: int, num_heads: int, use_rope: bool) -> None:
+    head_dim = hidden_size // num_heads
+    if use_rope and head_dim % 4:
+        raise ValueError(f"use_rope needs head_dim = hidden_size / num_heads divisible by 4 (2D rotary pairs per "
+                         f"axis), got {head_dim}")
+
+
+def lightning_forward_with_cfg(model, x, t, y, cfg_scale, cfg_interval=None, cfg_interval_start=None):
+    """LightningDiT's guidance: DiT's on the first 3 channels; with cfg_interval True, no guidance while
+    t[0] < cfg_interval_start (the whole batch shares one t, as its sampler calls it)."""
+    half = x[: len(x) // 2]
+    out = model.forward(torch.cat([half, half], dim=0), t, y)
+    eps, rest = out[:, :3], out[:, 3:]
+    cond, uncond = torch.split(eps, len(eps) // 2, dim=0)
+    guided = uncond + cfg_scale * (cond - uncond)
+    if cfg_interval is True and t[0] < cfg_interval_start:
+        guided = cond
+    return torch.cat([torch.cat([guided, guided], dim=0), rest], dim=1)
 
 
 class SiT(DiT):
@@ -354,20 +489,11 @@ def initialize_dit_weights(model: nn.Module) -> None:
     nn.init.zeros_(model.final_layer.linear.bias)
 
 
-# name -> (depth, hidden_size, patch_size, num_heads); SiT publishes the same 12 sizes as "SiT-XL/2" etc.
-CONFIGS: dict[str, tuple[int, int, int, int]] = {}
-for _size, (_depth, _hidden, _heads) in {
-    "XL": (28, 1152, 16),
-    "L": (24, 1024, 16),
-    "B": (12, 768, 12),
-    "S": (12, 384, 6),
-}.items():
-    for _p in (2, 4, 8):
-        CONFIGS[f"DiT-{_size}/{_p}"] = (_depth, _hidden, _p, _heads)
-
-
 def _config_factory(cls, name: str, family: str):
-    depth, hidden, patch, heads = CONFIGS["DiT" + name[len(family):]]
+    if family == "LightningDiT":
+        depth, hidden, patch, heads = LIGHTNING_CONFIGS[name]
+    else:
+        depth, hidden, patch, heads = CONFIGS["DiT" + name[len(family):]]
 
     def build(**kwargs):
         return cls(depth=depth, hidden_size=hidden, patch_size=patch, num_heads=heads, **kwargs)
@@ -388,7 +514,7 @@ class ConfigTable(dict):
 
 def config_table(cls, family: str = "DiT") -> ConfigTable:
     """The published name -> constructor table of a family ("DiT-XL/2", or "SiT-XL/2" with family="SiT")."""
-    names = (family + name[len("DiT"):] for name in CONFIGS)
+    names = LIGHTNING_CONFIGS if family == "LightningDiT" else (family + name[len("DiT"):] for name in CONFIGS)
     table = ConfigTable({name: _config_factory(cls, name, family) for name in names})
     table.family = family
     return table
@@ -396,3 +522,4 @@ def config_table(cls, family: str = "DiT") -> ConfigTable:
 
 DiT_models = config_table(DiT)
 SiT_models = config_table(SiT, "SiT")
+LightningDiT_models = config_table(LightningDiT, "LightningDiT")

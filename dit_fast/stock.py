@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch.nn as nn
 from torch.nn.modules import module as _module
 
+from .lightning_modules import RMSNorm, VisionRotaryEmbeddingFast
 from .ops.adaln_projections import functorch_transforms_active
 
 __all__ = [
@@ -26,6 +27,8 @@ __all__ = [
     "stock_silu",
     "stock_adaln",
     "stock_patch_proj",
+    "stock_rms_norm",
+    "stock_rope",
     "transforms_active",
 ]
 
@@ -40,22 +43,31 @@ _GLOBAL_HOOKS = (
 )
 
 
+_FWD, _FWD_PRE, _BWD, _BWD_PRE = _GLOBAL_HOOKS
+
+
 def has_hooks(*modules: nn.Module) -> bool:
     """True when any forward/backward hook (module-level or global) could see or change these calls."""
-    if any(_GLOBAL_HOOKS):
+    if _FWD or _FWD_PRE or _BWD or _BWD_PRE:
         return True
-    return any(
-        m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks for m in modules
-    )
+    for m in modules:
+        if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks:
+            return True
+    return False
 
 
 def plain(m: nn.Module, cls: type) -> bool:
     """m is an instance of exactly cls, with the class's own forward and no hooks."""
-    return type(m) is cls and "forward" not in m.__dict__ and not has_hooks(m)
+    # Written out (no has_hooks call): it runs for every submodule on every forward.
+    return (
+        type(m) is cls and "forward" not in m.__dict__
+        and not (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
+        and not (_FWD or _FWD_PRE or _BWD or _BWD_PRE)
+    )
 
 
 def stock_linear(m: nn.Module, with_bias: bool = True) -> bool:
-    return plain(m, nn.Linear) and (m.bias is not None or not with_bias)
+    return plain(m, nn.Linear) and (not with_bias or m._parameters.get("bias") is not None)
 
 
 def stock_identity(m: nn.Module) -> bool:
@@ -69,7 +81,9 @@ def inactive_dropout(m: nn.Module) -> bool:
 
 def stock_layer_norm(m: nn.Module, dim: int) -> bool:
     """A LayerNorm without affine over the last dim (any eps: the fused ops take it)."""
-    return plain(m, nn.LayerNorm) and m.weight is None and m.bias is None and tuple(m.normalized_shape) == (dim,)
+    params = m._parameters
+    return (plain(m, nn.LayerNorm) and params.get("weight") is None and params.get("bias") is None
+            and m.normalized_shape == (dim,))
 
 
 def stock_tanh_gelu(m: nn.Module) -> bool:
@@ -95,3 +109,14 @@ def stock_patch_proj(m: nn.Module, patch_size: int) -> bool:
         and tuple(m.padding) == (0, 0) and tuple(m.dilation) == (1, 1) and m.groups == 1
         and m.padding_mode == "zeros"
     )
+
+
+def stock_rms_norm(m: nn.Module, dim: int) -> bool:
+    """LightningDiT's RMSNorm (dit_fast.lightning_modules.RMSNorm) over the last dim, with its gain."""
+    weight = getattr(m, "weight", None)
+    return plain(m, RMSNorm) and weight is not None and tuple(weight.shape) == (dim,)
+
+
+def stock_rope(m: nn.Module) -> bool:
+    """LightningDiT's 2D rotary embedding module (its freqs_cos / freqs_sin buffers are read by the fused op)."""
+    return plain(m, VisionRotaryEmbeddingFast)

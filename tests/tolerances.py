@@ -43,3 +43,14 @@ def assert_close(out, ref, dtype, eager_lowp=None, name: str = "out") -> float:
 def poison_(t: torch.Tensor) -> torch.Tensor:
     """Fill with NaN so that any element a kernel forgets to write fails the check."""
     return t.fill_(float("nan"))
+
+
+MODEL_GRAD_RTOL = 1e-4  # parameter gradients of a whole model in fp32 (many more roundings than its output)
+
+
+def assert_same_grads(fast: torch.nn.Module, ref: torch.nn.Module, rtol: float = MODEL_GRAD_RTOL) -> None:
+    """Every parameter gradient of `fast` equals `ref`'s (the same parameter order: same module tree)."""
+    for (name, p), q in zip(fast.named_parameters(), ref.parameters()):
+        if q.grad is not None:
+            err = rel_err(p.grad, q.grad)
+            assert err < rtol, f"grad of {name}: relative error {err:.2e}"
