@@ -13,6 +13,12 @@ training applies them afresh every epoch.
 
 Out: OUT/latents_rRR_KKKKK.pt, dicts {"latents": float32 [N, C, h, w], "labels": int64 [N]} written
 atomically with torch.save (train.py and dit_fast.data read them with torch.load(weights_only=True)).
+
+LightningDiT trains on unscaled latents normalized per channel (its VA-VAE as a diffusers
+AutoencoderKL: --latent-scale 1): --latent-stats also writes OUT/latents_stats.pt, the published
+file ({"mean": [1, C, 1, 1], "std": [1, C, 1, 1]}, computed as the published code does:
+dit_fast.data.compute_latent_stats) that train.py --latent-stats reads. Under torchrun, run
+`extract_latents.py --stats-only --out OUT` once every rank has finished.
 """
 from __future__ import annotations
 
@@ -31,7 +37,7 @@ LATENT_SCALE = 0.18215
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", required=True, help="image folder: one subfolder per class")
+    p.add_argument("--data", default=None, help="image folder: one subfolder per class (required unless --stats-only)")
     p.add_argument("--out", required=True, help="output directory for the latent shards")
     p.add_argument("--vae", default="ema",
                    help="AutoencoderKL: local dir, HF cache name, 'ema' or 'mse'; never downloaded")
@@ -42,7 +48,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-flip", action="store_true", help="no random horizontal flip")
     p.add_argument("--device", default=None)
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--latent-scale", type=float, default=LATENT_SCALE,
+                   help="latents = sample * this (SD VAE for DiT/SiT: 0.18215; LightningDiT's VA-VAE: 1)")
+    p.add_argument("--latent-stats", action="store_true",
+                   help="also write OUT/latents_stats.pt (per-channel mean/std, LightningDiT's latent norm)")
+    p.add_argument("--stats-only", action="store_true",
+                   help="only write OUT/latents_stats.pt from the shards already in OUT")
     args = p.parse_args(argv)
+    if args.data is None and not args.stats_only:
+        p.error("--data is required (unless --stats-only)")
+    if not (np.isfinite(args.latent_scale) and args.latent_scale > 0):
+        p.error(f"--latent-scale must be a finite number > 0, got {args.latent_scale}")
     for name in ("image_size", "batch_size", "shard_size"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
@@ -145,7 +161,7 @@ def extract(args) -> int:
         x = torch.stack([load_image(items[i][0], args.image_size, bool(flips[i])) for i in idx]).to(device)
         posterior = vae.encode(x.to(vae.dtype)).latent_dist
         # latent_dist.sample(generator=...) draws mean + std * randn, seeded here for reproducibility
-        z = posterior.sample(generator=gen).float() * LATENT_SCALE
+        z = posterior.sample(generator=gen).float() * args.latent_scale
         pending_lat.append(z.cpu())
         pending_lab.append(torch.tensor([items[i][1] for i in idx], dtype=torch.int64))
         if sum(len(t) for t in pending_lab) >= args.shard_size:
@@ -156,11 +172,47 @@ def extract(args) -> int:
     if bar is not None:
         bar.close()
     print(f"rank {rank}: {len(mine)} images of {len(classes)} classes -> {shard} shard(s) in {out}", file=sys.stderr)
+    if args.latent_stats:
+        if world > 1:
+            print(f"--latent-stats: {world} ranks write shards; once all have finished, run "
+                  f"extract_latents.py --stats-only --out {out}", file=sys.stderr)
+        else:
+            write_latent_stats(out)
     return 0
 
 
+def write_latent_stats(out: Path) -> Path:
+    """OUT/latents_stats.pt from the shards in OUT (their shape read off the first shard, the classes off
+    classes.json), written atomically."""
+    from dit_fast.data import STATS_FILE_NAME, InvalidShardError, LatentShards, compute_latent_stats
+
+    shards = sorted(p for p in out.glob("*.pt") if p.name != STATS_FILE_NAME)
+    if not shards:
+        raise SystemExit(f"--latent-stats: no latent shards (*.pt) in {out}")
+    if not (out / "classes.json").is_file():
+        raise SystemExit(f"--latent-stats: {out / 'classes.json'} is missing (the extraction writes it)")
+    num_classes = len(json.loads((out / "classes.json").read_text()))
+    first = torch.load(shards[0], map_location="cpu", weights_only=True)
+    if not (isinstance(first, dict) and isinstance(first.get("latents"), torch.Tensor) and first["latents"].dim() == 4):
+        raise SystemExit(f"--latent-stats: {shards[0]} is not a latent shard")
+    try:
+        data = LatentShards(out, latent_shape=tuple(first["latents"].shape[1:]), num_classes=num_classes)
+    except (InvalidShardError, FileNotFoundError) as e:
+        raise SystemExit(f"--latent-stats: {e}") from None
+    stats = compute_latent_stats(data)
+    path = out / STATS_FILE_NAME
+    stats.save(path)
+    print(f"wrote {path}: mean and std of {stats.channels} channels over {min(len(data), 10_000)} latents",
+          file=sys.stderr)
+    return path
+
+
 def main(argv=None) -> int:
-    return extract(parse_args(argv))
+    args = parse_args(argv)
+    if args.stats_only:
+        write_latent_stats(Path(args.out))
+        return 0
+    return extract(args)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,11 @@
 #   install     pip install --no-build-isolation --no-deps -e .  (builds dit_fast._C for this GPU's arch only)
 #   info        python -m dit_fast.info
 #   train       DiT-XL/2 256px training step at B=32, then B=64: reference (SDPA, as users run it), reference-math,
-#               dit_fast, torch.compile(reference); each contender alone in memory, peak memory per contender
+#               dit_fast, torch.compile(reference); interleaved rounds on ONE shared model + AdamW state, peak
+#               memory per contender
+#   train_lightning  LightningDiT-XL/1 (the recipe: SwiGLU, RoPE, RMSNorm; 16x16x32 latents) training step at B=32
+#               with its objective (transport, cosine loss, logit-normal t): dit_fast against the published model
+#               as its authors run it (torch.compile per block, embedder and final layer) and eager
 #   fwd_cfg     forward and CFG at B=256: the same contenders, eager first, compiled last
 #   sampling    one 256px image, CFG, 25 steps: the published loop on the reference vs dit_fast.sample with and
 #               without CUDA graphs (ms per step; x10 for the published 250 steps)
@@ -36,7 +40,7 @@ OUTDIR=""
 for arg in "$@"; do
   case "$arg" in
     --dry-run) DRY=1 ;;
-    -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,34p' "$0"; exit 0 ;;
     *) OUTDIR="$arg" ;;
   esac
 done
@@ -51,8 +55,9 @@ DET="$OUTDIR/details"
 export PYTHONUNBUFFERED=1
 T0=$(date +%s)
 
-# Stage limits in seconds. Install + every stage at its limit = 410 s; gpu_tests gets what is left of the
-# budget (at least 10 s), so the whole run ends within GPU_CHECK_BUDGET (420 s = 7 minutes).
+# Stage limits in seconds. Install + every stage at its limit = 403 s (388 without install_noext, which runs
+# only when the extension build failed); gpu_tests gets what is left of the budget (at least 10 s), so the
+# whole run ends within GPU_CHECK_BUDGET (420 s = 7 minutes).
 BUDGET=${GPU_CHECK_BUDGET:-420}
 SCALE=1
 [ "$DRY" = "1" ] && SCALE=4  # a busy 2-core CPU machine: imports alone take seconds
@@ -60,13 +65,14 @@ lim() { local var="GPU_CHECK_T_$1"; echo "${!var:-$(( $2 * SCALE ))}"; }
 t_install=$(lim INSTALL 85)
 t_install_noext=$(lim INSTALL_NOEXT 15)
 t_info=$(lim INFO 8)
-t_train=$(lim TRAIN 135)
-t_fwd_cfg=$(lim FWD_CFG 40)
-t_sampling=$(lim SAMPLING 20)
-t_kernels=$(lim KERNELS 20)
-t_parity=$(lim PARITY 15)
-t_profile=$(lim PROFILE 15)
-t_max_batch=$(lim MAX_BATCH 30)
+t_train=$(lim TRAIN 120)
+t_train_lightning=$(lim TRAIN_LIGHTNING 60)
+t_fwd_cfg=$(lim FWD_CFG 30)
+t_sampling=$(lim SAMPLING 15)
+t_kernels=$(lim KERNELS 15)
+t_parity=$(lim PARITY 10)
+t_profile=$(lim PROFILE 10)
+t_max_batch=$(lim MAX_BATCH 15)
 t_roofline=$(lim ROOFLINE 10)
 t_report=$(lim REPORT 10)
 t_gpu_tests=${GPU_CHECK_T_GPU_TESTS:-}
@@ -79,6 +85,8 @@ if [ "$DRY" = "1" ]; then
   COMMON=(--device cpu --model DiT-S/2 --input-size 8 --depth 1 --no-progress)
   TRAIN_ARGS=(--batch 2 --warmup 0 --iters "$DRY_ITERS" --contender "reference,reference-math,dit_fast[torch]"
               --backend torch)
+  LIGHTNING_ARGS=(--model LightningDiT-B/1 --input-size 4 --batch 2 --warmup 0 --iters "$DRY_ITERS"
+                  --contender "reference,dit_fast[torch]" --backend torch)
   FWD_CFG_ARGS=(--batch 2 --warmup 0 --iters "$DRY_ITERS" --backend torch)
   SAMPLING_ARGS=(--sample-steps 2 --batch 1 --iters "$DRY_ITERS" --backend torch)
   KERNEL_ARGS=(--op gated_residual_adaln --batch 2 --iters 1 --rounds "$DRY_ITERS")
@@ -95,6 +103,9 @@ else
   # training step first thing in its own process (no forward compile ahead of it)
   TRAIN_ARGS=(--batch 32,64 --compile --warmup 2 --iters 8
               --contender "reference,dit_fast[auto],reference-math,reference+compile" --backend auto)
+  # LightningDiT-XL/1 as its authors train it (reference+compile-blocks) against dit_fast, B=32, one compile
+  LIGHTNING_ARGS=(--model LightningDiT-XL/1 --batch 32 --compile --warmup 2 --iters 6
+                  --contender "reference,dit_fast[auto],reference+compile-blocks" --backend auto)
   FWD_CFG_ARGS=(--batch 256 --compile --warmup 2 --iters 8 --contender "reference,dit_fast[auto],reference+compile"
                 --backend auto)
   SAMPLING_ARGS=(--sample-steps 25 --batch 1 --iters 2)
@@ -160,6 +171,8 @@ fi
 
 stage info "$t_info" "$PY" -m dit_fast.info
 stage train "$t_train" "$PY" -m dit_fast throughput --mode train "${COMMON[@]}" "${TRAIN_ARGS[@]}" --out "$DET/train"
+stage train_lightning "$t_train_lightning" "$PY" -m dit_fast throughput --mode train "${COMMON[@]}" \
+  "${LIGHTNING_ARGS[@]}" --out "$DET/train_lightning"
 stage fwd_cfg "$t_fwd_cfg" "$PY" -m dit_fast throughput --mode fwd,cfg "${COMMON[@]}" "${FWD_CFG_ARGS[@]}" \
   --out "$DET/fwd_cfg"
 stage sampling "$t_sampling" "$PY" -m dit_fast throughput --mode sample "${COMMON[@]}" "${SAMPLING_ARGS[@]}" \
@@ -186,7 +199,7 @@ stage gpu_tests "$t_gpu_tests" bash -c "$PYTEST_OK5" "$PY" "${GPU_TEST_ARGS[@]}"
 # -- report: one merged results file (from the JSON, so stages cut by their limit count too) -----------
 shopt -s nullglob
 JSONS=()
-for what in train fwd_cfg sampling kernels parity profile max_batch; do
+for what in train train_lightning fwd_cfg sampling kernels parity profile max_batch; do
   for f in "$DET/$what"/*.json; do
     # a -partial file whose stage then finished is superseded by the complete one
     case "$f" in *-partial.json) [ -e "${f%-partial.json}.json" ] && continue ;; esac

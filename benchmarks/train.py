@@ -1,4 +1,4 @@
-"""Train a fast DiT or SiT with the published recipe, on synthetic or pre-extracted VAE latents.
+"""Train a fast DiT, SiT or LightningDiT with the published recipe, on synthetic or pre-extracted VAE latents.
 
 Recipe (Peebles & Xie): AdamW, lr 1e-4, weight decay 0, global batch 256, EMA of the weights
 with decay 0.9999 updated every step; here with bf16 autocast. The loss is the published hybrid
@@ -20,6 +20,22 @@ t; t logit-normal from NumPy's global generator) come from the global generators
 seeds from (seed, step, rank). The objective a checkpoint was trained with is in its "args"; a resume
 with another objective (another family, path, prediction, weighting, eps, cosine loss or t sampling)
 is refused.
+
+LightningDiT models (LightningDiT-B/1 ... LightningDiT-1p6B/2) run the published recipe by default
+(hustvl/LightningDiT configs/lightningdit_xl_vavae_f16d32.yaml and train.py): the XL/1 recipe's model
+(--use-swiglu --use-rope --use-rmsnorm, no QK-norm, shift kept: --[no-]use-qknorm, --[no-]wo-shift etc.
+change them), the SiT transport with Linear path, velocity, logit-normal t and the cosine loss added to
+the MSE (--no-use-lognorm, --no-use-cosine-loss), AdamW lr 2e-4, weight decay 0, betas (0.9, 0.95)
+(--lr, --weight-decay, --beta2), global batch 1024, 80k steps, EMA 0.9999 every step, VA-VAE f16d32
+latents (--downsample-ratio 16, --in-channels 32). The published train.py clips gradients only when its
+config sets optimizer.max_grad_norm, which none of the published configs does: --max-grad-norm N turns it
+on (torch.nn.utils.clip_grad_norm_, after the non-finite check). The latents are normalized per channel
+as the published data set does, x -> (x - mean) / std * --latent-multiplier (1.0), with the statistics of
+--latent-stats FILE (the published latents_stats.pt, torch.save({"mean": [1, C, 1, 1], "std": ...}), or
+a .pt/.safetensors of [C] tensors: dit_fast.data.LatentStats), required with --data ('none': the
+latents as they are); a file with another channel count is refused. The statistics' digest is in the
+checkpoint's args: a resume with other statistics is refused as another objective. Experiment
+directories are NNN-LightningDiT-XL-1.
 
 --data: a directory of latent shards, used as-is (scale them as the sampler expects, e.g. x0.18215):
   *.pt   dicts {"latents": [N, C, H, W], "labels": [N]} (read with torch.load(weights_only=True));
@@ -60,7 +76,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from dit_fast import DiT_models, SiT_models
+from dit_fast import DiT_models, LightningDiT_models, SiT_models
 from dit_fast.atomic import remove_stale_temporaries
 from dit_fast.checkpoint import (
     UnsafeCheckpointError,
@@ -68,7 +84,7 @@ from dit_fast.checkpoint import (
     newest_training_checkpoint,
     torch_save_atomic,
 )
-from dit_fast.data import CHECK_MODES, InvalidShardError, LatentShards
+from dit_fast.data import CHECK_MODES, InvalidShardError, LatentShards, LatentStats
 from dit_fast.diffusion import create_diffusion
 from dit_fast.transport import LOSS_WEIGHTS, PATH_TYPES, PREDICTIONS, Transport, create_transport
 
@@ -76,16 +92,43 @@ AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 # A learning rate above this is a typo (1e39 for 1e-3.9?): AdamW moves each weight by about lr per step.
 MAX_LR = 1.0
 EXPERIMENT_DIR = re.compile(r"^(\d{3,})-(.+)$")
-# The published optimizer settings; --lr / --weight-decay override them (on --resume: the checkpoint's).
+# The published optimizer settings; --lr / --weight-decay / --beta2 override them (on --resume: the checkpoint's).
 RECIPE_OPTIMIZER = {"lr": 1e-4, "weight_decay": 0.0}
 # The SiT objective's settings (argparse dest -> the published default); a DiT run refuses every one.
 TRANSPORT_OPTIONS = {"path_type": "Linear", "prediction": "velocity", "loss_weight": None, "train_eps": None,
                      "sample_eps": None, "use_cosine_loss": False, "use_lognorm": False}
 DIT_OBJECTIVE = "DDPM hybrid loss (dit_fast.diffusion, 1000 linear steps)"
+# Each family's published recipe (argparse dest -> default where the option is not given). DiT and SiT:
+# Peebles & Xie / Ma et al. (AdamW betas (0.9, 0.999), the SD VAE's 8x latents with 4 channels).
+# LightningDiT: hustvl/LightningDiT configs/lightningdit_xl_vavae_f16d32.yaml with its train.py: AdamW
+# lr 2e-4, weight decay 0, betas (0.9, 0.95), global batch 1024, 80k steps, checkpoints every 20k, the
+# VA-VAE f16d32 latents (16x, 32 channels), cosine loss and logit-normal t.
+FAMILY_RECIPES = {
+    "DiT": dict(lr=1e-4, weight_decay=0.0, beta2=0.999, global_batch_size=256, max_steps=400_000,
+                ckpt_every=50_000, downsample_ratio=8, in_channels=4),
+    "LightningDiT": dict(lr=2e-4, weight_decay=0.0, beta2=0.95, global_batch_size=1024, max_steps=80_000,
+                         ckpt_every=20_000, downsample_ratio=16, in_channels=32, use_cosine_loss=True,
+                         use_lognorm=True),
+}
+FAMILY_RECIPES["SiT"] = FAMILY_RECIPES["DiT"]
+# LightningDiT's model options (argparse dest -> the XL/1 recipe's value); a DiT or SiT run refuses them.
+LIGHTNING_MODEL_OPTIONS = {"use_qknorm": False, "use_swiglu": True, "use_rope": True, "use_rmsnorm": True,
+                           "wo_shift": False}
+ADAM_BETA1 = 0.9  # every published recipe's
+
+
+def family(model: str) -> str:
+    """"DiT", "SiT" or "LightningDiT", from the model name."""
+    return model.split("-", 1)[0]
 
 
 def is_sit(model: str) -> bool:
-    return model.startswith("SiT-")
+    """Trained with the transport objective: a SiT or a LightningDiT."""
+    return family(model) in ("SiT", "LightningDiT")
+
+
+def is_lightning(model: str) -> bool:
+    return family(model) == "LightningDiT"
 
 
 def _none_or_str(text: str) -> str | None:
@@ -104,9 +147,14 @@ def _positive_int(text: str) -> int:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="DiT-XL/2", choices=sorted(DiT_models) + sorted(SiT_models))
+    p.add_argument("--model", default="DiT-XL/2",
+                   choices=sorted(DiT_models) + sorted(SiT_models) + sorted(LightningDiT_models))
     p.add_argument("--image-size", type=_positive_int, default=256,
-                   help="pixels; latents are image-size/8 (the SD VAE)")
+                   help="pixels; latents are image-size / --downsample-ratio")
+    p.add_argument("--downsample-ratio", type=_positive_int, default=None,
+                   help="the VAE's factor: 8 (SD VAE; DiT, SiT) or 16 (VA-VAE f16d32; LightningDiT)")
+    p.add_argument("--in-channels", type=_positive_int, default=None,
+                   help="latent channels: 4 (SD VAE; DiT, SiT) or 32 (VA-VAE f16d32; LightningDiT)")
     p.add_argument("--num-classes", type=int, default=1000)
     p.add_argument("--depth", type=int, default=None, help="override the config's depth (small test models)")
     p.add_argument("--hidden-size", type=int, default=None, help="override the config's hidden size")
@@ -114,11 +162,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data", default=None, help="directory of latent shards (default: synthetic latents)")
     p.add_argument("--check-data", choices=CHECK_MODES, default="sample",
                    help="finite-value check of --data when opening: a sample of rows per shard, or all rows")
-    p.add_argument("--global-batch-size", type=_positive_int, default=256)
-    p.add_argument("--lr", type=float, default=None, help="default 1e-4; on --resume: the checkpoint's")
+    p.add_argument("--latent-stats", default=None,
+                   help="per-channel mean/std file (.pt as the published latents_stats.pt, or .safetensors): "
+                        "every batch is normalized (x - mean) / std * --latent-multiplier; required for "
+                        "LightningDiT with --data ('none': train on the latents as they are)")
+    p.add_argument("--latent-multiplier", type=float, default=1.0, help="after normalizing (published: 1.0)")
+    p.add_argument("--global-batch-size", type=_positive_int, default=None, help="default 256 (LightningDiT 1024)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="default 1e-4 (LightningDiT 2e-4); on --resume: the checkpoint's")
     p.add_argument("--weight-decay", type=float, default=None, help="default 0; on --resume: the checkpoint's")
+    p.add_argument("--beta2", type=float, default=None,
+                   help="AdamW beta2: default 0.999 (LightningDiT 0.95); on --resume: the checkpoint's")
+    p.add_argument("--max-grad-norm", type=float, default=None,
+                   help="clip the gradients' total L2 norm to this (torch.nn.utils.clip_grad_norm_); default off, "
+                        "as in every published recipe (LightningDiT's train.py clips only when its config sets "
+                        "optimizer.max_grad_norm, which none of its published configs does)")
     p.add_argument("--ema-decay", type=float, default=0.9999)
-    p.add_argument("--max-steps", type=int, default=400_000)
+    p.add_argument("--max-steps", type=int, default=None, help="default 400k (LightningDiT 80k)")
     p.add_argument("--precision", choices=sorted(AUTOCAST), default="bf16", help="autocast dtype (weights stay fp32)")
     p.add_argument("--backend", default="auto", help="fused-op kernels: auto | triton | ext | torch")
     p.add_argument("--attn-backend", default="auto",
@@ -127,7 +187,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="activation checkpointing: every k-th block (0 = off)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--results-dir", default="results")
-    p.add_argument("--ckpt-every", type=_positive_int, default=50_000)
+    p.add_argument("--ckpt-every", type=_positive_int, default=None, help="default 50k (LightningDiT 20k)")
     p.add_argument("--log-every", type=_positive_int, default=100)
     p.add_argument("--resume", default=None,
                    help="a checkpoint .pt, a directory of them (the newest that loads), an experiment or "
@@ -135,25 +195,43 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
-    t = p.add_argument_group("SiT models: the transport (published SiT train.py / LightningDiT options)")
+    m = p.add_argument_group("LightningDiT models (default: the XL/1 recipe's SwiGLU, RoPE, RMSNorm)")
+    for name in LIGHTNING_MODEL_OPTIONS:
+        m.add_argument("--" + name.replace("_", "-"), action=argparse.BooleanOptionalAction, default=None,
+                       help=f"default {'on' if LIGHTNING_MODEL_OPTIONS[name] else 'off'}")
+    t = p.add_argument_group("SiT and LightningDiT models: the transport (published SiT train.py / LightningDiT "
+                             "options)")
     t.add_argument("--path-type", choices=list(PATH_TYPES), default=None, help="default Linear")
     t.add_argument("--prediction", choices=list(PREDICTIONS), default=None, help="default velocity")
     t.add_argument("--loss-weight", type=_none_or_str, choices=list(LOSS_WEIGHTS), default="unset",
                    help="velocity | likelihood | None (default): weighting of the noise and score losses")
     t.add_argument("--train-eps", type=float, default=None)
     t.add_argument("--sample-eps", type=float, default=None)
-    t.add_argument("--use-cosine-loss", action="store_true", default=None,
-                   help="LightningDiT: add 1 - cos(pred, target) over channels (velocity prediction)")
-    t.add_argument("--use-lognorm", action="store_true", default=None, help="LightningDiT: logit-normal t")
+    t.add_argument("--use-cosine-loss", action=argparse.BooleanOptionalAction, default=None,
+                   help="add 1 - cos(pred, target) over channels (velocity prediction); default on for "
+                        "LightningDiT, off for SiT")
+    t.add_argument("--use-lognorm", action=argparse.BooleanOptionalAction, default=None,
+                   help="logit-normal t; default on for LightningDiT, off for SiT")
     args = p.parse_args(argv)
+    recipe = FAMILY_RECIPES[family(args.model)]
+    for name in ("global_batch_size", "max_steps", "ckpt_every", "downsample_ratio", "in_channels"):
+        if getattr(args, name) is None:
+            setattr(args, name, recipe[name])
     given = [d for d in TRANSPORT_OPTIONS if getattr(args, d) not in (None, "unset")]
     if not is_sit(args.model) and given:
         p.error(f"{', '.join('--' + d.replace('_', '-') for d in given)}: SiT (transport) options, but "
                 f"--model {args.model} is a DiT (trained with the {DIT_OBJECTIVE})")
+    model_options = [d for d in LIGHTNING_MODEL_OPTIONS if getattr(args, d) is not None]
+    if not is_lightning(args.model) and model_options:
+        p.error(f"{', '.join('--' + d.replace('_', '-') for d in model_options)}: LightningDiT model options, but "
+                f"--model is {args.model}")
+    for name, default in LIGHTNING_MODEL_OPTIONS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, default if is_lightning(args.model) else None)
     if is_sit(args.model):
         for name, default in TRANSPORT_OPTIONS.items():
             if getattr(args, name) in (None, "unset"):
-                setattr(args, name, default)
+                setattr(args, name, recipe.get(name, default))
         for name in ("train_eps", "sample_eps"):
             value = getattr(args, name)
             if value is not None and not (math.isfinite(value) and 0 <= value < 1):
@@ -170,6 +248,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--lr must be a finite number in (0, {MAX_LR:g}] (the recipe's is 1e-4), got {args.lr}")
     if args.weight_decay is not None and not (math.isfinite(args.weight_decay) and args.weight_decay >= 0):
         p.error(f"--weight-decay must be a finite number >= 0, got {args.weight_decay}")
+    if args.beta2 is not None and not (math.isfinite(args.beta2) and 0 <= args.beta2 < 1):
+        p.error(f"--beta2 must be a number in [0, 1), got {args.beta2}")
+    if args.max_grad_norm is not None and not (math.isfinite(args.max_grad_norm) and args.max_grad_norm > 0):
+        p.error(f"--max-grad-norm must be a finite number > 0, got {args.max_grad_norm}")
+    if not (math.isfinite(args.latent_multiplier) and args.latent_multiplier > 0):
+        p.error(f"--latent-multiplier must be a finite number > 0, got {args.latent_multiplier}")
     if not (math.isfinite(args.ema_decay) and 0 <= args.ema_decay <= 1):
         p.error(f"--ema-decay must be a number in [0, 1], got {args.ema_decay}")
     if args.max_steps < 0:
@@ -215,9 +299,12 @@ def objective_of(run_args) -> dict:
     if isinstance(run_args, argparse.Namespace):
         run_args = vars(run_args)
     model = str(run_args.get("model", "DiT-"))
+    # The latents' normalization (--latent-stats): training on other statistics is another objective.
+    latent_norm = {"latent_norm": run_args.get("latent_stats_sha256")}
     if not is_sit(model):
-        return {"objective": DIT_OBJECTIVE}
-    return {"objective": "SiT transport"} | {k: run_args.get(k, "(not recorded)") for k in TRANSPORT_OPTIONS}
+        return {"objective": DIT_OBJECTIVE} | latent_norm
+    return ({"objective": "SiT transport"} | {k: run_args.get(k, "(not recorded)") for k in TRANSPORT_OPTIONS}
+            | latent_norm)
 
 
 # -- data ------------------------------------------------------------------------------------------
@@ -246,6 +333,26 @@ def open_data(args, model) -> SyntheticLatents | LatentShards:
         raise SystemExit(f"--data: {e}") from None
 
 
+def open_latent_stats(args, model) -> LatentStats | None:
+    """The --latent-stats (checked against the model's channels) or None; records its digest in args.
+    A LightningDiT run on --data needs them (its recipe trains on normalized latents): say so, or 'none'."""
+    spec = args.latent_stats
+    args.latent_stats_sha256 = None
+    if spec is None and is_lightning(args.model) and args.data:
+        raise SystemExit(f"--latent-stats: --model {args.model} trains on latents normalized per channel (the "
+                         "published recipe's latent_norm): pass --latent-stats FILE (the published latents_stats.pt, "
+                         "or a .pt/.safetensors of 'mean' and 'std' per channel), or --latent-stats none to train on "
+                         "the --data latents as they are")
+    if spec is None or spec == "none":
+        return None
+    try:
+        stats = LatentStats.load(spec, channels=model.in_channels, multiplier=args.latent_multiplier)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"--latent-stats: {e}") from None
+    args.latent_stats_sha256 = stats.digest()
+    return stats
+
+
 # -- checkpoints -----------------------------------------------------------------------------------
 
 
@@ -260,7 +367,8 @@ def experiment_name(model: str, transport: dict | None = None) -> str:
 
 
 def transport_of(args) -> dict | None:
-    return {k: getattr(args, k) for k in TRANSPORT_OPTIONS} if is_sit(args.model) else None
+    """The transport in a SiT run's experiment name (LightningDiT's published runs are named by model)."""
+    return {k: getattr(args, k) for k in TRANSPORT_OPTIONS} if family(args.model) == "SiT" else None
 
 
 def create_experiment_dir(results_dir, model: str, transport: dict | None = None) -> Path:
@@ -402,7 +510,8 @@ def apply_optimizer_settings(opt: torch.optim.Optimizer, settings: dict) -> list
     for name, value in settings.items():
         if value is None:
             continue
-        before = sorted({group[name] for group in opt.param_groups})
+        # tuple(): betas restored from a checkpoint may be a list
+        before = sorted({tuple(g[name]) if isinstance(g[name], list) else g[name] for g in opt.param_groups})
         for group in opt.param_groups:
             group[name] = value
         if before != [value]:
@@ -436,19 +545,32 @@ def plain_args(args: argparse.Namespace) -> dict:
 def build_model(args, device) -> torch.nn.Module:
     overrides = {k: v for k, v in (("depth", args.depth), ("hidden_size", args.hidden_size),
                                    ("num_heads", args.num_heads)) if v}
-    if overrides:
+    if is_lightning(args.model):
+        from dit_fast.configs import LIGHTNING_CONFIGS
+        from dit_fast.models import LightningDiT
+
+        depth, hidden, patch, heads = LIGHTNING_CONFIGS[args.model]
+        config = dict(depth=depth, hidden_size=hidden, patch_size=patch, num_heads=heads) | overrides
+        model = LightningDiT(input_size=args.image_size // args.downsample_ratio, num_classes=args.num_classes,
+                             in_channels=args.in_channels, **config,
+                             **{k: getattr(args, k) for k in LIGHTNING_MODEL_OPTIONS},
+                             backend=args.backend, attn_backend=args.attn_backend,
+                             checkpoint_every=args.checkpoint_every)
+    elif overrides:
         from dit_fast.models import DiT, SiT
         from dit_fast.reference import CONFIGS
 
         depth, hidden, patch, heads = CONFIGS["DiT-" + args.model.split("-", 1)[1]]
         config = dict(depth=depth, hidden_size=hidden, patch_size=patch, num_heads=heads) | overrides
         cls = SiT if is_sit(args.model) else DiT
-        model = cls(input_size=args.image_size // 8, num_classes=args.num_classes, **config,
+        model = cls(input_size=args.image_size // args.downsample_ratio, num_classes=args.num_classes,
+                    in_channels=args.in_channels, **config,
                     backend=args.backend, attn_backend=args.attn_backend, checkpoint_every=args.checkpoint_every)
     else:
         table = SiT_models if is_sit(args.model) else DiT_models
         model = table[args.model](
-            input_size=args.image_size // 8, num_classes=args.num_classes,
+            input_size=args.image_size // args.downsample_ratio, num_classes=args.num_classes,
+            in_channels=args.in_channels,
             backend=args.backend, attn_backend=args.attn_backend, checkpoint_every=args.checkpoint_every,
         )
     return model.to(device)
@@ -456,8 +578,9 @@ def build_model(args, device) -> torch.nn.Module:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    if args.image_size % 8:
-        raise SystemExit(f"--image-size must be a multiple of 8 (the VAE's factor), got {args.image_size}")
+    if args.image_size % args.downsample_ratio:
+        raise SystemExit(f"--image-size must be a multiple of {args.downsample_ratio} (--downsample-ratio, the "
+                         f"VAE's factor), got {args.image_size}")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     say = print if rank == 0 else (lambda *a, **k: None)
@@ -477,10 +600,14 @@ def main(argv=None) -> dict:
     torch.manual_seed(args.seed)  # the same initial weights on every rank
     model = build_model(args, device)
     data = open_data(args, model)  # validated before any training or resuming
+    stats = open_latent_stats(args, model)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
-    optimizer_settings = {name: getattr(args, name) for name in RECIPE_OPTIMIZER}
-    opt = torch.optim.AdamW(model.parameters(), **{k: v if v is not None else RECIPE_OPTIMIZER[k]
-                                                   for k, v in optimizer_settings.items()})
+    recipe = FAMILY_RECIPES[family(args.model)]
+    optimizer_settings = {"lr": args.lr, "weight_decay": args.weight_decay,
+                          "betas": None if args.beta2 is None else (ADAM_BETA1, args.beta2)}
+    opt = torch.optim.AdamW(model.parameters(), lr=recipe["lr"], weight_decay=recipe["weight_decay"],
+                            betas=(ADAM_BETA1, recipe["beta2"]))
+    apply_optimizer_settings(opt, optimizer_settings)
     if rank == 0:  # temporaries of saves killed mid-write (SIGKILL), whose writer is gone
         for directory in experiment_checkpoint_dirs(args.results_dir, None):
             for stale in remove_stale_temporaries(directory):
@@ -508,6 +635,7 @@ def main(argv=None) -> dict:
             say(f"--resume: optimizer {change} (from the command line)")
     for name in RECIPE_OPTIMIZER:  # the checkpoints record the values in use
         setattr(args, name, opt.param_groups[0][name])
+    args.beta2 = float(opt.param_groups[0]["betas"][1])
 
     train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
     if args.compile:
@@ -524,6 +652,9 @@ def main(argv=None) -> dict:
         say(f"{args.model}: {n_params / 1e6:.1f}M params, {world} rank(s) x batch {local_batch}, "
             f"{device}, {args.precision}")
         say("objective: " + ", ".join(f"{k}={v}" for k, v in objective.items()))
+        say(f"AdamW lr {args.lr:g}, weight decay {args.weight_decay:g}, betas ({ADAM_BETA1}, {args.beta2:g}), "
+            f"gradient clipping {'off' if args.max_grad_norm is None else f'at norm {args.max_grad_norm:g}'}"
+            + ("" if stats is None else f"; latents normalized by {args.latent_stats} (x{args.latent_multiplier:g})"))
 
     def save(step: int) -> Path:
         path = ckpt_dir / f"{step:07d}.pt"
@@ -546,9 +677,13 @@ def main(argv=None) -> dict:
         while step < args.max_steps:
             # Every random draw of a step is a function of (seed, step, rank): a resumed run repeats it exactly.
             gen = torch.Generator(device).manual_seed(args.seed * 1_000_003 + step * world + rank)
-            # Label dropout inside the model, and a SiT transport's x0 and t (NumPy's for the logit-normal t).
-            torch.manual_seed(args.seed * 1_000_003 + step * world + rank)
-            np.random.seed((args.seed * 1_000_003 + step * world + rank) % 2**32)
+            # Label dropout inside the model, and a SiT transport's x0 and t (NumPy's for the logit-normal t), from
+            # a stream of their own: seeded like `gen`, the transport's x0 = randn_like(x) would equal the
+            # synthetic latents x drawn from `gen` (a velocity target of zero).
+            streams = np.random.SeedSequence([args.seed % 2**64, step, rank, 1])
+            global_seed = int(streams.generate_state(1, np.uint64)[0])
+            torch.manual_seed(global_seed)
+            np.random.seed(global_seed % 2**32)
             if args.data:
                 order = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
                 idx = torch.randint(0, len(data), (args.global_batch_size,), generator=order).numpy()
@@ -558,6 +693,8 @@ def main(argv=None) -> dict:
                     raise SystemExit(f"step {step + 1}: --data: {e}; the last good checkpoint is {last_good}") from None
             else:
                 x, y = data.batch(local_batch, gen, device)
+            if stats is not None:
+                x = stats.normalize(x)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 loss = training_loss(train_model, diffusion, x, y, gen)
             opt.zero_grad(set_to_none=True)
@@ -574,6 +711,8 @@ def main(argv=None) -> dict:
                     f"updating the weights and the EMA. The last good checkpoint is {last_good}. Likely causes: "
                     "non-finite latents (--check-data all), a learning rate too high, fp16 overflow (--precision bf16)."
                 )
+            if args.max_grad_norm is not None:  # as the published train.py clips (accelerate: torch's)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
             opt.step()
             update_ema(ema, model, args.ema_decay)
             step += 1

@@ -14,6 +14,7 @@ import shutil
 import sys
 
 from .atomic import atomic_write
+from .cli_args import converted
 
 DEFAULT_OUT = os.path.join("benchmarks", "results")
 # Per-GPU batches as people train: the official recipe runs 32 images per GPU (global 256 on 8 GPUs),
@@ -33,10 +34,7 @@ def _csv(values) -> list[str]:
 
 def _int_at_least(low: int):
     def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}") from None
+        value = converted(text, int, f"an integer >= {low}")
         if value < low:
             raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {value}")
         return value
@@ -46,10 +44,7 @@ def _int_at_least(low: int):
 
 
 def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    value = converted(text, float, "a positive number")
     if not value > 0 or value == float("inf"):
         raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
     return value
@@ -82,11 +77,35 @@ def _choice(choices, what: str):
 
 
 def _model_name(text: str) -> str:
+    """A published name of the family: DiT-*, SiT-* or LightningDiT-*."""
+    from .bench.flops import model_names
+
+    names = model_names()
+    if text not in names:
+        raise argparse.ArgumentTypeError(f"expected a DiT, SiT or LightningDiT config name (one of "
+                                         f"{', '.join(names)}), got {text!r}")
+    return text
+
+
+def _dit_model_name(text: str) -> str:
+    """A DiT config name (the roofline models DiT's block only)."""
     from .reference import CONFIGS
 
     if text not in CONFIGS:
         raise argparse.ArgumentTypeError(f"expected a DiT config name (one of {', '.join(CONFIGS)}), got {text!r}")
     return text
+
+
+def _lightning_options(text: str) -> tuple[str, ...]:
+    from .bench.flops import parse_lightning_options
+
+    try:
+        return parse_lightning_options(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+_lightning_options.__name__ = "LightningDiT options"
 
 
 POSITIVE = _int_at_least(1)
@@ -125,7 +144,11 @@ def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     g = common.add_argument_group("model and run")
     g.add_argument("--model", type=_model_name, default=None,
-                   help="DiT config name (default: DiT-XL/2 on a GPU, DiT-S/2 on the CPU)")
+                   help="published config name: DiT-*, SiT-* or LightningDiT-* (default: DiT-XL/2 on a GPU, "
+                        "DiT-S/2 on the CPU)")
+    g.add_argument("--lightning-options", type=_lightning_options, default=None,
+                   help="LightningDiT's switches that are on, comma list of qknorm, swiglu, rope, rmsnorm, wo_shift "
+                        "('recipe' = swiglu,rope,rmsnorm, the XL/1 recipe and the default; 'none' = all off)")
     g.add_argument("--image-size", type=int, default=256, choices=(256, 512), help="image side in pixels (latent = /8)")
     g.add_argument("--depth", type=POSITIVE, default=None, help="override the number of blocks (quick runs)")
     g.add_argument("--input-size", type=POSITIVE, default=None, help="override the latent side directly (quick runs)")
@@ -143,7 +166,9 @@ def _parser() -> argparse.ArgumentParser:
                         "(repeatable/comma; default every one that runs)")
     g.add_argument("--attn", type=_choice(_attn_backends(), "an attention backend"), default="auto",
                    help="attention backend of dit_fast (see dit_fast.attention)")
-    g.add_argument("--compile", action="store_true", help="also time torch.compile(reference)")
+    g.add_argument("--compile", action="store_true",
+                   help="also time torch.compile(reference) (LightningDiT: also reference+compile-blocks, each "
+                        "block, embedder and the final layer compiled, as its authors run it)")
     g.add_argument("--compile-fast", action="store_true", help="also time torch.compile(dit_fast)")
     g.add_argument("--contender", type=_names, action="append", default=None,
                    help="throughput: time only these contenders (comma list, e.g. reference,reference+compile,"
@@ -175,7 +200,8 @@ def _parser() -> argparse.ArgumentParser:
                     help="comma list of dtypes to check")
     k = sub.add_parser("kernels", parents=[common], help="per-op microbenchmarks")
     k.add_argument("--op", type=_one_of(_ops(), "an op"), action="append", default=None,
-                   help="ops to time (default all)")
+                   help="ops to time (default: the model's; LightningDiT's adaLN modes as e.g. "
+                        "adaln_modulate:rms-noshift)")
     k.add_argument("--no-backward", action="store_true", help="forward only")
     k.add_argument("--rounds", type=POSITIVE, default=5,
                    help="interleaved rounds per op and pass (median and spread reported)")
@@ -200,7 +226,7 @@ def _parser() -> argparse.ArgumentParser:
     sample_cli.add_arguments(sub.add_parser("sample", help="class-conditional samples: PNG grid + FID .npz"))
     from .bench.roofline_cli import add_parser as add_roofline
 
-    add_roofline(sub, POSITIVE, _positive_float, _model_name)
+    add_roofline(sub, POSITIVE, _positive_float, _dit_model_name)
     return p
 
 
@@ -211,9 +237,12 @@ def _attn_backends() -> tuple[str, ...]:
 
 
 def _ops() -> tuple[str, ...]:
+    """Every op `kernels --op` takes: the fused ops and LightningDiT's modes of the adaLN ops (e.g.
+    adaln_modulate:rms-noshift)."""
     from .backends import ALL_OPS
+    from .bench.kernel_variants import NORM_VARIANTS
 
-    return ALL_OPS
+    return ALL_OPS + tuple(NORM_VARIANTS)
 
 
 class Run:
@@ -231,7 +260,9 @@ class Run:
             parser.error("argument --device: expected a device that is available here, got 'cuda' (no CUDA device)")
         gpu = self.device.type == "cuda"
         self.model_name = args.model or ("DiT-XL/2" if gpu else "DiT-S/2")
-        shape = shape_for(self.model_name, args.image_size, args.depth)
+        if args.lightning_options is not None and not self.model_name.startswith("LightningDiT-"):
+            parser.error(f"argument --lightning-options: expected a LightningDiT --model, got {self.model_name!r}")
+        shape = shape_for(self.model_name, args.image_size, args.depth, args.lightning_options)
         if args.input_size:
             from dataclasses import replace
 
@@ -273,9 +304,10 @@ class Run:
 
             try:
                 contender_list(self.device.type, self.backends, args.compile, args.compile_fast, args.attn,
-                               only=self.contenders)
+                               only=self.contenders, family=self.shape.family)
             except ValueError as e:
-                parser.error(f"argument --contender: {e} (--compile adds reference+compile, reference-math+compile)")
+                parser.error(f"argument --contender: {e} (--compile adds reference+compile, reference-math+compile "
+                             "and, for LightningDiT, reference+compile-blocks)")
         if args.max_batch and not (gpu and "train" in self.modes and times_models):
             parser.error(f"argument --max-batch: expected a CUDA device and --mode train, got device "
                          f"{self.device.type} and modes {','.join(self.modes)}")
@@ -324,6 +356,9 @@ class Run:
             "ceilings": self.ceilings if ceilings else None,
             "config": {
                 "model": self.model_name,
+                "objective": ("transport Linear velocity" + (" + cosine loss, logit-normal t"
+                                                             if self.shape.family == "LightningDiT" else "")
+                              if self.shape.flow else "DDPM noise MSE"),
                 "image_size": self.args.image_size,
                 **self.shape.as_dict(),
                 "dtype": ",".join(str(d).replace("torch.", "") for d in self.dtypes),
@@ -396,9 +431,9 @@ def _writable_out_dir(out: str, parser: argparse.ArgumentParser) -> str:
 
 
 def _print_table(record: dict, key: str, cols) -> None:
-    from .bench.report import KERNEL_NOISE, THROUGHPUT_NOISE, md_table, noise_lines, with_noise
+    from .bench.report import KERNEL_NOISE, SAMPLING_NOISE, THROUGHPUT_NOISE, md_table, noise_lines, with_noise
 
-    flags = {"throughput": THROUGHPUT_NOISE, "kernels": KERNEL_NOISE}.get(key)
+    flags = {"throughput": THROUGHPUT_NOISE, "kernels": KERNEL_NOISE, "sampling": SAMPLING_NOISE}.get(key)
     rows = [with_noise(r, flags) for r in record.get(key) or []] if flags else record.get(key)
     if rows:
         print(md_table(rows, cols))
@@ -439,6 +474,8 @@ def cmd_throughput(run: Run, record: dict, what: str) -> None:
     save = run.checkpoint(record, what)
 
     def on_update(rows):
+        for row in rows:  # rows of several runs (DiT and LightningDiT stages) merge into one table
+            row.setdefault("model", run.model_name)
         record["throughput"] = rows
         save()
 
@@ -464,6 +501,7 @@ def cmd_sampling(run: Run, record: dict, what: str) -> None:
     save = run.checkpoint(record, what)
 
     def on_result(row):
+        row.setdefault("model", run.model_name)
         record["sampling"].append(row)
         save()
 
@@ -476,10 +514,10 @@ def cmd_sampling(run: Run, record: dict, what: str) -> None:
 
 
 def cmd_kernels(run: Run, record: dict) -> None:
-    from .bench.kernels import default_shapes, run_kernels
+    from .bench.kernels import default_ops, default_shapes, run_kernels
     from .bench.report import KERNEL_COLS
 
-    ops = _csv(run.args.op) or None
+    ops = _csv(run.args.op) or default_ops(run.shape)
     shapes = default_shapes(run.device.type, run.shape.tokens, run.shape.hidden_size, run.args.batch or None)
     ceil = run.ceilings
     record["kernels"] = []
@@ -685,7 +723,12 @@ def main(argv=None) -> int:
         signum = e.signum if isinstance(e, stop.Stopped) else stop.SIGNALS[0]
         return _stopped(run, record, what, args.command, stop.received() or signum)
     finally:
-        stop.restore(previous)
+        if argv is None and stop.received() is not None:
+            # the process's entry point (the dit-fast script, python -m dit_fast) exits right after a stop: a second
+            # Ctrl-C during the interpreter's exit must not turn exit code 130 into death by SIGINT
+            stop.ignore_until_exit()
+        else:
+            stop.restore(previous)
     signum = stop.received()
     if signum is not None:  # a stop request that something on the way caught and did not pass on
         return _stopped(run, record, what, args.command, signum)

@@ -4,7 +4,8 @@ A shard is either
   NAME.pt         a dict {"latents": [N, C, H, W] float tensor, "labels": [N] integer tensor},
                   read with torch.load(weights_only=True) (nothing is unpickled);
   NAME.npy        latents [N, C, H, W] (memory-mapped), with the labels [N] in NAME.labels.npy.
-Shards are taken in name order, the .pt ones first, then the .npy ones.
+Shards are taken in name order, the .pt ones first, then the .npy ones (latents_stats.pt, the latent
+statistics the published LightningDiT layout keeps beside the shards, is not a shard).
 
 Opening checks every shard, so that a bad one stops training before the first step instead of
 training on wrong pairs or poisoning the weights later: latents and labels have the same count in
@@ -14,9 +15,21 @@ the model's null class, the one label dropout uses), latents are floating point 
 [C, H, W], and their values are finite on a sample of rows of each shard (every row with
 check="all"). Every batch is checked for finite values again when it is read, since a sample can
 miss a row. Each error names the shard file, what was expected and what came.
+
+Latent statistics (LightningDiT's latent normalization): a file of per-channel mean and std, read by
+LatentStats.load. Formats:
+  NAME.pt           torch.save({"mean": tensor, "std": tensor}), read with torch.load(weights_only=True):
+                    the published hustvl/LightningDiT latents_stats.pt ([1, C, 1, 1] each) or [C] tensors;
+  NAME.safetensors  the same two tensors under the keys "mean" and "std".
+Training normalizes x -> (x - mean) / std * multiplier; sampling undoes it before decoding,
+x -> x * std / multiplier + mean (the published train.py / inference.py; multiplier 1.0 in the recipe).
+compute_latent_stats gives them for a LatentShards set as the published code computes them (10,000
+random rows at most; mean and unbiased std over rows and pixels).
 """
 from __future__ import annotations
 
+import hashlib
+import math
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["LatentShards", "InvalidShardError", "CHECK_MODES"]
+__all__ = ["LatentShards", "InvalidShardError", "CHECK_MODES", "LatentStats", "compute_latent_stats"]
 
 CHECK_MODES = ("sample", "all")
 # Rows per shard whose values are checked when opening with check="sample": evenly spaced, first and last included.
@@ -65,7 +78,7 @@ class LatentShards:
         self.shape = tuple(int(s) for s in latent_shape)
         self.num_classes = int(num_classes)
         self.shards: list[Shard] = []
-        for path in sorted(root.glob("*.pt")):
+        for path in sorted(p for p in root.glob("*.pt") if p.name != STATS_FILE_NAME):
             self.shards.append(self._validated(_read_pt_shard(path), check))
         for path in sorted(p for p in root.glob("*.npy") if not p.name.endswith(".labels.npy")):
             self.shards.append(self._validated(_read_npy_shard(path), check))
@@ -174,6 +187,127 @@ def _read_npy_shard(path: Path) -> Shard:
             f"{label_path}: labels must be an integer dtype, got {labels.dtype} (refused, not truncated)"
         )
     return Shard(path, latents, labels)
+
+
+# -- latent statistics -----------------------------------------------------------------------------
+
+# Rows the published LightningDiT code computes its statistics from (at most).
+STATS_ROWS = 10_000
+# The published statistics file's name, next to the shards (not a shard: LatentShards skips it).
+STATS_FILE_NAME = "latents_stats.pt"
+
+
+@dataclass
+class LatentStats:
+    """Per-channel mean and std [C] (float32) of a latent data set, and the multiplier applied after
+    normalizing (the published latent_multiplier)."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+    multiplier: float = 1.0
+
+    @property
+    def channels(self) -> int:
+        return int(self.mean.numel())
+
+    @classmethod
+    def load(cls, path, *, channels: int | None = None, multiplier: float = 1.0) -> LatentStats:
+        """Reads a stats file (see the module doc), checked: both keys, C values each (any shape whose
+        non-unit dimensions are [C], as [1, C, 1, 1]), finite, std > 0, and C == channels when given.
+        Raises FileNotFoundError or ValueError naming the file."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such latent stats file (expected a .pt or .safetensors file "
+                                    'holding "mean" and "std" per channel, e.g. the published latents_stats.pt)')
+        obj = _read_stats_file(path)
+        if not isinstance(obj, dict) or not all(isinstance(obj.get(k), torch.Tensor) for k in ("mean", "std")):
+            got = f"a dict with keys {sorted(map(str, obj))}" if isinstance(obj, dict) else type(obj).__name__
+            raise ValueError(f'{path}: expected {{"mean": tensor, "std": tensor}} (per-channel latent stats), '
+                             f"got {got}")
+        mean, std = (_per_channel(path, k, obj[k]) for k in ("mean", "std"))
+        if mean.numel() != std.numel():
+            raise ValueError(f"{path}: mean has {mean.numel()} channels but std has {std.numel()}")
+        if channels is not None and mean.numel() != channels:
+            raise ValueError(f"{path}: stats for {mean.numel()} latent channels, but the model has {channels} "
+                             "(in_channels): these stats belong to another VAE")
+        if not (torch.isfinite(mean).all() and torch.isfinite(std).all() and (std > 0).all()):
+            raise ValueError(f"{path}: mean and std must be finite and std > 0 in every channel, got "
+                             f"mean {mean.tolist()[:8]}..., std {std.tolist()[:8]}...")
+        if not (math.isfinite(multiplier) and multiplier > 0):
+            raise ValueError(f"latent multiplier must be a finite number > 0, got {multiplier}")
+        return cls(mean, std, float(multiplier))
+
+    def save(self, path) -> None:
+        """Writes {"mean": [1, C, 1, 1], "std": [1, C, 1, 1]} atomically (the published file's layout)."""
+        from .checkpoint import torch_save_atomic
+
+        torch_save_atomic({"mean": self.mean.reshape(1, -1, 1, 1).clone(),
+                           "std": self.std.reshape(1, -1, 1, 1).clone()}, path)
+
+    def digest(self) -> str:
+        """Names these statistics in a checkpoint's args (a resume with other ones is refused)."""
+        data = torch.cat([self.mean, self.std, torch.tensor([self.multiplier])]).double().numpy().tobytes()
+        return hashlib.sha256(data).hexdigest()[:16]
+
+    def _view(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4 or x.shape[1] != self.channels:
+            raise ValueError(f"latents must be [N, {self.channels}, H, W] for these stats, got {list(x.shape)}")
+        return t.to(device=x.device, dtype=x.dtype).reshape(1, -1, 1, 1)
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """(x - mean) / std * multiplier, as the published data set returns a training latent."""
+        return (x - self._view(x, self.mean)) / self._view(x, self.std) * self.multiplier
+
+    def denormalize(self, x: torch.Tensor) -> torch.Tensor:
+        """x * std / multiplier + mean, as the published inference.py does before decoding."""
+        return (x * self._view(x, self.std)) / self.multiplier + self._view(x, self.mean)
+
+
+def compute_latent_stats(shards: LatentShards, *, max_rows: int = STATS_ROWS, seed: int = 0) -> LatentStats:
+    """Mean and std per channel over min(max_rows, len) rows drawn without replacement (seeded), over
+    rows and pixels, std unbiased: what the published code computes for latents_stats.pt."""
+    rng = np.random.default_rng(seed)
+    rows = np.sort(rng.choice(len(shards), min(max_rows, len(shards)), replace=False))
+    chunks = [rows[i: i + CHECK_CHUNK_ROWS] for i in range(0, len(rows), CHECK_CHUNK_ROWS)]
+
+    def read(chunk):
+        return shards.batch_at(chunk, "cpu")[0].double()
+
+    # Two passes in float64 over chunks of rows (not all of them in memory at once): the mean, then the
+    # squared deviations from it.
+    total = sum(read(c).sum(dim=(0, 2, 3)) for c in chunks)
+    count = len(rows) * shards.shape[1] * shards.shape[2]
+    mean = total / count
+    squares = sum(((read(c) - mean.reshape(1, -1, 1, 1)) ** 2).sum(dim=(0, 2, 3)) for c in chunks)
+    std = torch.sqrt(squares / max(count - 1, 1))
+    return LatentStats(mean.float(), std.float())
+
+
+def _read_stats_file(path: Path):
+    if path.suffix == ".safetensors":
+        try:
+            from safetensors.torch import load_file
+        except ImportError as e:
+            raise ValueError(f"{path}: reading .safetensors needs the safetensors package: {e}") from None
+        try:
+            return load_file(str(path))
+        except Exception as e:  # safetensors raises its own error types for a bad header
+            raise ValueError(f"{path}: cannot be read as a .safetensors file: {_first_line(e)}") from None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"{path}: holds Python objects other than tensors; refusing to unpickle it "
+                         f"({_first_line(e)})") from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise ValueError(f"{path}: cannot be read as a torch.save file (truncated?): {_first_line(e)}") from None
+
+
+def _per_channel(path: Path, key: str, t: torch.Tensor) -> torch.Tensor:
+    dims = [d for d in t.shape if d != 1]
+    if not t.is_floating_point() or len(dims) > 1 or t.numel() == 0:
+        raise ValueError(f"{path}: {key!r} must be a float tensor of C values ([C] or [1, C, 1, 1]), "
+                         f"got {t.dtype} {list(t.shape)}")
+    return t.detach().reshape(-1).float().clone()
 
 
 # -- helpers ---------------------------------------------------------------------------------------

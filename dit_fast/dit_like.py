@@ -24,9 +24,7 @@ def read_dit_like(model, latent_size=None) -> DiTLike:
     overrides the one the model states. TypeError naming what is missing when the model does not say."""
     name = type(model).__name__
     embedder = getattr(model, "x_embedder", None)
-    in_channels = getattr(model, "in_channels", None)
-    if in_channels is None:
-        in_channels = getattr(getattr(embedder, "proj", None), "in_channels", None)
+    in_channels = _stated(model, "in_channels", getattr(embedder, "proj", None))
     if in_channels is None:
         raise TypeError(f"model must be a DiT-like module: {name} has neither in_channels nor "
                         "x_embedder.proj.in_channels")
@@ -40,9 +38,7 @@ def read_dit_like(model, latent_size=None) -> DiTLike:
             raise TypeError(f"the latent size of {name} is unknown: it has no x_embedder.img_size, "
                             "x_embedder.grid_size and patch_size, or input_size; pass latent_size=")
 
-    num_classes = getattr(model, "num_classes", None)
-    if num_classes is None:
-        num_classes = getattr(getattr(model, "y_embedder", None), "num_classes", None)
+    num_classes = _stated(model, "num_classes", getattr(model, "y_embedder", None))
     if num_classes is None:
         raise TypeError(f"model must be a class-conditional DiT-like module: {name} has neither num_classes nor "
                         "y_embedder.num_classes")
@@ -55,6 +51,12 @@ def read_dit_like(model, latent_size=None) -> DiTLike:
                             "the variance")
         learn_sigma = int(out_channels) == 2 * in_channels
     return DiTLike(in_channels, hw, int(num_classes), bool(learn_sigma))
+
+
+def _stated(model, attr: str, part):
+    """model.<attr>, else the published model's submodule `part`.<attr>, else None."""
+    value = getattr(model, attr, None)
+    return getattr(part, attr, None) if value is None else value
 
 
 def _latent_hw_of(model, embedder) -> tuple[int, int] | None:

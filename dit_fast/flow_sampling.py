@@ -35,6 +35,7 @@ import torch
 
 from .ops.flow_step import NUM_COLS, flow_step_
 from .transport import PATH_TYPES, PREDICTIONS, create_transport
+from .transport.choices import check_choice
 from .transport.integrators import shift_timesteps
 from .transport.paths import DIFFUSION_FORMS
 
@@ -92,14 +93,10 @@ def build_flow_table(
                          f"got {method!r}; dit_fast.transport.Sampler runs the others")
     if not isinstance(num_steps, int) or num_steps < 2:
         raise ValueError(f"num_steps must be an int >= 2 (grid times including both ends), got {num_steps!r}")
-    if path_type not in PATH_TYPES:
-        raise ValueError(f"path_type must be one of {tuple(PATH_TYPES)}, got {path_type!r}")
-    if prediction not in PREDICTIONS:
-        raise ValueError(f"prediction must be one of {tuple(PREDICTIONS)}, got {prediction!r}")
-    if diffusion_form not in DIFFUSION_FORMS:
-        raise ValueError(f"diffusion_form must be one of {DIFFUSION_FORMS}, got {diffusion_form!r}")
-    if last_step not in LAST_STEPS:
-        raise ValueError(f"last_step must be one of {LAST_STEPS}, got {last_step!r}")
+    check_choice("path_type", path_type, PATH_TYPES)
+    check_choice("prediction", prediction, PREDICTIONS)
+    check_choice("diffusion_form", diffusion_form, DIFFUSION_FORMS)
+    check_choice("last_step", last_step, LAST_STEPS)
     if mode == "sde" and timestep_shift > 0:
         raise ValueError(f"timestep_shift applies to mode='ode' (LightningDiT shifts the ODE grid), got "
                          f"timestep_shift={timestep_shift} with mode='sde'")

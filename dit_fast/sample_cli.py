@@ -1,4 +1,4 @@
-"""`dit-fast sample`: class-conditional samples from a DiT or a SiT, as a PNG grid and an FID-ready .npz.
+"""`dit-fast sample`: class-conditional samples from a DiT, SiT or LightningDiT, as a PNG grid and an FID-ready .npz.
 
     dit-fast sample --model DiT-XL/2 --ckpt DiT-XL-2-256x256.pt --vae ema --out samples/
     torchrun --nproc_per_node=8 -m dit_fast sample --ckpt ... --num-samples 50000 --out fid50k/
@@ -10,6 +10,22 @@ transport of --path-type / --prediction) with --mode ode (--sampling-method eule
 guided only inside --cfg-interval; an option of the other family is refused. A SiT's learned-sigma
 head is read off its checkpoint (published SiT-XL/2 256: yes; published sample.py assumes no for a
 custom --ckpt, train.py's SiT checkpoints have one).
+
+LightningDiT models sample as the published inference.py does by default (configs/
+lightningdit_xl_vavae_f16d32.yaml): --mode ode, euler, 250 steps, --timestep-shift 0.3, --cfg-scale 10
+guided from t = 0.11 on (--cfg-interval 0.11: its cfg_interval_start; t runs from 0, noise, to 1, data),
+the XL/1 recipe's model (--[no-]use-swiglu, --[no-]use-rope, --[no-]use-rmsnorm, --[no-]use-qknorm,
+--[no-]wo-shift change it). The sampled latents are de-normalized with the training data's per-channel
+statistics as inference.py does before decoding, x * std / --latent-multiplier + mean:
+--latent-stats FILE (the published latents_stats.pt, or a .pt/.safetensors of "mean" and "std" per
+channel; dit_fast.data.LatentStats), or --latent-stats none to keep the model's normalized latents.
+The VA-VAE tokenizer is not a diffusers model and cannot be downloaded here, so --vae defaults to none:
+OUT/latents.npz (arr_0: float32 [N, 32, h, w], de-normalized, ready for the VA-VAE decoder; labels).
+With --vae DIR (a local diffusers AutoencoderKL with as many latent channels as the model, e.g. a
+converted VA-VAE) the de-normalized latents are decoded as given (no 0.18215 scaling, as VA-VAE's
+decode_to_images) into samples.npz and grid.png. run.json records the recipe settings, the model options
+and the statistics' digest; a train.py checkpoint trained with other statistics or model options is
+refused.
 
 The sample set is cut into batches of --batch-size; batch j is sampled with seed --seed + j (so the
 result does not depend on the number of ranks), by rank j mod WORLD_SIZE, and written atomically to
@@ -39,6 +55,7 @@ import numpy as np
 import torch
 
 from .atomic import atomic_write, remove_stale_temporaries, write_text
+from .cli_args import converted
 
 # The labels of the published sample.py (a demo grid).
 DEMO_LABELS = (207, 360, 387, 974, 88, 979, 417, 279)
@@ -46,10 +63,8 @@ LATENT_SCALE = 0.18215  # the SD VAE's latent scaling used by DiT
 
 
 def _labels_arg(text: str) -> list[int]:
-    try:
-        labels = [int(s) for s in text.split(",") if s.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated class labels like 207,360, got {text!r}") from None
+    labels = converted(text, lambda t: [int(s) for s in t.split(",") if s.strip()],
+                       "comma-separated class labels like 207,360")
     if not labels:
         raise argparse.ArgumentTypeError("expected at least one class label")
     return labels
@@ -63,10 +78,7 @@ def _positive(text: str) -> int:
 
 
 def _finite(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    v = converted(text, float, "a number")
     if not math.isfinite(v):
         raise argparse.ArgumentTypeError(f"expected a finite number, got {text}")
     return v
@@ -81,10 +93,7 @@ def _non_negative_finite(text: str) -> float:
 
 def _cfg_interval_arg(text: str) -> tuple[float, float]:
     """"S" (guide for t >= S, LightningDiT's cfg_interval_start) or "LOW,HIGH"."""
-    try:
-        parts = [float(v) for v in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a time S or a pair LOW,HIGH of times, got {text!r}") from None
+    parts = converted(text, lambda t: [float(v) for v in t.split(",")], "a time S or a pair LOW,HIGH of times")
     if len(parts) == 1:
         parts.append(1.0)
     if len(parts) != 2 or not all(math.isfinite(v) for v in parts) or parts[0] > parts[1]:
@@ -94,13 +103,34 @@ def _cfg_interval_arg(text: str) -> tuple[float, float]:
 
 
 def model_names() -> list[str]:
-    from .models import DiT_models, SiT_models
+    from .models import DiT_models, LightningDiT_models, SiT_models
 
-    return list(DiT_models) + list(SiT_models)
+    return list(DiT_models) + list(SiT_models) + list(LightningDiT_models)
 
 
 def is_sit(model_name: str) -> bool:
-    return model_name.startswith("SiT-")
+    """A flow model (sampled with --mode ode | sde): a SiT or a LightningDiT."""
+    return model_name.startswith(("SiT-", "LightningDiT-"))
+
+
+def is_lightning(model_name: str) -> bool:
+    return model_name.startswith("LightningDiT-")
+
+
+# LightningDiT's model options (argparse dest -> the XL/1 recipe's value); refused for a DiT or SiT.
+LIGHTNING_MODEL_OPTIONS = {"use_qknorm": False, "use_swiglu": True, "use_rope": True, "use_rmsnorm": True,
+                           "wo_shift": False}
+# What an option left out means, per family: DiT/SiT as before, LightningDiT its published inference's.
+FAMILY_DEFAULTS = {
+    "DiT": {"cfg_scale": 4.0, "vae": "ema", "latent_factor": 8},
+    "LightningDiT": {"cfg_scale": 10.0, "vae": "none", "latent_factor": 16},  # VA-VAE f16d32
+}
+LIGHTNING_FLOW_DEFAULTS = {"timestep_shift": 0.3, "cfg_interval": (0.11, 1.0)}
+LIGHTNING_IN_CHANNELS = 32  # the published in_chans: VA-VAE f16d32 latents
+
+
+def family_defaults(model_name: str) -> dict:
+    return FAMILY_DEFAULTS["LightningDiT" if is_lightning(model_name) else "DiT"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -109,17 +139,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from .transport.paths import DIFFUSION_FORMS
 
     p = parser
-    p.add_argument("--model", default="DiT-XL/2", choices=model_names(), help="DiT or SiT config")
+    p.add_argument("--model", default="DiT-XL/2", choices=model_names(), help="DiT, SiT or LightningDiT config")
     w = p.add_mutually_exclusive_group(required=True)
     w.add_argument("--ckpt", default=None,
                    help="weights: .pt (official, or a training checkpoint's EMA) or .safetensors")
     w.add_argument("--random-init", action="store_true", help="random weights (a demo; the samples are noise-like)")
     p.add_argument("--image-size", type=_positive, default=256,
-                   help="pixels; latents are image-size / the VAE's factor (8)")
+                   help="pixels; latents are image-size / the VAE's factor (8; LightningDiT's VA-VAE: 16)")
     p.add_argument("--num-classes", type=_positive, default=1000)
     p.add_argument("--num-steps", type=_positive, default=250,
                    help="sampling steps (DiT: respaced from 1000; SiT: grid times, >= 2)")
-    p.add_argument("--cfg-scale", type=_finite, default=4.0, help="classifier-free guidance; <= 1 turns it off")
+    p.add_argument("--cfg-scale", type=_finite, default=None,
+                   help="classifier-free guidance; <= 1 turns it off (default 4; LightningDiT 10)")
     p.add_argument("--guide-all-channels", action="store_true", help="guide all latent channels (published: 3)")
     p.add_argument("--class-labels", type=_labels_arg, default=None,
                    help="comma list, repeated to --num-samples (default: the published demo labels, or uniform "
@@ -134,9 +165,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     f.add_argument("--sampling-method", default=None,
                    help="ode: euler | heun2 (default euler); sde: Euler | Heun (default Euler)")
     f.add_argument("--timestep-shift", type=_non_negative_finite, default=None,
-                   help="ode: shift of the time grid (LightningDiT; default 0)")
+                   help="ode: shift of the time grid (default 0; LightningDiT 0.3)")
     f.add_argument("--cfg-interval", type=_cfg_interval_arg, default=None,
-                   help="guide only for t in LOW,HIGH (or t >= S); default always")
+                   help="guide only for t in LOW,HIGH (or t >= S); default always (LightningDiT: 0.11)")
     f.add_argument("--diffusion-form", choices=DIFFUSION_FORMS[:6], default=None, help="sde (default sigma)")
     f.add_argument("--diffusion-norm", type=_finite, default=None, help="sde (default 1)")
     f.add_argument("--last-step", choices=[str(v) for v in LAST_STEPS], default=None,
@@ -147,9 +178,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     f.add_argument("--prediction", choices=list(PREDICTIONS), default=None, help="default velocity")
     f.add_argument("--train-eps", type=_non_negative_finite, default=None)
     f.add_argument("--sample-eps", type=_non_negative_finite, default=None)
-    p.add_argument("--vae", default="ema",
+    lg = p.add_argument_group("LightningDiT models (default: the XL/1 recipe's SwiGLU, RoPE, RMSNorm)")
+    for name, default in LIGHTNING_MODEL_OPTIONS.items():
+        lg.add_argument("--" + name.replace("_", "-"), action=argparse.BooleanOptionalAction, default=None,
+                        help=f"default {'on' if default else 'off'}")
+    lg.add_argument("--latent-stats", default=None,
+                    help="required: the training latents' per-channel mean/std file (the published "
+                         "latents_stats.pt, or .pt/.safetensors), to de-normalize the samples; 'none' keeps them "
+                         "normalized")
+    lg.add_argument("--latent-multiplier", type=_finite, default=None, help="the training's (published: 1.0)")
+    p.add_argument("--vae", default=None,
                    help="diffusers AutoencoderKL: a local directory, a Hugging Face cache name, 'ema'/'mse' "
-                        "(stabilityai/sd-vae-ft-*), or 'none' to keep latents; never downloaded")
+                        "(stabilityai/sd-vae-ft-*), or 'none' to keep latents; never downloaded (default ema; "
+                        "LightningDiT none)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--device", default=None,
                    help="cuda | cpu (default: cuda when available; cuda:LOCAL_RANK under torchrun)")
@@ -188,7 +229,8 @@ def resolve_sampling(args) -> dict:
                          f"--model {args.model} is a SiT: it samples with --mode ode | sde")
     if args.num_steps < 2:
         raise SystemExit(f"--num-steps must be >= 2 for a SiT (grid times including both ends), got {args.num_steps}")
-    flow = {d: getattr(args, d) if getattr(args, d) is not None else default for d, default in FLOW_OPTIONS.items()}
+    defaults = FLOW_OPTIONS | (LIGHTNING_FLOW_DEFAULTS if is_lightning(args.model) else {})
+    flow = {d: getattr(args, d) if getattr(args, d) is not None else default for d, default in defaults.items()}
     mode = flow.pop("mode")
     wrong = [d for d in (SDE_ONLY if mode == "ode" else ("timestep_shift",)) if d in given]
     if wrong:
@@ -210,6 +252,45 @@ def resolve_sampling(args) -> dict:
     if flow["cfg_interval"] is not None:
         flow["cfg_interval"] = list(flow["cfg_interval"])
     return {"sampler": mode, **flow}
+
+
+def resolve_family(args) -> None:
+    """Fills in the options a family defaults differently (--cfg-scale, --vae; LightningDiT's model options and
+    --latent-multiplier); SystemExit for a LightningDiT option given to a DiT or SiT, or a LightningDiT run
+    without --latent-stats."""
+    for name, value in family_defaults(args.model).items():
+        if name != "latent_factor" and getattr(args, name) is None:
+            setattr(args, name, value)
+    given = [d for d in (*LIGHTNING_MODEL_OPTIONS, "latent_stats", "latent_multiplier") if getattr(args, d) is not None]
+    if not is_lightning(args.model):
+        if given:
+            raise SystemExit(f"{', '.join(map(_flag, given))}: LightningDiT options, but --model is {args.model}")
+        return
+    for name, default in LIGHTNING_MODEL_OPTIONS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
+    if args.latent_multiplier is None:
+        args.latent_multiplier = 1.0
+    if not args.latent_multiplier > 0:
+        raise SystemExit(f"--latent-multiplier must be > 0, got {args.latent_multiplier}")
+    if args.latent_stats is None:
+        raise SystemExit(f"--latent-stats: --model {args.model} samples latents normalized per channel (as it was "
+                         "trained); pass the training data's --latent-stats FILE (the published latents_stats.pt) to "
+                         "de-normalize them as the published inference does before decoding, or --latent-stats none "
+                         "to keep them normalized")
+
+
+def open_latent_stats(args):
+    """The --latent-stats of a LightningDiT run (None for 'none' and other families); SystemExit when missing,
+    unreadable or for another number of channels than the model's."""
+    if not is_lightning(args.model) or args.latent_stats == "none":
+        return None
+    from .data import LatentStats
+
+    try:
+        return LatentStats.load(args.latent_stats, channels=LIGHTNING_IN_CHANNELS, multiplier=args.latent_multiplier)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"--latent-stats: {e}") from None
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -252,13 +333,14 @@ def load_vae(name: str, device):
     return vae.to(device).eval()
 
 
-def vae_factor(vae) -> int:
-    return 8 if vae is None else 2 ** (len(vae.config.block_out_channels) - 1)
+def vae_factor(vae, default: int = 8) -> int:
+    return default if vae is None else 2 ** (len(vae.config.block_out_channels) - 1)
 
 
-def decode_to_uint8(vae, latents: torch.Tensor) -> np.ndarray:
-    """[N, C, h, w] latents -> uint8 [N, H, W, 3] images, as the published sample_ddp.py converts them."""
-    images = vae.decode(latents.to(vae.dtype) / LATENT_SCALE).sample.float()
+def decode_to_uint8(vae, latents: torch.Tensor, scale: float = LATENT_SCALE) -> np.ndarray:
+    """[N, C, h, w] latents -> uint8 [N, H, W, 3] images, as the published sample_ddp.py converts them (and
+    LightningDiT's VA-VAE decode_to_images, with scale=1: its latents are decoded as they are)."""
+    images = vae.decode(latents.to(vae.dtype) / scale).sample.float()
     images = torch.clamp(127.5 * images + 128.0, 0, 255).permute(0, 2, 3, 1)
     return images.to("cpu", dtype=torch.uint8).numpy()
 
@@ -301,30 +383,39 @@ def all_labels(args) -> np.ndarray:
     return torch.randint(0, args.num_classes, (args.num_samples,), generator=g).numpy()
 
 
-def build_model(args, latent_size: int, device, sampling: dict | None = None):
-    """The --model (a DiT, or a SiT with the learned-sigma head its checkpoint has) with the --ckpt weights.
-    sampling (resolve_sampling's): a SiT training checkpoint whose recorded transport differs is refused."""
+def build_model(args, latent_size: int, device, sampling: dict | None = None, stats=None):
+    """The --model (a DiT, or a SiT or LightningDiT with the learned-sigma head its checkpoint has) with the
+    --ckpt weights. sampling (resolve_sampling's): a SiT or LightningDiT training checkpoint whose recorded
+    transport differs is refused; stats (open_latent_stats's): a LightningDiT one trained on other latent
+    statistics, or with other model options, too."""
     from .checkpoint import StateDictMismatchError, UnsafeCheckpointError, _read_file, load_checkpoint, read_state_dict
-    from .models import DiT, SiT
+    from .configs import LIGHTNING_CONFIGS
+    from .models import DiT, LightningDiT, SiT
     from .reference import CONFIGS
     from .testing import randomize_weights_
 
-    depth, hidden, patch, heads = CONFIGS["DiT-" + args.model.split("-", 1)[1]]
+    lightning = is_lightning(args.model)
+    depth, hidden, patch, heads = (LIGHTNING_CONFIGS[args.model] if lightning
+                                   else CONFIGS["DiT-" + args.model.split("-", 1)[1]])
+    in_channels = LIGHTNING_IN_CHANNELS if lightning else 4
     weights = args.ckpt
-    learn_sigma = True
+    learn_sigma = not lightning  # the published constructors' defaults
     if args.ckpt and is_sit(args.model):
         try:
             raw = _read_file(args.ckpt, "cpu")  # read once: the weights, their head, the training args
             weights = read_state_dict(raw)
         except (FileNotFoundError, ValueError, KeyError, TypeError, UnsafeCheckpointError) as e:
             raise SystemExit(f"--ckpt: {e}") from None
-        learn_sigma = _has_sigma_head(weights, patch)
+        learn_sigma = _has_sigma_head(weights, patch, in_channels, default=learn_sigma)
         if sampling is not None:
             _check_recorded_transport(args.ckpt, raw, sampling)
-    cls = SiT if is_sit(args.model) else DiT
-    model = cls(input_size=latent_size, patch_size=patch, num_classes=args.num_classes, backend=args.backend,
-                depth=args.depth or depth, hidden_size=args.hidden_size or hidden, num_heads=args.num_heads or heads,
-                learn_sigma=learn_sigma)
+        if lightning:
+            _check_recorded_lightning(args, raw, stats)
+    options = {k: getattr(args, k) for k in LIGHTNING_MODEL_OPTIONS} if lightning else {}
+    cls = LightningDiT if lightning else SiT if is_sit(args.model) else DiT
+    model = cls(input_size=latent_size, patch_size=patch, in_channels=in_channels, num_classes=args.num_classes,
+                backend=args.backend, depth=args.depth or depth, hidden_size=args.hidden_size or hidden,
+                num_heads=args.num_heads or heads, learn_sigma=learn_sigma, **options)
     if args.ckpt:
         try:
             load_checkpoint(model, weights)
@@ -340,12 +431,12 @@ def build_model(args, latent_size: int, device, sampling: dict | None = None):
     return model.to(device).eval()
 
 
-def _has_sigma_head(state_dict, patch: int, in_channels: int = 4) -> bool:
+def _has_sigma_head(state_dict, patch: int, in_channels: int = 4, default: bool = True) -> bool:
     """Whether the weights' final layer outputs 2 * in_channels channels per pixel (a learned-sigma head,
-    which a SiT's forward cuts off); the published constructor's default (True) when it is not there."""
+    which a SiT's forward cuts off); the published constructor's default when it is not there."""
     weight = state_dict.get("final_layer.linear.weight")
     if weight is None or weight.dim() != 2:
-        return True
+        return default
     return int(weight.shape[0]) == patch * patch * in_channels * 2
 
 
@@ -366,6 +457,25 @@ def _check_recorded_transport(path: str, raw, sampling: dict) -> None:
         got = ", ".join(f"{_flag(k)} {sampling.get(k)}" for k in differ)
         raise SystemExit(f"--ckpt {path} was trained with {want} (its recorded args), but this run samples with "
                          f"{got}: pass {want}")
+
+
+def _check_recorded_lightning(args, raw, stats) -> None:
+    """A benchmarks/train.py LightningDiT checkpoint records its model options and the digest of the latent
+    statistics it trained on: de-normalizing with other statistics gives wrong samples silently."""
+    recorded = raw.get("args") if isinstance(raw, dict) else None
+    if not isinstance(recorded, dict):
+        return  # the published checkpoints: a state_dict, or {"model", "ema", "opt", "config"}
+    differ = [k for k in LIGHTNING_MODEL_OPTIONS if k in recorded and recorded[k] != getattr(args, k)]
+    if differ:
+        want = " ".join(("--" if recorded[k] else "--no-") + k.replace("_", "-") for k in differ)
+        raise SystemExit(f"--ckpt {args.ckpt} was trained with {want} (its recorded args): pass {want}")
+    if "latent_stats_sha256" in recorded:
+        theirs, ours = recorded["latent_stats_sha256"], None if stats is None else stats.digest()
+        if theirs != ours:
+            trained = f"statistics {recorded.get('latent_stats')} (digest {theirs})" if theirs else "no statistics"
+            raise SystemExit(f"--latent-stats: --ckpt {args.ckpt} was trained on latents normalized with {trained}, "
+                             f"but this run de-normalizes with {args.latent_stats} (digest {ours}): pass the "
+                             "statistics it was trained with")
 
 
 def checkpoint_identity(path: str) -> tuple[str, tuple]:
@@ -394,9 +504,10 @@ def _stat_key(path: str) -> tuple:
     return st.st_ino, st.st_size, st.st_mtime_ns
 
 
-def _run_config(args, labels, ckpt_sha256: str | None, sampling: dict) -> dict:
-    """What run.json records: the settings that decide the samples. A SiT run adds its flow settings
-    (a DiT run's record is what it was before SiT existed, so older runs still resume)."""
+def _run_config(args, labels, ckpt_sha256: str | None, sampling: dict, stats=None) -> dict:
+    """What run.json records: the settings that decide the samples. A SiT run adds its flow settings, a
+    LightningDiT run also its model options and latent statistics (a DiT run's record is what it was before
+    SiT existed, so older runs still resume)."""
     keys = ("model", "ckpt", "random_init", "image_size", "num_classes", "num_steps", "cfg_scale",
             "guide_all_channels", "batch_size", "seed", "sampler", "eta", "vae", "depth", "hidden_size", "num_heads")
     config = {k: getattr(args, k) for k in keys} | {"labels_sha": _digest(labels), "ckpt_sha256": ckpt_sha256}
@@ -404,6 +515,10 @@ def _run_config(args, labels, ckpt_sha256: str | None, sampling: dict) -> dict:
         config |= {"mode" if k == "sampler" else k: v for k, v in sampling.items()}
     else:
         config["sampler"] = sampling["sampler"]
+    if is_lightning(args.model):
+        config |= {k: getattr(args, k) for k in LIGHTNING_MODEL_OPTIONS}
+        config |= {"latent_stats": args.latent_stats, "latent_multiplier": args.latent_multiplier,
+                   "latent_stats_digest": None if stats is None else stats.digest()}
     return config
 
 
@@ -453,21 +568,30 @@ def run(args) -> int:
     if ((labels < 0) | (labels >= args.num_classes)).any():
         raise SystemExit(f"--class-labels must lie in [0, {args.num_classes - 1}], got {sorted(set(labels.tolist()))}")
 
+    resolve_family(args)
     sampling = resolve_sampling(args)
+    stats = open_latent_stats(args)
     # A resumed run must be the same run: refuse to mix shards of different settings or weights.
     ckpt_sha256, ckpt_stat = checkpoint_identity(args.ckpt) if args.ckpt else (None, None)
-    config = _run_config(args, labels, ckpt_sha256, sampling)
+    config = _run_config(args, labels, ckpt_sha256, sampling, stats)
     config_path = os.path.join(out, "run.json")
     if os.path.exists(config_path):
         with open(config_path) as f:
             _refuse_other_run(out, json.load(f), json.loads(json.dumps(config)))
 
     vae = load_vae(args.vae, device)
-    factor = vae_factor(vae)
+    factor = vae_factor(vae, family_defaults(args.model)["latent_factor"])
     if args.image_size % factor:
         raise SystemExit(f"--image-size must be a multiple of the VAE's factor {factor}, got {args.image_size}")
     latent_size = args.image_size // factor
-    model = build_model(args, latent_size, device, sampling)
+    channels = LIGHTNING_IN_CHANNELS if is_lightning(args.model) else 4
+    vae_channels = getattr(getattr(vae, "config", None), "latent_channels", channels)
+    if vae_channels != channels:
+        raise SystemExit(f"--vae {args.vae} has {vae_channels} latent channels, but --model {args.model} samples "
+                         f"{channels}: pass the VAE the model was trained with"
+                         + (" (LightningDiT: VA-VAE f16d32 as a diffusers AutoencoderKL, or --vae none)"
+                            if is_lightning(args.model) else ""))
+    model = build_model(args, latent_size, device, sampling, stats)
     if args.ckpt and _stat_key(args.ckpt) != ckpt_stat:
         raise SystemExit(f"--ckpt {args.ckpt} changed while it was being read (replaced by a training run?); rerun")
     # Only now, with the VAE and the weights loaded, is this a run: a failed start records nothing.
@@ -504,7 +628,10 @@ def run(args) -> int:
                        generator=gen, cuda_graph=not args.no_cuda_graph, guide_all_channels=args.guide_all_channels,
                        backend=args.backend, cfg_mode="above_one",  # sample_ddp.py: cfg_scale <= 1: no guidance
                        **sampling)
-            arr = z.float().cpu().numpy() if vae is None else decode_to_uint8(vae, z)
+            if stats is not None:  # LightningDiT: back to the VAE's latent space, as inference.py does
+                z = stats.denormalize(z.float())
+            scale = 1.0 if is_lightning(args.model) else LATENT_SCALE
+            arr = z.float().cpu().numpy() if vae is None else decode_to_uint8(vae, z, scale)
         _save_npz(_shard_path(shard_dir, j), arr_0=arr, labels=y, run_id=np.array(expected.run_id),
                   batch=np.array(j, dtype=np.int64))
         if bar is not None:

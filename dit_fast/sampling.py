@@ -46,6 +46,28 @@ cfg_scale <= 1 through an unfused forward_with_cfg, the rare case); "above_one" 
 fn(z, model.forward, y=y) when cfg_scale <= 1. A DDPM sampler on a flow model, or a flow sampler on a
 DiT (`returns_sigma = True`, or a module named DiT), is refused: the other family's sampler gives
 wrong samples without failing.
+
+LightningDiT (dit_fast.LightningDiT, or the published module) is a flow model: its published inference.py
+is the Euler ODE (250 steps) on the time grid shifted by timestep_shift = 0.3, guided only from
+t = cfg_interval_start = 0.11 on (t runs from 0, noise, to 1, data; its forward_with_cfg skips the
+guidance while t[0] < cfg_interval_start, comparing in float32: sample_flow's cfg_interval=0.11), with
+cfg_scale 10.0 (configs/lightningdit_xl_vavae_f16d32.yaml; the 800-epoch checkpoint's FID 1.35 setting
+is cfg_scale 6.7 with cfg_interval_start 0.125). LIGHTNINGDIT_SAMPLING holds these:
+
+    sample(model, labels, **LIGHTNINGDIT_SAMPLING)
+
+equals, after torch.manual_seed(seed), to float32 rounding,
+
+    z = randn(n, C, H, W); fn = Sampler(create_transport("Linear", "velocity")).sample_ode(
+        sampling_method="euler", num_steps=250, timestep_shift=0.3)
+    fn(cat([z, z]), model.forward_with_cfg, y=cat([y, null labels]), cfg_scale=10.0, cfg_interval=True,
+       cfg_interval_start=0.11)[-1][:n]
+
+(with cfg_scale <= 1, fn(z, model.forward, y=y)[-1]: inference.py doubles the batch only when guiding,
+cfg_mode="above_one").
+
+The result is in the model's normalized latent space: the published inference de-normalizes it with the
+data set's per-channel statistics before decoding (dit_fast.data.LatentStats.denormalize).
 """
 from __future__ import annotations
 
@@ -60,11 +82,16 @@ from .dit_like import read_dit_like
 from .flow_sampling import sample_flow
 from .ops.sampler_step import NUM_COLS, sampler_step_
 
-__all__ = ["sample", "build_step_table", "SAMPLERS", "FLOW_SAMPLERS", "is_flow_model"]
+__all__ = ["sample", "build_step_table", "SAMPLERS", "FLOW_SAMPLERS", "is_flow_model", "LIGHTNINGDIT_SAMPLING"]
 
 SAMPLERS = ("ddpm", "ddim")  # DDPM-trained models (DiT)
 FLOW_SAMPLERS = ("ode", "sde")  # flow / interpolant models (SiT), through dit_fast.flow_sampling
 CFG_MODES = ("always", "above_one")  # the published sample.py, sample_ddp.py
+# The published LightningDiT inference (configs/lightningdit_xl_vavae_f16d32.yaml, inference.py): sample()'s
+# arguments. cfg_interval=s is its cfg_interval_start: guidance for t >= s only.
+# With cfg_scale <= 1 it runs model.forward on the undoubled batch: cfg_mode "above_one".
+LIGHTNINGDIT_SAMPLING = {"sampler": "ode", "sampling_method": "euler", "num_steps": 250, "timestep_shift": 0.3,
+                         "cfg_interval": 0.11, "cfg_scale": 10.0, "cfg_mode": "above_one"}
 
 
 def build_step_table(diffusion, sampler: str = "ddpm", eta: float = 0.0, dtype=torch.float32, device="cpu"):
@@ -135,13 +162,14 @@ def _is_compiled(model) -> bool:
 
 
 def is_flow_model(model) -> bool | None:
-    """True for a flow model (SiT: `returns_sigma = False`, or a module class named SiT), False for a DDPM
-    one (DiT: `returns_sigma = True`, or named DiT), None when the module does not say."""
+    """True for a flow model (SiT, LightningDiT: `returns_sigma = False`, or a module class named SiT or
+    LightningDiT), False for a DDPM one (DiT: `returns_sigma = True`, or named DiT), None when the module
+    does not say."""
     base = getattr(model, "_orig_mod", model) if _is_compiled(model) else model
     returns_sigma = getattr(base, "returns_sigma", None)
     if returns_sigma is not None:
         return not returns_sigma
-    return {"SiT": True, "DiT": False}.get(type(base).__name__)
+    return {"SiT": True, "LightningDiT": True, "DiT": False}.get(type(base).__name__)
 
 
 # Arguments of one family's samplers, with their defaults: given to the other family's, they are refused.

@@ -25,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .sampler_layout import BLOCK, grid, layout
+
 # Columns of the per-evaluation table.
 COL_T = 0  # the model's t (float32 values, as the published loop passes them)
 COL_M = 1  # -drift mean / x: d log alpha / dt (Linear, GVP) or beta / 2 (VP)
@@ -44,8 +46,6 @@ NUM_COLS = 14
 
 STAGE_NOISE, STAGE_EULER, STAGE_HEUN1, STAGE_HEUN2, STAGE_TWEEDIE = range(5)
 PRED_VELOCITY, PRED_SCORE, PRED_NOISE = range(3)
-
-_BLOCK = 1024
 
 
 @triton.jit
@@ -123,15 +123,11 @@ def flow_step_(
     guided_channels: int, cfg: bool, stage: int, prediction: int, use_score: bool, sde: bool,
 ) -> None:
     """Launch on well-formed contiguous inputs (checked by dit_fast.ops.flow_step); x, xin, k updated in place."""
-    n, C, H, W = x.shape
-    numel = x.numel()
-    if numel == 0:
+    if x.numel() == 0:
         return
-    out_row = model_out.shape[1] * H * W
-    grid = (triton.cdiv(numel, _BLOCK),)
-    _flow_step_kernel[grid](
+    _flow_step_kernel[grid(x)](
         x, xin, model_out, k, noise, table, step,
-        numel, C * H * W, H * W, out_row, n * out_row, int(rows_per_step), int(row_offset), float(cfg_scale),
-        N_GUIDED=min(int(guided_channels), C), CFG=bool(cfg), STAGE=int(stage), PRED=int(prediction),
-        USE_SCORE=bool(use_score), SDE=bool(sde), F64=x.dtype == torch.float64, NCOLS=NUM_COLS, BLOCK=_BLOCK,
+        *layout(x, model_out), int(rows_per_step), int(row_offset), float(cfg_scale),
+        N_GUIDED=min(int(guided_channels), x.shape[1]), CFG=bool(cfg), STAGE=int(stage), PRED=int(prediction),
+        USE_SCORE=bool(use_score), SDE=bool(sde), F64=x.dtype == torch.float64, NCOLS=NUM_COLS, BLOCK=BLOCK,
     )

@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .sampler_layout import BLOCK, grid, layout
+
 # Columns of the per-step table (one row per sampling step, in loop order).
 COL_SQRT_RECIP_AC = 0
 COL_SQRT_RECIPM1_AC = 1
@@ -33,8 +35,6 @@ COL_DDIM_X0 = 7  # sqrt(abar_prev)
 COL_DDIM_EPS = 8  # sqrt(1 - abar_prev - sigma^2)
 COL_DDIM_SIGMA = 9  # eta sqrt((1 - abar_prev) / (1 - abar)) sqrt(1 - abar / abar_prev)
 NUM_COLS = 10
-
-_BLOCK = 1024
 
 
 @triton.jit
@@ -89,15 +89,12 @@ def sampler_step_(
     cfg_scale: float, guided_channels: int, cfg: bool, learn_sigma: bool, clip: bool, ddim: bool,
 ) -> None:
     """Launch on well-formed contiguous inputs (checked by dit_fast.ops.sampler_step); x is updated in place."""
-    n, C, H, W = x.shape
-    numel = x.numel()
-    if numel == 0:
+    if x.numel() == 0:
         return
-    out_row = model_out.shape[1] * H * W
-    grid = (triton.cdiv(numel, _BLOCK),)
-    _sampler_step_kernel[grid](
+    C = x.shape[1]
+    _sampler_step_kernel[grid(x)](
         x, model_out, noise, table, step,
-        numel, C * H * W, H * W, out_row, n * out_row, float(cfg_scale),
+        *layout(x, model_out), float(cfg_scale),
         C=C, N_GUIDED=min(int(guided_channels), C), CFG=bool(cfg), LEARN_SIGMA=bool(learn_sigma),
-        CLIP=bool(clip), DDIM=bool(ddim), F64=x.dtype == torch.float64, NCOLS=NUM_COLS, BLOCK=_BLOCK,
+        CLIP=bool(clip), DDIM=bool(ddim), F64=x.dtype == torch.float64, NCOLS=NUM_COLS, BLOCK=BLOCK,
     )

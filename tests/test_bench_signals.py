@@ -78,6 +78,18 @@ def test_sigterm_during_throughput_rounds_keeps_rows_and_exits_143(tmp_path):
 
 
 @pytest.mark.slow
+def test_sigterm_during_shared_weight_training_rounds_exits_143(tmp_path):
+    """LightningDiT training rows, interleaved on one shared model and optimizer: stopped mid-rounds."""
+    argv = [a if a != "DiT-S/2" else "LightningDiT-B/1" for a in TINY]
+    argv[argv.index("--input-size") + 1] = "4"
+    rc, record, err = _stop_after_first_rows(
+        ["throughput", *argv, "--mode", "train", "--backend", "torch", "--iters", "100000"],
+        tmp_path, "throughput", "throughput", [signal.SIGTERM])
+    assert rc == 143, err[-2000:]
+    assert record["throughput"][0]["shared_weights"] and "Traceback" not in err
+
+
+@pytest.mark.slow
 def test_sigterm_during_kernels_is_not_swallowed_by_the_per_row_handler(tmp_path):
     rc, record, err = _stop_after_first_rows(
         ["kernels", *TINY, "--op", "gated_residual,adaln_modulate", "--batch", "1", "--iters", "1",

@@ -167,8 +167,24 @@ def test_largest_batch_search_survives_out_of_memory_gpu():
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0, dev)
     timed, largest = rows
-    assert timed["batch"] == 8 and timed["isolated"] and "error" not in timed and 0 < timed["peak_mem_gib"] < 2.5
+    assert timed["batch"] == 8 and timed["shared_weights"] and "error" not in timed and 0 < timed["peak_mem_gib"] < 2.5
     assert largest["largest_batch"] and "error" not in largest, largest
     assert largest["oom_batch"] is not None and largest["oom_batch"] > largest["batch"] >= 8
     assert "out of memory" in largest["batches_tried"].values()
     assert largest["ms_per_iter"] > 0 and 0 < largest["peak_mem_gib"] <= 2.5
+
+
+@pytest.mark.gpu
+def test_shared_weight_training_rows_hold_one_model_and_optimizer_gpu():
+    """On CUDA, the interleaved training rows of three contenders on shared weights: each contender's peak memory
+    holds the one model's weights, gradients and AdamW moments (4x the parameter bytes) plus its own activations,
+    never a second model's."""
+    dev = torch.device("cuda")
+    shape = replace(shape_for("DiT-S/2", 256, depth=4), input_size=32)
+    rows = run_throughput(shape, device=dev, dtype=torch.bfloat16, batch={"train": [8]}, modes=["train"],
+                          backends=["torch"], warmup=1, iters=3, progress=False,
+                          contenders=["reference", "reference-math", "dit_fast[torch]"])
+    model_gib = 4 * sum(p.numel() * 4 for p in build_reference(shape, "cpu").parameters()) / 2**30
+    for r in rows:
+        assert "error" not in r and r["shared_weights"] and len(r["losses"]) == 3, r
+        assert model_gib <= r["peak_mem_gib"] < model_gib + 1.0, (r["contender"], r["peak_mem_gib"], model_gib)

@@ -87,12 +87,16 @@ def test_info_runs(capsys):
     ("throughput", ["--input-size", "0"], "--input-size"),
     ("throughput", ["--input-size", "7"], "--input-size"),  # not a multiple of the patch size
     ("throughput", ["--model", ""], "--model"),
+    ("throughput", ["--model", "SiT-XXL/2"], "--model"),
+    ("throughput", ["--lightning-options", "qknorm,bogus"], "--lightning-options"),
+    ("throughput", ["--lightning-options", "qknorm"], "--lightning-options"),  # a DiT model has none
     ("throughput", ["--depth", "0"], "--depth"),
     ("throughput", ["--warmup", "-1"], "--warmup"),
     ("throughput", ["--backend", "cuda"], "--backend"),
     ("throughput", ["--attn", "bogus"], "--attn"),
     ("throughput", ["--dtype", "fp32,bf16"], "--dtype"),  # one dtype only outside kernels
     ("kernels", ["--op", "softmax"], "--op"),
+    ("kernels", ["--op", "gated_residual:rms"], "--op"),  # gated_residual has no norm
     ("kernels", ["--rounds", "0"], "--rounds"),
     ("profile", ["--target", "bogus"], "--target"),
 ])
@@ -207,3 +211,30 @@ def test_bench_mode_sample_and_sample_command(tmp_path):
                    "--num-samples", "2", "--vae", "none", "--out", str(tmp_path / "s")])
     assert rc == 0
     assert any(p.suffix == ".npz" for p in (tmp_path / "s").iterdir())
+
+
+FAMILY = ["--device", "cpu", "--depth", "1", "--warmup", "0", "--iters", "1", "--no-progress", "--no-ceilings",
+          "--no-png", "--backend", "torch"]
+
+
+def test_family_models_throughput_parity_kernels(tmp_path):
+    """SiT and LightningDiT through the CLI: throughput rows (training on shared weights, the model named in
+    every row), parity against the family's reference, the LightningDiT op table by default."""
+    light = ["--model", "LightningDiT-B/1", "--lightning-options", "qknorm,wo_shift,rmsnorm", "--input-size", "4"]
+    assert cli.main(["throughput", *FAMILY, *light, "--mode", "fwd,train", "--out", str(tmp_path / "t")]) == 0
+    (path,) = [p for p in (tmp_path / "t").iterdir() if p.suffix == ".json"]
+    record = json.loads(path.read_text())
+    assert record["config"]["options"] == ["qknorm", "rmsnorm", "wo_shift"] and record["config"]["in_channels"] == 32
+    assert "cosine" in record["config"]["objective"]
+    rows = record["throughput"]
+    assert {r["model"] for r in rows} == {"LightningDiT-B/1"} and not [r for r in rows if r.get("error")]
+    assert all(r["shared_weights"] and len(r["losses"]) == 1 for r in rows if r["mode"] == "train")
+    for model in ("SiT-S/2", "LightningDiT-B/1"):
+        size = "4" if model.startswith("Lightning") else "8"
+        assert cli.main(["parity", *FAMILY, "--model", model, "--input-size", size, "--parity-dtypes", "fp32",
+                         "--out", str(tmp_path / model.replace("/", "-"))]) == 0
+    assert cli.main(["kernels", *FAMILY, *light, "--batch", "1", "--rounds", "1", "--no-backward",
+                     "--out", str(tmp_path / "k")]) == 0
+    (path,) = [p for p in (tmp_path / "k").iterdir() if p.suffix == ".json"]
+    ops = {r["op"] for r in json.loads(path.read_text())["kernels"]}
+    assert {"adaln_modulate:rms-noshift", "gated_residual_adaln:rms", "swiglu", "qk_norm_rope"} <= ops

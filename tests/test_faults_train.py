@@ -4,36 +4,25 @@ SIGKILL; and `python -m dit_fast.info` with an invalid DIT_FAST_BACKEND.
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 import signal
 import subprocess
 import sys
 import textwrap
 import threading
-from pathlib import Path
 
 import pytest
 import torch
+from train_script_runs import ROOT, TRAIN_SCRIPT, load_saved, load_train_script, tiny_train_argv
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--model", "DiT-S/2", "--depth", "1", "--hidden-size", "64", "--num-heads", "2",
-        "--image-size", "64", "--num-classes", "10", "--global-batch-size", "4", "--device", "cpu",
-        "--no-progress"]
+TINY = tiny_train_argv("DiT-S/2")
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def train():
-    spec = importlib.util.spec_from_file_location("dit_fast_train_faults", ROOT / "benchmarks" / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def _load(path):
-    return torch.load(path, weights_only=True)
+    return load_train_script("dit_fast_train_faults")
 
 
 def _env():
@@ -47,7 +36,7 @@ def _env():
 def test_concurrent_runs_with_one_results_dir_each_get_their_own_experiment_directory(tmp_path):
     results = tmp_path / "results"
     procs = [
-        subprocess.Popen([sys.executable, str(ROOT / "benchmarks" / "train.py"), *TINY, "--results-dir", str(results),
+        subprocess.Popen([sys.executable, str(TRAIN_SCRIPT), *TINY, "--results-dir", str(results),
                           "--max-steps", "2", "--ckpt-every", "1", "--seed", str(seed)],
                          cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for seed in (1, 2)
@@ -61,10 +50,10 @@ def test_concurrent_runs_with_one_results_dir_each_get_their_own_experiment_dire
     for d in dirs:
         ckpts = results / d / "checkpoints"
         assert sorted(p.name for p in ckpts.iterdir()) == ["0000001.pt", "0000002.pt"]
-        last = _load(ckpts / "0000002.pt")
+        last = load_saved(ckpts / "0000002.pt")
         assert last["step"] == 2
         seeds.add(last["args"]["seed"])
-        assert _load(ckpts / "0000001.pt")["args"]["seed"] == last["args"]["seed"], "one run per directory"
+        assert load_saved(ckpts / "0000001.pt")["args"]["seed"] == last["args"]["seed"], "one run per directory"
     assert seeds == {1, 2}
     for out, _ in outputs:
         assert "experiment directory: " in out
@@ -146,7 +135,7 @@ KILLED_SAVE = textwrap.dedent("""
 def test_temporaries_of_a_sigkilled_save_are_removed_at_the_next_start(tmp_path, train, capsys):
     results = tmp_path / "results"
     args = TINY + ["--results-dir", str(results), "--max-steps", "3", "--ckpt-every", "1"]
-    child = subprocess.Popen([sys.executable, "-c", KILLED_SAVE, str(ROOT / "benchmarks" / "train.py"), *args],
+    child = subprocess.Popen([sys.executable, "-c", KILLED_SAVE, str(TRAIN_SCRIPT), *args],
                              cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, text=True)
     try:
         for line in child.stdout:

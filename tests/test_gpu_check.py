@@ -12,7 +12,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "benchmarks", "gpu_check.sh")
-MEASURING = ("train", "fwd_cfg", "sampling", "kernels", "parity", "profile")
+MEASURING = ("train", "train_lightning", "fwd_cfg", "sampling", "kernels", "parity", "profile")
 
 
 def _run(outdir, timeout, **env):
@@ -31,10 +31,11 @@ def test_gpu_check_dry_run(tmp_path):
         assert f"| {stage} | ok |" in summary, summary
     assert "| max_batch | skipped (needs CUDA) |" in summary
     stage_order = [m.group(1) for m in re.finditer(r"^\| (\w+) \|", summary.split("\n\n")[1], re.M)]
-    assert stage_order[1:11] == ["install", "info", *MEASURING, "max_batch", "roofline"], stage_order
+    assert stage_order[1:12] == ["install", "info", *MEASURING, "max_batch", "roofline"], stage_order
     for title in ("Throughput", "Sampling", "Kernels", "Parity", "Profile", "Roofline (PREDICTED"):
         assert f"## {title}" in summary, title
     assert "| train | reference | 2 |" in summary and "| train | reference-math | 2 |" in summary
+    assert "| train | dit_fast[torch] | 2 | LightningDiT-B/1 |" in summary  # the LightningDiT training stage
     assert "| cfg | dit_fast[torch] | 2 |" in summary and "| train | dit_fast | " in summary  # predicted beside
     (roofline_name,) = [p for p in os.listdir(tmp_path) if p.endswith("-predicted-roofline.json")]
     (json_name,) = [p for p in os.listdir(tmp_path) if p.endswith(".json") and p != roofline_name]
@@ -117,19 +118,32 @@ def test_stages_cut_by_their_limits_keep_every_measured_row(tmp_path):
         (partial,) = [p for p in (out / "details" / s).iterdir() if p.name.endswith("-partial.json")]
         record = json.loads(partial.read_text())
         assert record["status"].startswith("incomplete: terminated (SIGTERM)"), record["status"]
-        section = {"train": "throughput", "fwd_cfg": "throughput"}.get(s, s)
+        section = {"train": "throughput", "train_lightning": "throughput", "fwd_cfg": "throughput"}.get(s, s)
         names = [r.get("contender") or r.get("backend") for r in record[section]]
         measured[s] = names
         for name in names:  # every row the stage measured before it was cut
             assert f"| {name} |" in summary or f" {name} |" in summary, (name, summary)
         assert f"{s} (partial: incomplete" in summary
-    assert sum(1 for names in measured.values() if names) >= 5, measured  # 12 s suffice for a first row
+    assert sum(1 for names in measured.values() if names) >= 6, measured  # 12 s suffice for a first row
     merged = [p for p in os.listdir(out) if p.endswith(".json")]
     record = json.loads((out / merged[0]).read_text())
     assert record["status"] == "incomplete"
     merged_names = {r.get("contender") or r.get("backend") for k in ("throughput", "sampling", "kernels", "parity",
                                                                       "profile") for r in record.get(k, [])}
     assert {n for names in measured.values() for n in names} <= merged_names
+
+
+def test_stage_limits_fit_the_budget():
+    """Install (and its no-extension retry) + every stage at its default limit + gpu_tests' minimum 10 s fit the
+    7-minute budget; the training stages come first after info."""
+    with open(SCRIPT) as f:
+        text = f.read()
+    limits = {name.lower(): int(v) for name, v in re.findall(r"^t_\w+=\$\(lim (\w+) (\d+)\)$", text, re.M)}
+    assert {"install", "install_noext", "train", "train_lightning", "max_batch", "report"} <= set(limits), limits
+    budget = int(re.search(r"^BUDGET=\$\{GPU_CHECK_BUDGET:-(\d+)\}", text, re.M).group(1))
+    assert budget == 420 and sum(limits.values()) + 10 <= budget, (sum(limits.values()), limits)
+    stages = re.findall(r"^stage (\w+) ", text, re.M)
+    assert stages[stages.index("info"):][:3] == ["info", "train", "train_lightning"], stages
 
 
 def test_summary_lists_rows_of_complete_and_partial_files_and_test_outcomes(tmp_path):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from train_script_runs import load_saved, load_train_script, parse_sample, tiny_train_argv
 
 import dit_fast
 from dit_fast import reference
@@ -154,16 +155,6 @@ def test_sample_on_a_sit_cuda_graph_equals_eager_gpu():
 
 
 # -------------------------------------------------------------------------------------- dit-fast sample
-def parse_sample(*argv):
-    import argparse
-
-    from dit_fast import sample_cli
-
-    p = argparse.ArgumentParser()
-    sample_cli.add_arguments(p)
-    return p.parse_args(list(argv))
-
-
 def sit_args(out, ckpt, *extra):
     return parse_sample("--model", "SiT-S/2", "--ckpt", str(ckpt), "--depth", "1", "--hidden-size", "32",
                         "--num-heads", "2", "--image-size", "64", "--num-classes", str(NUM_CLASSES),
@@ -281,24 +272,12 @@ def test_cli_refuses_a_bad_cfg_interval(capsys):
 
 
 # -------------------------------------------------------------------------------------- benchmarks/train.py
-TINY_TRAIN = ["--model", "SiT-S/2", "--depth", "1", "--hidden-size", "64", "--num-heads", "2", "--image-size", "64",
-              "--num-classes", "10", "--global-batch-size", "4", "--device", "cpu", "--no-progress"]
+TINY_TRAIN = tiny_train_argv("SiT-S/2")
 
 
 @pytest.fixture(scope="module")
 def train():
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "train.py"
-    spec = importlib.util.spec_from_file_location("dit_fast_train_example_sit", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def _load(path):
-    return torch.load(path, weights_only=True)
+    return load_train_script("dit_fast_train_example_sit")
 
 
 @pytest.mark.parametrize("objective", [[], ["--use-lognorm", "--use-cosine-loss"],
@@ -315,7 +294,7 @@ def test_train_sit_resumes_as_the_uninterrupted_run(tmp_path, train, objective):
     first = tmp_path / "a" / exp / "checkpoints" / "0000002.pt"
     resumed = train.main(common + ["--results-dir", str(tmp_path / "b"), "--resume", str(first)])
     assert resumed["losses"] == straight["losses"][2:], "a resumed run repeats the uninterrupted one"
-    a, b = _load(tmp_path / "a" / exp / "checkpoints" / "0000003.pt"), _load(resumed["checkpoint"])
+    a, b = load_saved(tmp_path / "a" / exp / "checkpoints" / "0000003.pt"), load_saved(resumed["checkpoint"])
     assert set(a) == {"model", "ema", "opt", "args", "step"} and a["args"]["model"] == "SiT-S/2"
     assert a["args"]["use_lognorm"] == ("--use-lognorm" in objective)
     assert a["args"]["path_type"] == ("GVP" if "GVP" in objective else "Linear")

@@ -3,7 +3,6 @@ checkpoints, optimizer settings), validated latent shards (dit_fast.data), stopp
 loss, and the loss as one replaceable function.
 """
 import errno
-import importlib.util
 import math
 import shutil
 from pathlib import Path
@@ -11,14 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from train_script_runs import load_saved, load_train_script, tiny_train_argv
 
 from dit_fast.data import InvalidShardError, LatentShards
 
-ROOT = Path(__file__).resolve().parents[1]
 # A one-block DiT-S/2 of width 64 on 8x8 latents: about a second per run.
-TINY = ["--model", "DiT-S/2", "--depth", "1", "--hidden-size", "64", "--num-heads", "2",
-        "--image-size", "64", "--num-classes", "10", "--global-batch-size", "4", "--device", "cpu",
-        "--no-progress"]
+TINY = tiny_train_argv("DiT-S/2")
 
 
 # Tiny models: one thread (conftest's fixture)
@@ -27,10 +24,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def train():
-    spec = importlib.util.spec_from_file_location("dit_fast_train_example", ROOT / "benchmarks" / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_train_script("dit_fast_train_example")
 
 
 def _exp(results, index=0) -> Path:
@@ -40,10 +34,6 @@ def _exp(results, index=0) -> Path:
 
 def _ckpts(results, index=0) -> list[str]:
     return sorted(p.name for p in (_exp(results, index) / "checkpoints").iterdir())
-
-
-def _load(path):
-    return torch.load(path, weights_only=True)
 
 
 # -- saving and resuming ---------------------------------------------------------------------------
@@ -59,15 +49,15 @@ def test_saves_and_resumes(tmp_path, train):
     assert resumed["step"] == 3 and len(resumed["losses"]) == 1
     assert resumed["losses"][0] == straight["losses"][2], "a resumed run repeats the uninterrupted one"
 
-    a = _load(_exp(tmp_path / "a") / "checkpoints" / "0000003.pt")
-    b = _load(resumed["checkpoint"])
+    a = load_saved(_exp(tmp_path / "a") / "checkpoints" / "0000003.pt")
+    b = load_saved(resumed["checkpoint"])
     assert set(a) == {"model", "ema", "opt", "args", "step"} and a["step"] == 3
     assert a["args"]["lr"] == 1e-3 and a["args"]["model"] == "DiT-S/2"
     for key in ("model", "ema"):
         for name, tensor in a[key].items():
             torch.testing.assert_close(b[key][name], tensor, rtol=0, atol=0, msg=f"{key}.{name}")
     # EMA moved away from the initial weights, by less than the model did (decay 0.9999).
-    first_state = _load(first)
+    first_state = load_saved(first)
     w = "blocks.0.attn.qkv.weight"
     assert not torch.equal(a["ema"][w], first_state["ema"][w])
     assert (a["ema"][w] - first_state["ema"][w]).abs().max() < (a["model"][w] - first_state["model"][w]).abs().max()
@@ -102,16 +92,16 @@ def test_a_failed_checkpoint_save_keeps_the_previous_one(tmp_path, train, monkey
     results = tmp_path / "run"
     args = TINY + ["--ckpt-every", "1", "--max-steps", "2", "--results-dir", str(results)]
     train.main(args)
-    good = _load(_exp(results) / "checkpoints" / "0000002.pt")
+    good = load_saved(_exp(results) / "checkpoints" / "0000002.pt")
     _fail_on_nth_save(monkeypatch, 2, error)  # the same run again (its own directory), failing mid-save of 0000002.pt
     with pytest.raises(type(error)) as e:
         train.main(args)
     assert e.value is error or e.value.__cause__ is error, "the original error surfaces (as the cause of a full disk)"
     monkeypatch.undo()
     assert _ckpts(results, 1) == ["0000001.pt"], "no temp file left"
-    assert _load(_exp(results, 1) / "checkpoints" / "0000001.pt")["step"] == 1
+    assert load_saved(_exp(results, 1) / "checkpoints" / "0000001.pt")["step"] == 1
     assert _ckpts(results, 0) == ["0000001.pt", "0000002.pt"], "the first run's checkpoints are untouched"
-    torch.testing.assert_close(_load(_exp(results) / "checkpoints" / "0000002.pt")["model"], good["model"],
+    torch.testing.assert_close(load_saved(_exp(results) / "checkpoints" / "0000002.pt")["model"], good["model"],
                                rtol=0, atol=0)
 
 
@@ -133,7 +123,7 @@ def test_resume_skips_a_truncated_newest_checkpoint(tmp_path, train, capsys):
         assert f"resuming from {ckpts / '0000001.pt'} (step 1)" in out
         assert again["losses"] == straight["losses"][1:], f"--resume {resume}"
         assert again["experiment_dir"] == str(_exp(results, 1)), "a resumed run writes into a new directory"
-        assert _load(_exp(results, 1) / "checkpoints" / "0000003.pt")["step"] == 3
+        assert load_saved(_exp(results, 1) / "checkpoints" / "0000003.pt")["step"] == 3
         shutil.rmtree(_exp(results, 1))  # the next --resume finds experiment 000's again
 
 
@@ -191,19 +181,19 @@ def test_optimizer_settings_given_on_resume_are_applied(tmp_path, train, capsys)
     capsys.readouterr()
 
     train.main(args + ["--max-steps", "2", "--resume", step1])  # no --lr: the checkpoint's stays
-    kept = _load(_exp(results, 1) / "checkpoints" / "0000002.pt")
+    kept = load_saved(_exp(results, 1) / "checkpoints" / "0000002.pt")
     assert kept["opt"]["param_groups"][0]["lr"] == kept["args"]["lr"] == 1e-3
     assert "--resume: optimizer" not in capsys.readouterr().out
 
     train.main(args + ["--max-steps", "2", "--resume", step1, "--lr", "3e-4", "--weight-decay", "0.05"])
     out = capsys.readouterr().out
     assert "optimizer lr 0.001 -> 0.0003" in out and "optimizer weight_decay 0.0 -> 0.05" in out
-    changed = _load(_exp(results, 2) / "checkpoints" / "0000002.pt")
+    changed = load_saved(_exp(results, 2) / "checkpoints" / "0000002.pt")
     assert changed["opt"]["param_groups"][0]["lr"] == changed["args"]["lr"] == 3e-4
     assert changed["opt"]["param_groups"][0]["weight_decay"] == changed["args"]["weight_decay"] == 0.05
     # It took effect: the step from 1 to 2 moved the weights by a different amount (Adam: ~lr per element).
     w = "blocks.0.adaLN_modulation.1.bias"  # has a gradient from the first step on (the gates)
-    start = _load(step1)["model"][w]
+    start = load_saved(step1)["model"][w]
     moved_kept = (kept["model"][w] - start).abs().max()
     moved_changed = (changed["model"][w] - start).abs().max()
     assert moved_changed < 0.5 * moved_kept
@@ -284,7 +274,7 @@ def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp
     assert f"last good checkpoint is {_exp(results) / 'checkpoints' / '0000002.pt'}" in msg
     assert len(ema_updates) == 2
     assert _ckpts(results) == ["0000001.pt", "0000002.pt"]
-    last = _load(_exp(results) / "checkpoints" / "0000002.pt")
+    last = load_saved(_exp(results) / "checkpoints" / "0000002.pt")
     assert all(torch.isfinite(t).all() for key in ("model", "ema") for t in last[key].values())
 
 

@@ -45,17 +45,20 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..backends import ADALN_OPS, OPS, implements, module_for, probe
+from ..backends import ADALN_OPS, ALL_OPS, OPS, implements, module_for, probe
+from . import stop
 from .contenders import autocast_ctx
+from .kernel_variants import NORM_VARIANTS, base_op, default_ops, runs_variant, variant_case  # noqa: F401
 from .rounds import ratio_stats, run_rounds, spread
 from .timing import sample_kernel, timer_name, warm_up
 
-CONTENDERS = ("eager", "compile", "triton", "triton-noprefetch", "triton-nosplit", "triton-gemm", "ext")
+CONTENDERS = ("eager", "compile", "triton", "triton-noprefetch", "triton-nosplit", "triton-gemm", "ext", "liger")
 # Contenders that run the Triton adaLN kernels with one kernels.adaln switch off: name -> the switch.
 _ADALN_SWITCHES = {"triton-noprefetch": "PREFETCH", "triton-nosplit": "SPLIT_D"}
 # Contenders that run one Triton op with an environment switch set: name -> (op, variable, value).
 _ENV_SWITCHES = {"triton-gemm": ("linear_gelu_tanh", "DIT_FAST_FC1_GEMM", "triton")}
 PASSES = ("fwd", "fwd+bwd")
+BENCH_OPS = ALL_OPS + tuple(NORM_VARIANTS)  # every op name `dit-fast kernels --op` takes
 TOKENS_512PX = 1024  # DiT /2 models at 512px: a 64x64 latent in 2x2 patches
 
 
@@ -71,6 +74,7 @@ class OpCase:
     gemm_flops: int = 0
     notes: str = ""
     extra: dict = field(default_factory=dict)
+    untouched: tuple[int, int] = (0, 0)  # (fwd, bwd) bytes counted above but never moved (views: qk_norm_rope's v)
 
 
 def _t(shape, dtype, device, grad=False, scale=1.0):
@@ -87,6 +91,8 @@ def make_case(op: str, B: int, L: int, D: int, dtype: torch.dtype, device, patch
     res = residual_dtype
     lp = dtype
     label = f"B={B} L={L} D={D}"
+    if op in NORM_VARIANTS:  # LightningDiT's RMSNorm / scale-only modes of the adaLN ops
+        return variant_case(op, B, L, D, dtype, device, residual_dtype)
     if op == "adaln_modulate":  # backward: dh, x, scale -> dx, dshift, dscale
         args = [_t((B, L, D), res, device, True), _t((B, D), lp, device, True), _t((B, D), lp, device, True), 1e-6, lp]
         return OpCase(op, args, [0, 1, 2], label, bwd_reads=(0, 2))
@@ -116,7 +122,12 @@ def make_case(op: str, B: int, L: int, D: int, dtype: torch.dtype, device, patch
         args = [_t((B, L, D), lp, device, True), _t((H, D), res, device, True, D**-0.5), _t((H,), res, device, True)]
         return OpCase(op, args, [0, 1, 2], label, bwd_reads=(0, 1), saved_like_outputs=(0,),
                       gemm_flops=2 * B * L * D * H)
-    raise ValueError(f"op must be one of {OPS}, got {op!r}")
+    from .lightning_cases import make_lightning_case  # swiglu, qk_norm_rope
+
+    case = make_lightning_case(op, B, L, D, lp, res, device)
+    if case is not None:
+        return case
+    raise ValueError(f"op must be one of {BENCH_OPS}, got {op!r}")
 
 
 def _nbytes(ts) -> int:
@@ -139,13 +150,18 @@ def case_bytes(case: OpCase, outs: Sequence[torch.Tensor]) -> dict[str, int]:
         + _nbytes([case.args[i] for i in case.grad_inputs])  # input gradients written
         + 2 * saved  # written by the forward, read by the backward
     )
-    return {"fwd": fwd, "fwd+bwd": fwd + bwd}
+    fwd -= case.untouched[0]
+    return {"fwd": fwd, "fwd+bwd": fwd + bwd - case.untouched[1]}
 
 
 def contender_status(name: str, device_type: str) -> tuple[bool, str]:
     """(runs, why not) for one contender on a device type, whatever the op."""
     if name in ("eager", "compile"):
         return True, ""
+    if name == "liger":  # Liger-Kernel's SwiGLU, where installed
+        from .lightning_cases import liger_status
+
+        return liger_status(device_type)
     if name.startswith("triton") and device_type == "cpu":
         return False, "triton on the CPU is the interpreter, a correctness tool, not a speed path"
     if name not in ("triton", "ext", *_ADALN_SWITCHES, *_ENV_SWITCHES):
@@ -158,8 +174,11 @@ _compiled: dict[str, Callable] = {}
 
 
 def op_fn(name: str, op: str) -> Callable | None:
-    """The callable of contender `name` for `op` (same positional signature as the op), None if it lacks one."""
+    """The callable of contender `name` for `op` (same positional signature as the op), None if it lacks one.
+    A NORM_VARIANTS op runs its base op (the case carries the mode)."""
     from ..ops import torch_backend
+
+    op = base_op(op)
 
     if name == "eager":
         return getattr(torch_backend, op)
@@ -167,6 +186,10 @@ def op_fn(name: str, op: str) -> Callable | None:
         if op not in _compiled:
             _compiled[op] = torch.compile(getattr(torch_backend, op), dynamic=False)
         return _compiled[op]
+    if name == "liger":
+        from .lightning_cases import liger_fn
+
+        return liger_fn(op)
     if name in _ENV_SWITCHES:
         only, var, value = _ENV_SWITCHES[name]
         if op != only or not implements("triton", op):
@@ -217,9 +240,33 @@ def _with_context(fn: Callable, context: Callable) -> Callable:
     return wrapped
 
 
-def kernel_contenders(device_type: str, compile_: bool) -> dict[str, Callable[[str], Callable | None]]:
-    """name -> (op name -> callable or None when it cannot run that op), for the contenders that run here."""
-    names = [n for n in CONTENDERS if (compile_ or n != "compile") and contender_status(n, device_type)[0]]
+# Yardsticks every kernel table keeps whatever --backend asks for: plain PyTorch, compiled, third-party kernels.
+YARDSTICKS = ("eager", "compile", "liger")
+
+
+def family(name: str) -> str:
+    """The kernel family a contender runs: "torch" for eager and compile, else the name's prefix (triton-gemm:
+    triton)."""
+    if name in ("eager", "compile"):
+        return "torch"
+    return name.split("-")[0]
+
+
+def kernel_contenders(device_type: str, compile_: bool,
+                      backends: Sequence[str] | None = None) -> dict[str, Callable[[str], Callable | None]]:
+    """name -> (op name -> callable or None when it cannot run that op), for the contenders that run here.
+
+    backends: the kernel families asked for (None or "auto": all that run); the YARDSTICKS that run here
+    (eager, compile when asked, liger where installed) always run. A family asked for by name that cannot
+    run here is a ValueError saying why: its rows are never dropped silently."""
+    wanted = None if not backends or "auto" in backends else set(backends)
+    if wanted is not None:
+        for b in sorted(wanted - {"torch"}):
+            ok, why = contender_status(b, device_type)
+            if not ok:
+                raise ValueError(f"backend {b!r} cannot run on {device_type} here: {why}")
+    names = [n for n in CONTENDERS if (compile_ or n != "compile")
+             and (wanted is None or n in YARDSTICKS or family(n) in wanted) and contender_status(n, device_type)[0]]
     return {n: (lambda name: lambda op: op_fn(name, op))(n) for n in names}
 
 
@@ -283,6 +330,7 @@ def bench_interleaved(case: OpCase, fns: dict[str, Callable], device, dtype, wit
                 warm_up(run, dev)
                 runs[name] = run
             except Exception as e:
+                stop.check()
                 rows[name]["error"] = f"{pass_}: {_error(e)}"
         samplers = {name: (lambda r: lambda: sample_kernel(r, dev, rep_ms, cpu_iters))(run)
                     for name, run in runs.items()}
@@ -326,6 +374,7 @@ def run_kernels(
     cpu_iters: int = 3,
     progress: bool = True,
     on_result: Callable[[dict], None] | None = None,
+    backends: Sequence[str] | None = None,
 ) -> list[dict]:
     """One row per (dtype, op, shape, contender); dtype may be a list (e.g. float32 and bfloat16).
 
@@ -333,11 +382,11 @@ def run_kernels(
     each of their rows once that case is done.
     """
     dtypes = [dtype] if isinstance(dtype, torch.dtype) else list(dtype)
-    contenders = kernel_contenders(device.type, compile_)
+    contenders = kernel_contenders(device.type, compile_, backends)
     ops = list(ops or OPS)
     for op in ops:
-        if op not in OPS:
-            raise ValueError(f"op must be one of {OPS}, got {op!r}")
+        if op not in BENCH_OPS:
+            raise ValueError(f"op must be one of {BENCH_OPS}, got {op!r}")
     bar = None
     if progress:
         try:
@@ -359,9 +408,12 @@ def run_kernels(
                     try:
                         fn = get(op)
                     except Exception as e:
+                        stop.check()
                         row["error"] = _error(e)
                         continue
-                    if fn is None:
+                    if fn is not None and not runs_variant(family(name), op, device.type):
+                        row["skipped"] = f"{name} has no RMSNorm / scale-only {base_op(op)} on {device.type}"
+                    elif fn is None:
                         row["skipped"] = f"{name} has no {op} kernel"
                     else:
                         fns[name] = fn

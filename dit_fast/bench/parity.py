@@ -1,4 +1,5 @@
-"""Numerical parity of dit_fast against the reference DiT: outputs and gradients, per backend and dtype.
+"""Numerical parity of dit_fast against the reference model (DiT, SiT or LightningDiT: the shape's family):
+outputs and gradients, per backend and dtype.
 
 Method (docs/DESIGN.md section 6): all weights randomized (the published init zeroes adaLN and the
 final layer, so any two fresh models agree trivially); the reference in float64 is the truth.
@@ -85,9 +86,9 @@ def run_parity(
     g = torch.Generator(device="cpu").manual_seed(seed + 1)
     s = shape.input_size
     x = torch.randn(batch, shape.in_channels, s, s, generator=g).to(device)
-    t = (torch.rand(batch, generator=g) * 1000).to(device)
+    t = (torch.rand(batch, generator=g) * (1 if shape.flow else 1000)).to(device)  # flow models: t in [0, 1]
     y = torch.randint(0, 1000, (batch,), generator=g).to(device)
-    cot = torch.randn(batch, shape.out_channels, s, s, generator=g, dtype=torch.float64).to(device)
+    cot = torch.randn(batch, shape.returned_channels, s, s, generator=g, dtype=torch.float64).to(device)
 
     truth = _run(copy.deepcopy(ref).double(), x.double(), t.double(), y, cot, device, torch.float64)
     rows: list[dict] = []

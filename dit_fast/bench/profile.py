@@ -91,7 +91,12 @@ class BlockRanges:
 
 
 def _device_time(evt) -> float:
-    for attr in ("self_device_time_total", "self_cuda_time_total"):
+    return _first_time(evt, ("self_device_time_total", "self_cuda_time_total"))
+
+
+def _first_time(evt, attrs) -> float:
+    """The first of `attrs` the profiler event has (torch renamed cuda_* to device_*), else 0."""
+    for attr in attrs:
         v = getattr(evt, attr, None)
         if v is not None:
             return float(v)
@@ -162,15 +167,12 @@ def range_table(prof, device_type: str) -> list[dict]:
 
 
 def _total_device_time(evt) -> float:
-    for attr in ("device_time_total", "cuda_time_total"):
-        v = getattr(evt, attr, None)
-        if v is not None:
-            return float(v)
-    return 0.0
+    return _first_time(evt, ("device_time_total", "cuda_time_total"))
 
 
-def _block_step(block: nn.Module, shape, batch: int, device, dtype, train: bool):
-    """One block's forward (or forward + backward) on random inputs of the model's shapes."""
+def _block_step(block: nn.Module, shape, batch: int, device, dtype, train: bool, rope=None):
+    """One block's forward (or forward + backward) on random inputs of the model's shapes (LightningDiT's
+    blocks also take the model's rotary embedding, as its forward passes it)."""
     L, D = shape.tokens, shape.hidden_size
     x = torch.randn(batch, L, D, device=device, requires_grad=train)
     c = torch.randn(batch, D, device=device)
@@ -180,7 +182,7 @@ def _block_step(block: nn.Module, shape, batch: int, device, dtype, train: bool)
         # A block called on its own computes its own adaLN projection and first norm (the published call);
         # inside the model those come batched / carried from the previous block.
         with torch.set_grad_enabled(train), autocast_ctx(torch.device(device), dtype):
-            out = block(x, c)
+            out = block(x, c) if rope is None else block(x, c, rope)
         if train:
             out.float().sum().backward()
         return out
@@ -206,9 +208,10 @@ def profile_model(
     """Profile `iters` steps of a contender (target "model": the whole step of `mode`; "block": block 0 alone)."""
     model = instantiate(contender, reference)
     if target == "block":
-        step = _block_step(model.blocks[0], shape, batch, device, dtype, train=(mode == "train"))
+        step = _block_step(model.blocks[0], shape, batch, device, dtype, train=(mode == "train"),
+                           rope=getattr(model, "feat_rope", None))
     else:
-        step = make_step(model, mode, make_inputs(shape, batch, device), device, dtype)
+        step = make_step(model, mode, make_inputs(shape, batch, device), device, dtype, shape=shape)
     for _ in range(warmup):
         step()
     if device.type == "cuda":

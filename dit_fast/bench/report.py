@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 
 from ..atomic import atomic_write, write_text
+from .number_format import format_float
 
 PARTIAL = "-partial"
 SECTION_KEYS = ("parity", "throughput", "sampling", "kernels", "overhead", "profile", "roofline")
@@ -83,16 +83,17 @@ def _fmt(v, digits=3) -> str:
     if isinstance(v, bool):
         return "PASS" if v else "FAIL"
     if isinstance(v, float):
-        if math.isnan(v) or math.isinf(v):
-            return str(v)
-        if v != 0 and (abs(v) < 1e-2 or abs(v) >= 1e5):
-            return f"{v:.2e}"
-        return f"{v:.{digits}g}" if abs(v) < 1000 else f"{v:.0f}"
+        return format_float(v, digits)
     return str(v)
 
 
+# Columns only some runs have (the model family's): shown only when a row has a value.
+OPTIONAL_KEYS = {"model", "sampler", "losses", "speedup_vs_compile_blocks", "speedup_vs_compile_blocks_spread_pct"}
+
+
 def md_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
-    """columns: (key, header) pairs; missing values print empty."""
+    """columns: (key, header) pairs; missing values print empty (an OPTIONAL_KEYS column no row has: left out)."""
+    columns = [(k, h) for k, h in columns if k not in OPTIONAL_KEYS or any(r.get(k) is not None for r in rows)]
     head = "| " + " | ".join(h for _, h in columns) + " |"
     sep = "|" + "|".join("---" for _ in columns) + "|"
     body = ["| " + " | ".join(_fmt(r.get(k)) for k, _ in columns) + " |" for r in rows]
@@ -121,15 +122,18 @@ def env_lines(env: dict, ceilings: dict | None) -> str:
 
 
 THROUGHPUT_COLS = [
-    ("mode", "mode"), ("contender", "contender"), ("batch", "batch"), ("ms_per_iter", "ms/iter"),
+    ("model", "model"), ("mode", "mode"), ("contender", "contender"), ("batch", "batch"), ("ms_per_iter", "ms/iter"),
     ("spread_pct", "spread %"),
     ("images_per_s", "img/s"), ("tflops", "TFLOP/s"), ("mfu", "MFU"), ("peak_mem_gib", "peak GiB"),
     ("speedup_vs_eager", "x eager"), ("speedup_vs_eager_spread_pct", "spread %"),
-    ("speedup_vs_compile", "x compile"), ("speedup_vs_compile_spread_pct", "spread %"), ("noise", "noise"),
-    ("error", "error"),
+    ("speedup_vs_compile", "x compile"), ("speedup_vs_compile_spread_pct", "spread %"),
+    ("speedup_vs_compile_blocks", "x compile-blocks"), ("speedup_vs_compile_blocks_spread_pct", "spread %"),
+    ("noise", "noise"), ("error", "error"),
 ]
 # (flag key, what it is about) per table: a row is marked NOISY when any of them is set
-THROUGHPUT_NOISE = (("noisy", "time"), ("speedup_vs_eager_noisy", "x eager"), ("speedup_vs_compile_noisy", "x compile"))
+THROUGHPUT_NOISE = (("noisy", "time"), ("speedup_vs_eager_noisy", "x eager"), ("speedup_vs_compile_noisy", "x compile"),
+                    ("speedup_vs_compile_blocks_noisy", "x compile-blocks"))
+SAMPLING_NOISE = (("noisy", "time"),)  # a sampling row's bool `noisy` is no pass/fail: shown as NOISY or blank
 KERNEL_NOISE = (("fwd_noisy", "fwd"), ("fwd_bwd_noisy", "fwd+bwd"), ("fwd_speedup_vs_eager_noisy", "fwd x eager"),
                 ("fwd_bwd_speedup_vs_eager_noisy", "fwd+bwd x eager"))
 OVERHEAD_COLS = [
@@ -169,9 +173,10 @@ KERNEL_COLS = [
     ("fwd_bwd_speedup_vs_eager_spread_pct", "spread %"), ("noise", "noise"), ("skipped", "skipped"), ("error", "error"),
 ]
 SAMPLING_COLS = [
-    ("contender", "contender"), ("batch", "batch"), ("num_steps", "steps"), ("median_ms", "ms per call"),
+    ("model", "model"), ("sampler", "sampler"), ("contender", "contender"), ("batch", "batch"),
+    ("num_steps", "steps"), ("median_ms", "ms per call"),
     ("spread_pct", "spread %"), ("ms_per_step", "ms per step"), ("images_per_s", "images/s"),
-    ("speedup_vs_reference", "x reference"), ("noisy", "noisy"), ("error", "error"),
+    ("speedup_vs_reference", "x reference"), ("noise", "noise"), ("error", "error"),
 ]
 PROFILE_KERNEL_COLS = [("name", "kernel / op"), ("calls", "calls"), ("total_us", "total µs"), ("mean_us", "mean µs"),
                        ("pct", "% of step (kernel time)")]
@@ -203,7 +208,9 @@ def markdown(record: dict) -> str:
         rows = [with_noise(r, THROUGHPUT_NOISE) for r in record["throughput"]]
         parts += ["## Throughput", "", md_table(rows, THROUGHPUT_COLS), "", *noise_lines(rows), ""]
     if record.get("sampling"):
-        parts += ["## Sampling (CFG, one call = all steps)", "", md_table(record["sampling"], SAMPLING_COLS), ""]
+        rows = [with_noise(r, SAMPLING_NOISE) for r in record["sampling"]]
+        parts += ["## Sampling (CFG, one call = all steps)", "", md_table(rows, SAMPLING_COLS), "", *noise_lines(rows),
+                  ""]
     if record.get("kernels"):
         rows = [with_noise(r, KERNEL_NOISE) for r in record["kernels"]]
         parts += ["## Kernels", "",

@@ -11,6 +11,10 @@ Contenders (each samples `batch` images from the same noise, labels and weights)
 Contenders are interleaved in rounds (dit_fast.bench.rounds): round r runs each once in an order
 rotated by r; a row reports the median over rounds and the spread. Timing is wall clock around the
 whole call with a device synchronize on each side. Importable and runnable without a GPU.
+
+Flow models (SiT, LightningDiT: the shape's family) run the published transport Sampler loop against
+dit_fast.sample_flow instead, one set of rounds per sampler of the family (dit_fast.bench.flow_sampling);
+their rows name the sampler (`sampler`).
 """
 from __future__ import annotations
 
@@ -93,9 +97,15 @@ def run_sampling_bench(
     from ..testing import randomize_weights_
 
     randomize_weights_(reference)  # the published init zeroes the output: a degenerate workload
-    contenders = sampling_contenders(reference, device, compile_ref=compile_ref, backend=backend)
+    if shape.flow:
+        from .flow_sampling import FLOW_PLANS, flow_contenders
+
+        plans = [(plan.name, flow_contenders(reference, shape.family, plan, device, compile_ref=compile_ref,
+                                             backend=backend)) for plan in FLOW_PLANS[shape.family]]
+    else:
+        plans = [("ddpm", sampling_contenders(reference, device, compile_ref=compile_ref, backend=backend))]
     rows = []
-    for batch in batches:
+    for (plan, contenders), batch in ((p, b) for p in plans for b in batches):
         g = torch.Generator(device).manual_seed(batch)
         z = torch.randn(batch, shape.in_channels, shape.input_size, shape.input_size, device=device, generator=g)
         y = torch.randint(0, NUM_CLASSES, (batch,), device=device, generator=g)
@@ -126,7 +136,7 @@ def run_sampling_bench(
         for name in contenders:
             st = spread(times.get(name, []))
             row = {
-                "bench": "sample", "contender": name, "batch": batch, "num_steps": num_steps,
+                "bench": "sample", "sampler": plan, "contender": name, "batch": batch, "num_steps": num_steps,
                 "cfg_scale": cfg_scale, "device": str(device), "rounds": rounds,
                 "median_ms": st["median"] if st else None,
                 "spread_pct": st["spread_pct"] if st else None,

@@ -68,6 +68,16 @@ def handling() -> None:
     _handling[0] = True
 
 
+def ignore_until_exit() -> None:
+    """The process exits after a handled stop: ignore SIGINT and SIGTERM for the rest of it. A second Ctrl-C during
+    the interpreter's exit (a torch process takes a while) would otherwise kill the process by SIGINT instead of
+    letting it exit 130 (Python's finalization puts the default action back for a Python-level handler; an
+    ignored signal it leaves ignored). Main thread only, like every handler."""
+    if threading.current_thread() is threading.main_thread():
+        for s in SIGNALS:
+            signal.signal(s, signal.SIG_IGN)
+
+
 def exit_code(signum: int) -> int:
     return 128 + int(signum)
 

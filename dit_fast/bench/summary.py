@@ -18,7 +18,6 @@ import datetime
 import glob
 import importlib.util
 import json
-import math
 import os
 import re
 import sys
@@ -27,10 +26,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # (section, title, columns): what each kind of row shows in the summary
 TABLES = (
     ("throughput", "Throughput (training step, forward, CFG)",
-     ("mode", "contender", "batch", "ms_per_iter", "spread_pct", "images_per_s", "mfu", "peak_mem_gib",
-      "speedup_vs_eager", "speedup_vs_compile", "largest_batch", "oom_batch", "error")),
-    ("sampling", "Sampling", ("contender", "batch", "num_steps", "median_ms", "ms_per_step", "spread_pct",
-                              "speedup_vs_reference", "error")),
+     ("mode", "contender", "batch", "model", "ms_per_iter", "spread_pct", "images_per_s", "mfu", "peak_mem_gib",
+      "speedup_vs_eager", "speedup_vs_compile", "speedup_vs_compile_blocks", "largest_batch", "oom_batch",
+      "error")),
+    ("sampling", "Sampling", ("contender", "batch", "model", "sampler", "num_steps", "median_ms", "ms_per_step",
+                              "spread_pct", "speedup_vs_reference", "error")),
     ("kernels", "Kernels", ("op", "shape", "dtype", "backend", "fwd_ms", "fwd_gb_per_s", "fwd_bwd_ms",
                             "fwd_bwd_gb_per_s", "fwd_speedup_vs_eager", "fwd_bwd_speedup_vs_eager", "skipped",
                             "error")),
@@ -43,11 +43,19 @@ TEST_OUTCOME = re.compile(r"^(tests/\S+::\S+).*?\b(PASSED|FAILED|ERROR|SKIPPED|X
                           r"|^(PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS) (tests/\S+)")
 
 
-def _atomic():
-    spec = importlib.util.spec_from_file_location("_dit_fast_atomic", os.path.join(HERE, "..", "atomic.py"))
+def _load_file(name: str, *path: str):
+    """A module of this package loaded from its file, without importing the package (module docstring)."""
+    spec = importlib.util.spec_from_file_location(name, os.path.join(HERE, *path))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _atomic():
+    return _load_file("_dit_fast_atomic", "..", "atomic.py")
+
+
+_format_float = _load_file("_dit_fast_number_format", "number_format.py").format_float
 
 
 def _fmt(v) -> str:
@@ -56,11 +64,7 @@ def _fmt(v) -> str:
     if isinstance(v, bool):
         return "yes" if v else "no"
     if isinstance(v, float):
-        if math.isnan(v) or math.isinf(v):
-            return str(v)
-        if v != 0 and (abs(v) < 1e-2 or abs(v) >= 1e5):
-            return f"{v:.2e}"
-        return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
+        return _format_float(v)
     return str(v).replace("|", "/").replace("\n", " ")[:160]
 
 

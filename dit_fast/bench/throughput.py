@@ -10,32 +10,42 @@ and the run goes on.
 Phases per (mode, batch): the eager contenders are warmed up and timed first (and saved), then the
 compiled ones are warmed up (compiling is the slow part) and the rounds run again with every contender;
 the second set of rows replaces the first. A run cut by a timeout while compiling keeps the eager numbers.
-Memory: every contender of a phase holds its model at once (peak_mem_gib = its own model's bytes + the
-peak above them during its steps).
+Memory in the forward modes: every contender of a phase holds its model at once (peak_mem_gib = its own
+model's bytes + the peak above them during its steps).
 
-Training steps on CUDA are timed one contender at a time ("isolated"): four DiT-XL/2 models with their
-AdamW state (11 GB each) and a B=64 step's activations do not fit in 80 GB together, and the peak memory
-a user compares is that of one model alone. Each contender is built after torch.cuda.reset_peak_memory_stats,
-warmed up, and timed for `iters` consecutive steps; peak_mem_gib = max_memory_allocated above what was
-allocated before it was built (weights, gradients, optimizer state, activations). Its speedups are ratios
-of medians (no paired rounds). The largest batch that fits (max_batch) is found per eager contender by
+Training steps share ONE set of weights and ONE optimizer (contenders.instantiate(share_weights=True)):
+every contender of a phase is a view of the same Parameters (the reference's module tree copied around the
+very same Parameter objects, dit_fast from_reference(share_weights=True), compiled variants wrapping those),
+so memory holds one model + one AdamW state + one step's activations, and the training steps are
+interleaved in rounds like the forward modes (each contender's step trains the weights the next one
+uses; every contender computes the same function, so the run is one training run). Each phase starts
+from a fresh copy of the pristine weights. peak_mem_gib of a training row = the largest
+torch.cuda.max_memory_allocated over its steps (reset before each of its steps) above what was allocated
+before the phase's model was built: weights, gradients, optimizer state and that contender's activations.
+Each row keeps its steps' losses (`losses`, in the order of its rounds).
+
+isolate_train=True keeps the issue-20 way: one contender at a time ("isolated"), each alone in memory
+with its own model and optimizer, `iters` consecutive steps, speedups as ratios of medians (no paired
+rounds). The largest batch that fits (max_batch, CUDA) is found per eager contender, alone in memory, by
 doubling the batch, then bisecting in multiples of 32, one step per try, each try's CUDA out-of-memory
 error caught and its memory freed before the next.
 """
 from __future__ import annotations
 
+import copy
 import gc
 from typing import Callable
 
 import torch
 
 from . import stop
-from .contenders import Contender, contender_list, instantiate, make_inputs, make_step
+from .contenders import Contender, contender_list, instantiate, make_inputs, make_optimizer, make_step
 from .flops import DiTShape, flops_per_step
 from .rounds import ratio_stats, run_rounds, spread
 from .timing import time_fn
 
-REFERENCES = (("speedup_vs_eager", "reference"), ("speedup_vs_compile", "reference+compile"))
+REFERENCES = (("speedup_vs_eager", "reference"), ("speedup_vs_compile", "reference+compile"),
+              ("speedup_vs_compile_blocks", "reference+compile-blocks"))
 
 
 def _progress_bar(total: int, desc: str):
@@ -87,36 +97,30 @@ def run_throughput(
     on_update: Callable[[list[dict]], None] | None = None,
     progress: bool = True,
     contenders: list[str] | None = None,
-    isolate_train: bool | None = None,
+    isolate_train: bool = False,
     max_batch: bool = False,
     max_batch_limit: int = 1024,
+    lr: float = 1e-4,
 ) -> list[dict]:
     """One row per (contender, mode, batch); `iters` is the number of rounds (isolated: timed steps);
-    batch is one size, or one size or a list of sizes per mode.
+    batch is one size, or one size or a list of sizes per mode. shape.family picks the models and, for
+    training, the objective (contenders.make_step).
 
-    isolate_train (default: on CUDA): time the training step one contender at a time, each alone in
-    memory (module docstring). max_batch: after the listed batches, find each eager contender's largest
-    training batch that fits (isolated, CUDA) and time it. on_update(rows) runs after every round (every
-    isolated row) with every row measured so far (to checkpoint them).
+    Training rows: interleaved rounds on one shared set of weights and one optimizer (module docstring);
+    isolate_train: one contender at a time, each alone in memory with its own copy. max_batch: after the
+    listed batches, find each eager contender's largest training batch that fits (alone in memory, CUDA)
+    and time it. on_update(rows) runs after every round (every isolated row) with every row measured so
+    far (to checkpoint them). lr: the training step's learning rate (0 leaves the weights as they are).
     """
-    from .contenders import build_reference
-
     if iters < 1:
         raise ValueError(f"iters must be >= 1, got {iters}")
-    if isolate_train is None:
-        isolate_train = device.type == "cuda"
-    if max_batch and not (isolate_train and device.type == "cuda"):
-        raise ValueError("max_batch needs a CUDA device and isolated training rows (it catches CUDA out-of-memory "
-                         f"errors), got device {device.type!r} with isolate_train={isolate_train}")
-    torch.manual_seed(0)
-    pristine = build_reference(shape, device)
-    # Random weights: the published init zeroes adaLN and the final layer, which some kernels
-    # could exploit (zeros run faster than real data).
-    from ..testing import randomize_weights_
-
-    randomize_weights_(pristine)
+    if max_batch and device.type != "cuda":
+        raise ValueError("max_batch needs a CUDA device (it catches CUDA out-of-memory errors), "
+                         f"got device {device.type!r}")
+    pristine = pristine_reference(shape, device)
     batches = {m: _as_list(batch[m] if isinstance(batch, dict) else batch) for m in modes}
-    all_contenders = contender_list(device.type, backends, compile_ref, compile_fast, attn, only=contenders)
+    all_contenders = contender_list(device.type, backends, compile_ref, compile_fast, attn, only=contenders,
+                                    family=shape.family)
     eager = [c for c in all_contenders if not c.compiled]
     phases = [eager] + ([all_contenders] if len(eager) < len(all_contenders) else [])
     done: list[dict] = []  # rows of finished (mode, batch) pairs
@@ -131,10 +135,17 @@ def run_throughput(
                 # eager contenders first, compiled last (the module order of contender_list)
                 for c in all_contenders:
                     done.append(_isolated_row(c, n, pristine, inputs, shape, device, dtype, warmup, iters,
-                                              gemm_tflops, progress))
+                                              gemm_tflops, progress, lr))
                     add_speedups(done)
                     if on_update:
                         on_update(done)
+                continue
+            if mode == "train":
+                done += _shared_training_rows(phases, n, pristine, inputs, shape, device, dtype, warmup, iters,
+                                              gemm_tflops, progress, done, on_update, lr)
+                if on_update:
+                    on_update(done)
+                del inputs
                 continue
             rows = _interleaved_rows(phases, mode, n, pristine, inputs, shape, device, dtype, warmup, iters,
                                      gemm_tflops, forward_models, progress, done, on_update)
@@ -148,10 +159,21 @@ def run_throughput(
         start = max(batches["train"])
         for c in eager:
             done.append(_largest_batch_row(c, start, max_batch_limit, pristine, shape, device, dtype, warmup, iters,
-                                           gemm_tflops, progress))
+                                           gemm_tflops, progress, lr))
             if on_update:
                 on_update(done)
     return done
+
+
+def pristine_reference(shape: DiTShape, device) -> torch.nn.Module:
+    """The weights every contender starts from: the family's reference model, seeded (0), with random weights
+    (the published init zeroes adaLN and the final layer, which some kernels could exploit: zeros run faster
+    than real data). Draws from the global generator, as run_throughput does first thing."""
+    from ..testing import randomize_weights_
+    from .contenders import build_reference
+
+    torch.manual_seed(0)
+    return randomize_weights_(build_reference(shape, device))
 
 
 def _as_list(b) -> list[int]:
@@ -188,26 +210,132 @@ def _interleaved_rows(phases, mode, n, pristine, inputs, shape, device, dtype, w
             add_speedups(out)
             return out
 
-        def save(_r, times, errors):
-            nonlocal rows
-            rows = rows_of(times, errors)
-            if on_update:
-                on_update(done + rows)
-
         try:
-            times, errors = run_rounds({name: sampler(t) for name, t in timed.items()}, iters, on_round=save)
-            rows = rows_of(times, errors)
+            rows = _rounds_rows(timed, sampler, rows_of, iters, done, on_update, bar)
         finally:
-            if bar:
-                bar.close()
             if mode == "train":
                 timed.clear()
                 _free(device)
     return rows
 
 
+def _rounds_rows(timed: dict, sampler, rows_of, iters: int, done: list[dict], on_update, bar) -> list[dict]:
+    """The phase's `iters` interleaved rounds (sampler(t): one timed step of t); its rows (rows_of(times,
+    errors)) after the last. After every round, on_update gets the finished rows plus this phase's so far.
+    The progress bar (or None) is closed however the rounds end."""
+    def save(_r, times, errors):
+        rows = rows_of(times, errors)
+        if on_update:
+            on_update(done + rows)
+
+    try:
+        times, errors = run_rounds({name: sampler(t) for name, t in timed.items()}, iters, on_round=save)
+        return rows_of(times, errors)
+    finally:
+        if bar:
+            bar.close()
+
+
+class _SharedStep:
+    """One contender's training step on the shared weights: its timed samples, peak memory and losses."""
+
+    def __init__(self, c: Contender, step, base_bytes: int):
+        self.c, self.step, self.base = c, step, base_bytes
+        self.peak = 0
+        self.losses: list[float] = []
+
+    def sample(self, device) -> float:
+        cuda = device.type == "cuda"
+        if cuda:
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+        ms = time_fn(self.step, device, warmup=0, iters=1)["median_ms"]  # synchronizes on CUDA
+        if cuda:
+            self.peak = max(self.peak, torch.cuda.max_memory_allocated(device) - self.base)
+        self.losses.append(float(self.step.last_loss))
+        return ms
+
+
+def _shared_training_rows(phases, n, pristine, inputs, shape, device, dtype, warmup, iters, gemm_tflops, progress,
+                          done, on_update, lr) -> list[dict]:
+    """The training step of every contender in interleaved rounds on one shared model + optimizer (module
+    docstring); eager phase first, then all (a fresh copy of the pristine weights per phase)."""
+    flops = flops_per_step(shape, "train", n)
+    cuda = device.type == "cuda"
+    rows: list[dict] = []
+    for phase in phases:
+        if any(c.compiled for c in phase):
+            # fresh compiles, as in a user's process: a second batch size of the same code would otherwise be
+            # compiled with dynamic shapes (automatic dynamic), not for the batch it runs
+            torch._dynamo.reset()
+        _free(device)
+        base = 0
+        if cuda:
+            torch.cuda.synchronize(device)
+            base = torch.cuda.memory_allocated(device)
+        master = copy.deepcopy(pristine)
+        optimizer = make_optimizer(master.parameters(), device, lr, shape.family)
+        timed: dict[str, _SharedStep] = {}
+        failed: dict[str, str] = {}
+        for c in phase:
+            try:
+                model = instantiate(c, master, share_weights=True)
+                step = make_step(model, "train", inputs, device, dtype, lr, shape=shape, optimizer=optimizer)
+                n_warm = max(warmup, 1) if c.compiled else warmup  # a compiled contender compiles in its first step
+                bar = _progress_bar(n_warm, f"warm-up {c.name} train B={n}") if progress and n_warm else None
+                for _ in range(n_warm):
+                    step()
+                    if bar:
+                        bar.update()
+                if bar:
+                    bar.close()
+                timed[c.name] = _SharedStep(c, step, base)
+            except Exception as e:
+                stop.check()
+                failed[c.name] = _error(e)
+                optimizer.zero_grad(set_to_none=True)  # a step that failed after its backward
+        bar = (_progress_bar(iters * len(timed), f"train B={n}: {len(timed)} contenders x {iters} rounds (shared)")
+               if progress else None)
+
+        def sampler(t: _SharedStep, bar=bar, optimizer=optimizer):
+            def run():
+                try:
+                    return t.sample(device)
+                except Exception:
+                    optimizer.zero_grad(set_to_none=True)  # the next contender starts without this one's gradients
+                    raise
+                finally:
+                    if bar:
+                        bar.update()
+            return run
+
+        def rows_of(times, errors, phase=phase, failed=failed, timed=timed):
+            out = []
+            for c in phase:
+                if c.name in failed:
+                    out.append(_row(c, "train", n, dtype, flops, None, failed[c.name], warmup))
+                else:
+                    t = timed[c.name]
+                    out.append(_row(c, "train", n, dtype, flops, times.get(c.name), errors.get(c.name), warmup,
+                                    gemm_tflops))
+                    out[-1]["losses"] = list(t.losses)
+                    if cuda and t.losses:
+                        out[-1]["peak_mem_gib"] = t.peak / 2**30
+                out[-1]["shared_weights"] = True
+            add_speedups(out)
+            return out
+
+        try:
+            rows = _rounds_rows(timed, sampler, rows_of, iters, done, on_update, bar)
+        finally:
+            timed.clear()
+            master = optimizer = model = step = None  # noqa: F841 (the phase's memory goes before the next)
+            _free(device)
+    return rows
+
+
 def _isolated_row(c: Contender, n: int, pristine, inputs, shape, device, dtype, warmup, iters, gemm_tflops,
-                  progress) -> dict:
+                  progress, lr: float = 1e-4) -> dict:
     """One contender's training step alone in memory: `iters` timed steps after the warm-up; peak memory
     from a reset before its model is built (weights, gradients, optimizer state, activations)."""
     flops = flops_per_step(shape, "train", n)
@@ -224,7 +352,7 @@ def _isolated_row(c: Contender, n: int, pristine, inputs, shape, device, dtype, 
         torch._dynamo.reset()
     try:
         model = instantiate(c, pristine)
-        step = make_step(model, "train", inputs, device, dtype)
+        step = make_step(model, "train", inputs, device, dtype, lr, shape=shape)
         n_warm = max(warmup, 1) if c.compiled else warmup  # a compiled contender compiles in its first step
         bar = _progress_bar(n_warm + iters, f"{c.name} train B={n}") if progress else None
         times = [time_fn(step, device, warmup=n_warm if i == 0 else 0, iters=1,
@@ -272,7 +400,7 @@ def largest_fitting(fits: Callable[[int], bool], start: int, limit: int,
 
 
 def _largest_batch_row(c: Contender, start: int, limit: int, pristine, shape, device, dtype, warmup, iters,
-                       gemm_tflops, progress) -> dict:
+                       gemm_tflops, progress, lr: float = 1e-4) -> dict:
     """The largest training batch of contender c that fits (one step per try; CUDA out-of-memory caught per
     try, the memory freed, the run goes on), timed alone like the other training rows."""
     tried: dict[int, str] = {}
@@ -283,7 +411,7 @@ def _largest_batch_row(c: Contender, start: int, limit: int, pristine, shape, de
         try:
             inputs = make_inputs(shape, b, device)
             model = instantiate(c, pristine)
-            step = make_step(model, "train", inputs, device, dtype)
+            step = make_step(model, "train", inputs, device, dtype, lr, shape=shape)
             step()
             torch.cuda.synchronize(device)
         except torch.cuda.OutOfMemoryError:
@@ -306,7 +434,7 @@ def _largest_batch_row(c: Contender, start: int, limit: int, pristine, shape, de
                    f"OutOfMemoryError: batch {start} does not fit", warmup)
     else:
         row = _isolated_row(c, good, pristine, make_inputs(shape, good, device), shape, device, dtype, warmup,
-                            iters, gemm_tflops, progress)
+                            iters, gemm_tflops, progress, lr)
     row.update(largest_batch=True, oom_batch=bad, batches_tried=tried)
     return row
 
@@ -383,14 +511,15 @@ def _free(device) -> None:
 
 
 def add_speedups(rows: list[dict]) -> None:
-    """speedup_vs_eager / speedup_vs_compile per mode: the median over rounds of reference ms / this row's ms
+    """speedup_vs_eager / speedup_vs_compile (/ speedup_vs_compile_blocks: LightningDiT's published way to run)
+    per mode: the median over rounds of reference ms / this row's ms
     in the same round, with its spread (`*_spread_pct`, `*_min`, `*_max`, `*_noisy`).
 
     Rows without per-round times (older files) get the ratio of the medians, without a spread.
     """
     base = {}
     for r in rows:
-        if r.get("ms_per_iter") and r["contender"] in ("reference", "reference+compile"):
+        if r.get("ms_per_iter") and r["contender"] in {name for _, name in REFERENCES}:
             base[(r["contender"], r["mode"], r.get("batch"))] = r
     for r in rows:
         if not r.get("ms_per_iter"):

@@ -8,19 +8,16 @@ the table. backend: "triton" (CUDA; CPU tensors only under TRITON_INTERPRET=1), 
 """
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import Tensor
 
-from ..backends import warn_once
+from .step_dispatch import check_contiguous, check_inputs, check_noise_table_step, resolve_backend, shape_of
 
 __all__ = ["flow_step_", "torch_flow_step_", "NUM_COLS", "STAGES", "PREDICTIONS"]
 
 NUM_COLS = 14
 STAGES = {"noise": 0, "euler": 1, "heun1": 2, "heun2": 3, "tweedie": 4}
 PREDICTIONS = {"velocity": 0, "score": 1, "noise": 2}
-_BACKENDS = ("auto", "triton", "torch")
 
 
 def _kernels():
@@ -97,68 +94,26 @@ def torch_flow_step_(
 
 
 def _check(x, xin, model_out, k, noise, table, step, cfg, stage, prediction) -> None:
-    def shape(t):
-        return list(t.shape) if isinstance(t, Tensor) else type(t).__name__
-
-    tensors = (("x", x), ("xin", xin), ("model_out", model_out), ("k", k), ("noise", noise), ("table", table),
-               ("step", step))
-    for name, t in tensors:
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.device != x.device:
-            raise ValueError(f"{name} must be on {x.device} like x, got {t.device}")
     if stage not in STAGES.values():
         raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
     if prediction not in PREDICTIONS.values():
         raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
-    if x.dim() != 4 or x.dtype not in (torch.float32, torch.float64):
-        raise ValueError(f"x must be a float32/float64 tensor [n, C, H, W], got {x.dtype} {shape(x)}")
+    check_inputs(x, (("x", x), ("xin", xin), ("model_out", model_out), ("k", k), ("noise", noise), ("table", table),
+                     ("step", step)))
     n, C, H, W = x.shape
     B = 2 * n if cfg else n
     if list(xin.shape) != [B, C, H, W] or xin.dtype != x.dtype:
         raise ValueError(f"xin (the model's input) must be a {x.dtype} tensor {[B, C, H, W]}, got "
-                         f"{xin.dtype} {shape(xin)}")
+                         f"{xin.dtype} {shape_of(xin)}")
     if (model_out.dim() != 4 or model_out.shape[0] != B or model_out.shape[1] < C
             or list(model_out.shape[2:]) != [H, W] or not model_out.is_floating_point()):
         raise ValueError(f"model_out must be a float tensor [{B}, >= {C}, {H}, {W}]"
-                         f"{' ([cond; uncond] halves)' if cfg else ''}, got {model_out.dtype} {shape(model_out)}")
+                         f"{' ([cond; uncond] halves)' if cfg else ''}, got {model_out.dtype} {shape_of(model_out)}")
     if list(k.shape) != [n, C, H, W] or k.dtype != x.dtype:
         raise ValueError(f"k (the Heun predictor's slope) must be a {x.dtype} tensor {[n, C, H, W]}, got "
-                         f"{k.dtype} {shape(k)}")
-    if noise.dim() != 4 or noise.shape[0] < n or list(noise.shape[1:]) != [C, H, W] or noise.dtype != x.dtype:
-        raise ValueError(f"noise must be a {x.dtype} tensor [>= {n}, {C}, {H}, {W}], got {noise.dtype} {shape(noise)}")
-    if table.dim() != 2 or table.shape[1] != NUM_COLS or table.dtype != x.dtype:
-        raise ValueError(f"table must be a {x.dtype} tensor [rows, {NUM_COLS}], got {table.dtype} {shape(table)}")
-    if step.numel() != 1 or step.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"step must be a one-element int32/int64 tensor, got {step.dtype} {shape(step)}")
-    for name, t in (("x", x), ("xin", xin), ("k", k)):
-        if not t.is_contiguous():
-            raise ValueError(f"{name} must be contiguous (it is updated in place)")
-
-
-def _resolve(backend: str, device_type: str) -> str:
-    if backend not in _BACKENDS:
-        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        backend = os.environ.get("DIT_FAST_BACKEND", "auto") or "auto"
-        if backend == "ext":  # the extension has no sampler kernel: the global choice cannot apply
-            backend = "auto"
-    if backend == "torch" or (backend == "auto" and device_type != "cuda"):
-        return "torch"
-    why = None
-    if device_type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        why = "Triton runs CPU tensors only under TRITON_INTERPRET=1"
-    elif device_type not in ("cpu", "cuda"):
-        why = f"Triton does not run {device_type} tensors"
-    else:
-        try:
-            _kernels()
-        except Exception as e:  # an optional dependency missing must not break sampling
-            why = f"importing the Triton kernel failed: {type(e).__name__}: {e}"
-    if why is None:
-        return "triton"
-    warn_once(("flow_step", backend, device_type), f"dit_fast: flow_step cannot use Triton ({why}); using 'torch'")
-    return "torch"
+                         f"{k.dtype} {shape_of(k)}")
+    check_noise_table_step(x, noise, table, step, NUM_COLS, "rows")
+    check_contiguous(("x", x), ("xin", xin), ("k", k))
 
 
 def flow_step_(
@@ -183,7 +138,7 @@ def flow_step_(
     args = (x, xin, model_out.contiguous(), k, noise.contiguous(), table.contiguous(), step.reshape(1),
             int(rows_per_step), int(row_offset), float(cfg_scale), int(guided_channels), bool(cfg), stage_i, pred_i,
             bool(use_score), bool(sde))
-    if _resolve(backend, x.device.type) == "triton":
+    if resolve_backend("flow_step", backend, x.device.type, _kernels) == "triton":
         _flow_step_op(*args)
     else:
         torch_flow_step_(*args)

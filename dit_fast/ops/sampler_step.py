@@ -9,17 +9,14 @@ TRITON_INTERPRET=1), "torch" (anywhere), "auto" (Triton on CUDA when it imports,
 """
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import Tensor
 
-from ..backends import warn_once
+from .step_dispatch import check_contiguous, check_inputs, check_noise_table_step, resolve_backend, shape_of
 
 __all__ = ["sampler_step", "sampler_step_", "torch_sampler_step_", "NUM_COLS"]
 
 NUM_COLS = 10
-_BACKENDS = ("auto", "triton", "torch")
 
 
 def _kernels():
@@ -74,57 +71,17 @@ def torch_sampler_step_(
 
 
 def _check(x, model_out, noise, table, step, cfg, learn_sigma) -> None:
-    def shape(t):
-        return list(t.shape) if isinstance(t, Tensor) else type(t).__name__
-
-    for name, t in (("x", x), ("model_out", model_out), ("noise", noise), ("table", table), ("step", step)):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.device != x.device:
-            raise ValueError(f"{name} must be on {x.device} like x, got {t.device}")
-    if x.dim() != 4 or x.dtype not in (torch.float32, torch.float64):
-        raise ValueError(f"x must be a float32/float64 tensor [n, C, H, W], got {x.dtype} {shape(x)}")
+    check_inputs(x, (("x", x), ("model_out", model_out), ("noise", noise), ("table", table), ("step", step)))
     n, C, H, W = x.shape
     want = [2 * n if cfg else n, 2 * C if learn_sigma else C, H, W]
     if list(model_out.shape) != want or not model_out.is_floating_point():
         raise ValueError(
             f"model_out must be a float tensor {want} ({'[cond; uncond] halves, ' if cfg else ''}"
-            f"{'eps | variance channels' if learn_sigma else 'eps channels'}), got {model_out.dtype} {shape(model_out)}"
+            f"{'eps | variance channels' if learn_sigma else 'eps channels'}), got {model_out.dtype} "
+            f"{shape_of(model_out)}"
         )
-    if noise.dim() != 4 or noise.shape[0] < n or list(noise.shape[1:]) != [C, H, W] or noise.dtype != x.dtype:
-        raise ValueError(f"noise must be a {x.dtype} tensor [>= {n}, {C}, {H}, {W}], got {noise.dtype} {shape(noise)}")
-    if table.dim() != 2 or table.shape[1] != NUM_COLS or table.dtype != x.dtype:
-        raise ValueError(f"table must be a {x.dtype} tensor [num_steps, {NUM_COLS}], got {table.dtype} {shape(table)}")
-    if step.numel() != 1 or step.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"step must be a one-element int32/int64 tensor, got {step.dtype} {shape(step)}")
-    if not x.is_contiguous():
-        raise ValueError("x must be contiguous (it is updated in place)")
-
-
-def _resolve(backend: str, device_type: str) -> str:
-    if backend not in _BACKENDS:
-        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        backend = os.environ.get("DIT_FAST_BACKEND", "auto") or "auto"
-        if backend == "ext":  # the extension has no sampler kernel: the global choice cannot apply
-            backend = "auto"
-    if backend == "torch" or (backend == "auto" and device_type != "cuda"):
-        return "torch"
-    why = None
-    if device_type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        why = "Triton runs CPU tensors only under TRITON_INTERPRET=1"
-    elif device_type not in ("cpu", "cuda"):
-        why = f"Triton does not run {device_type} tensors"
-    else:
-        try:
-            _kernels()
-        except Exception as e:  # an optional dependency missing must not break sampling
-            why = f"importing the Triton kernel failed: {type(e).__name__}: {e}"
-    if why is None:
-        return "triton"
-    warn_once(("sampler_step", backend, device_type),
-              f"dit_fast: sampler_step cannot use Triton ({why}); using 'torch'")
-    return "torch"
+    check_noise_table_step(x, noise, table, step, NUM_COLS, "num_steps")
+    check_contiguous(("x", x))
 
 
 def sampler_step_(
@@ -141,7 +98,7 @@ def sampler_step_(
     model_out, noise = model_out.contiguous(), noise.contiguous()
     args = (x, model_out, noise, table.contiguous(), step.reshape(1), float(cfg_scale), int(guided_channels),
             bool(cfg), bool(learn_sigma), bool(clip), bool(ddim))
-    if _resolve(backend, x.device.type) == "triton":
+    if resolve_backend("sampler_step", backend, x.device.type, _kernels) == "triton":
         _sampler_step_op(*args)
     else:
         torch_sampler_step_(*args)

@@ -13,6 +13,7 @@ sampling of a DiT-type model (one fused update per step, CUDA graphs) see dit_fa
 """
 from __future__ import annotations
 
+from .choices import check_choice
 from .integrators import FIXED_STEP_METHODS, ODE, SDE, TORCHDIFFEQ_METHODS, shift_timesteps
 from .paths import GVPCPlan, GVPPath, ICPlan, LinearPath, VPCPlan, VPPath, expand_t_like_x
 from .sampler import LAST_STEPS, Sampler
@@ -48,12 +49,9 @@ def create_transport(path_type="Linear", prediction="velocity", loss_weight=None
     'cos_loss' = 1 - cos(pred, u_t) over channels; use_lognorm draws t logit-normal (NumPy's global
     generator); partitial_train=(lo, hi) with probability partial_ratio draws t in [lo, hi]; shift_lg
     takes training_losses(shifted_mu=...) as the logit-normal mean."""
-    if path_type not in PATH_TYPES:
-        raise ValueError(f"path_type must be one of {tuple(PATH_TYPES)}, got {path_type!r}")
-    if prediction not in PREDICTIONS:
-        raise ValueError(f"prediction must be one of {tuple(PREDICTIONS)}, got {prediction!r}")
-    if loss_weight not in LOSS_WEIGHTS:
-        raise ValueError(f"loss_weight must be one of {tuple(LOSS_WEIGHTS)}, got {loss_weight!r}")
+    check_choice("path_type", path_type, PATH_TYPES)
+    check_choice("prediction", prediction, PREDICTIONS)
+    check_choice("loss_weight", loss_weight, LOSS_WEIGHTS)
     train_eps, sample_eps = default_eps(path_type, prediction, train_eps, sample_eps)
     return Transport(model_type=PREDICTIONS[prediction], path_type=PATH_TYPES[path_type],
                      loss_type=LOSS_WEIGHTS[loss_weight], train_eps=train_eps, sample_eps=sample_eps,
