@@ -13,6 +13,7 @@ import threading
 
 import pytest
 import torch
+
 from train_script_runs import ROOT, TRAIN_SCRIPT, load_saved, load_train_script, tiny_train_argv
 
 TINY = tiny_train_argv("DiT-S/2")

@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-from model_pairs import assert_same_step
 
 import dit_fast
 from dit_fast import ops, reference
 from dit_fast.lightning_modules import RMSNorm, SwiGLUFFN, VisionRotaryEmbeddingFast, rotate_half
 from dit_fast.testing import randomize_weights_
 from dit_fast.transport import create_transport
+from model_pairs import assert_same_step
 from tolerances import FP32_RTOL, assert_same_grads, rel_err
 
 COMMON = dict(input_size=4, in_channels=6, hidden_size=32, depth=3, num_heads=2, num_classes=10)

@@ -13,7 +13,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from train_script_runs import load_train_script, parse_sample, tiny_train_argv
 
 import dit_fast
 from dit_fast import reference
@@ -22,6 +21,7 @@ from dit_fast.sampling import LIGHTNINGDIT_SAMPLING, is_flow_model, sample
 from dit_fast.testing import randomize_weights_
 from dit_fast.transport import Sampler, create_transport
 from tolerances import rel_err
+from train_script_runs import load_train_script, parse_sample, tiny_train_argv
 
 NUM_CLASSES = 10  # the null label is NUM_CLASSES (inference.py hard-codes 1000 for ImageNet)
 C, SIZE = 6, 4  # latent channels and size of the tiny models

@@ -142,6 +142,11 @@ def run_and_check(backend, inp, num_heads, cotangents=None, lowp_inputs=None):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_float32(backend, mode, B, L, H, Dh):
     need(backend)
+    if mode.startswith("layer") and Dh == 2:
+        # LayerNorm over 2 elements maps every row to (-1, 1) up to eps: its input gradient is O(eps / d^3), so
+        # float32 rounding (condition ~ 1 / eps) decides it and no relative bound holds. 4 is the smallest
+        # well-posed head dim for LayerNorm (RMSNorm keeps 2).
+        Dh = 4
     run_and_check(backend, make_inputs(B, L, H, Dh, torch.float32, mode), H)
 
 

@@ -7,11 +7,11 @@ relative error <= 5e-7, see the closing note of the session that added it).
 """
 import pytest
 import torch
-from model_pairs import assert_same_step
 
 import dit_fast
 from dit_fast import reference
 from dit_fast.testing import randomize_weights_
+from model_pairs import assert_same_step
 from tolerances import FP32_RTOL, rel_err
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from train_script_runs import load_saved, load_train_script, parse_sample, tiny_train_argv
 
 import dit_fast
 from dit_fast import reference
@@ -16,6 +15,7 @@ from dit_fast.sampling import is_flow_model, sample
 from dit_fast.testing import randomize_weights_
 from dit_fast.transport import Sampler, create_transport
 from tolerances import rel_err
+from train_script_runs import load_saved, load_train_script, parse_sample, tiny_train_argv
 
 # The fast flow sampler equals the loop bit for bit on the CPU; a few ulps of slack for the guidance order.
 FLOAT32_ROUNDING = 1e-6

@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from train_script_runs import load_saved, load_train_script, tiny_train_argv
 
 from dit_fast.data import InvalidShardError, LatentShards
+from train_script_runs import load_saved, load_train_script, tiny_train_argv
 
 # A one-block DiT-S/2 of width 64 on 8x8 latents: about a second per run.
 TINY = tiny_train_argv("DiT-S/2")

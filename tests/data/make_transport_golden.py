@@ -20,9 +20,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))  # tests/, for transport_cases
 sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))  # the repository, for dit_fast.atomic
 
-from transport_cases import cases  # noqa: E402
-
 from dit_fast.atomic import atomic_save  # noqa: E402
+from transport_cases import cases  # noqa: E402
 
 
 def load_transport(root: str):
