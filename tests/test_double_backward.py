@@ -120,16 +120,8 @@ def test_gradient_penalty_on_a_tiny_dit(backend):
         x = torch.randn(2, 3, 8, 8, device=DEVICE, requires_grad=True)
         t = torch.rand(2, device=DEVICE) * 999
         y = torch.randint(0, 5, (2,), device=DEVICE)
-        out = model(x, t, y)
-        (dx,) = torch.autograd.grad(out.square().mean(), x, create_graph=True)
-        (out.mean() + dx.square().sum()).backward()  # R1-style penalty
-        grads[b] = {n: p.grad for n, p in model.named_parameters()}
-    for name, want in grads["torch"].items():
-        got = grads[backend][name]
-        if want is None:
-            continue
-        assert got is not None, f"{backend}: {name}.grad is None, the torch backend has one"
-        assert_close(got, want, torch.float32, name=f"{backend} penalty grad of {name}")
+        grads[b] = _penalty_grads(model, x, t, y)
+    _assert_same_penalty_grads(grads[backend], grads["torch"], backend, "the torch backend")
 
 
 @pytest.mark.parametrize("backend", ["torch", "ext", "triton"])
@@ -154,15 +146,25 @@ def test_gradient_penalty_with_default_attention_matches_the_reference(backend):
     grads = {}
     for name, m in (("reference", ref), (backend, model)):
         x = x0.clone().requires_grad_()
-        out = m(x, t, y)
-        (dx,) = torch.autograd.grad(out.square().mean(), x, create_graph=True)
-        (out.mean() + dx.square().sum()).backward()  # R1-style penalty
-        grads[name] = {"x": x.grad, **{n: p.grad for n, p in m.named_parameters()}}
-    for name, want in grads["reference"].items():
-        got = grads[backend][name]
+        grads[name] = _penalty_grads(m, x, t, y)
+        grads[name]["x"] = x.grad
+    _assert_same_penalty_grads(grads[backend], grads["reference"], backend, "the reference")
+
+
+def _penalty_grads(model, x, t, y) -> dict:
+    """Parameter gradients of an R1-style penalty: out.mean() + |d(out^2 mean)/dx|^2 (a double backward)."""
+    out = model(x, t, y)
+    (dx,) = torch.autograd.grad(out.square().mean(), x, create_graph=True)
+    (out.mean() + dx.square().sum()).backward()
+    return {n: p.grad for n, p in model.named_parameters()}
+
+
+def _assert_same_penalty_grads(got_grads: dict, want_grads: dict, backend: str, baseline: str) -> None:
+    for name, want in want_grads.items():
         if want is None:
             continue
-        assert got is not None, f"{backend}: {name}.grad is None, the reference has one"
+        got = got_grads[name]
+        assert got is not None, f"{backend}: {name}.grad is None, {baseline} has one"
         assert_close(got, want, torch.float32, name=f"{backend} penalty grad of {name}")
 
 

@@ -185,14 +185,7 @@ def test_linear_gelu_tanh(backend, shape, dtype):
     _skip_unless(backend, "linear_gelu_tanh")
     B, L, Din, Dout = shape
     base = [torch.randn(B, L, Din) * 2, torch.randn(Dout, Din) / math.sqrt(Din), torch.randn(Dout)]
-    base = [t.to(DEVICE) for t in base]
-    out, grads, g = _run(lambda *a: ops.linear_gelu_tanh(*a, backend=backend), _leaves(*base, dtype=dtype))
-    ref, ref_grads, _ = _run(tb.linear_gelu_tanh, _leaves(*base, dtype=torch.float64), g)
-    low = low_grads = None
-    if dtype != torch.float32:
-        eager = lambda x, w, b: F.gelu(F.linear(x, w, b), approximate="tanh")  # noqa: E731
-        low, low_grads, _ = _run(eager, _leaves(*base, dtype=dtype), g)
-    _check_all("linear_gelu_tanh", dtype, out, grads, ref, ref_grads, low, low_grads, ["x", "weight", "bias"])
+    _check_linear_gelu_tanh([t.to(DEVICE) for t in base], backend, dtype)
 
 
 def test_linear_gelu_tanh_saturates():
@@ -469,7 +462,12 @@ def test_dit_xl2_shapes_on_gpu(dtype):
     _check_all("final_layer", dtype, out, grads, ref, ref_grads, low, low_grads, names)
 
     base = [torch.randn(512, D).cuda(), (torch.randn(4 * D, D) / math.sqrt(D)).cuda(), torch.randn(4 * D).cuda()]
-    out, grads, g = _run(lambda *a: ops.linear_gelu_tanh(*a, backend="triton"), _leaves(*base, dtype=dtype))
+    _check_linear_gelu_tanh(base, "triton", dtype)
+
+
+def _check_linear_gelu_tanh(base, backend, dtype):
+    """linear_gelu_tanh on `backend` against float64, forward and backward (x, weight, bias = base)."""
+    out, grads, g = _run(lambda *a: ops.linear_gelu_tanh(*a, backend=backend), _leaves(*base, dtype=dtype))
     ref, ref_grads, _ = _run(tb.linear_gelu_tanh, _leaves(*base, dtype=torch.float64), g)
     low = low_grads = None
     if dtype != torch.float32:
