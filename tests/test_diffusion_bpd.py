@@ -154,8 +154,10 @@ def test_calc_bpd_loop_matches_float64_derivation(dtype, spacing, clip):
     assert list(got) == ["total_bpd", "prior_bpd", "vb", "xstart_mse", "mse"]
     assert [c[0] for c in calls] == timestep_map[::-1]  # original timesteps, T-1 first
     assert not any(c[1] for c in calls) and all(c[2] == dict(y="label") for c in calls)
-    # the coefficients are rounded to float32 as published (also for float64 inputs): measured <= 3.1e-6
-    bound = FP32_RTOL
+    # The coefficients are rounded to float32 as published (also for float64 inputs): measured <= 3.1e-6. Float32
+    # inputs add float32 rounding inside the KL terms of nearly equal Gaussians, where log-variances and means
+    # cancel: measured up to 1.05e-4 over seeds (DIT_FAST_SEED=170173498), so float32 gets 1e-3.
+    bound = FP32_RTOL if dtype == torch.float64 else 1e-3
     for key, want in ref.items():
         value = got[key]
         assert value.shape == want.shape == ((3,) if key.endswith("bpd") else (3, T)), key

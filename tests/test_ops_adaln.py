@@ -301,7 +301,11 @@ def test_saved_statistics_are_the_row_mean_and_rstd(backend, op, offset):
             continue
         *_, mean_o, rstd_o = _registered_fwd(other, op)(*args, EPS, None)
         assert ((mean_o.double() - mean.double()).abs() <= 2 * ulp).all(), f"{other} and {backend} save different means"
-        torch.testing.assert_close(rstd_o, rstd, rtol=2e-6, atol=0)
+        # x_out itself may differ by its last bit between backends (one FMA or two roundings of x + gate*y): at a
+        # row mean of 1e4 that bit is 1e-3 of the spread, so the gated op's rstd gets the reference's 1e-5
+        # (measured 2.08e-6 at DIT_FAST_SEED=3982976656, ext vs triton).
+        rtol = 1e-5 if op == "gated_residual_adaln" else 2e-6
+        torch.testing.assert_close(rstd_o, rstd, rtol=rtol, atol=0)
 
 
 @pytest.mark.parametrize("B,L,D", [(3, 17, 72), (2, 5, 1152)])
