@@ -61,20 +61,13 @@ T0=$(date +%s)
 BUDGET=${GPU_CHECK_BUDGET:-420}
 SCALE=1
 [ "$DRY" = "1" ] && SCALE=4  # a busy 2-core CPU machine: imports alone take seconds
-lim() { local var="GPU_CHECK_T_$1"; echo "${!var:-$(( $2 * SCALE ))}"; }
-t_install=$(lim INSTALL 85)
-t_install_noext=$(lim INSTALL_NOEXT 15)
-t_info=$(lim INFO 8)
-t_train=$(lim TRAIN 120)
-t_train_lightning=$(lim TRAIN_LIGHTNING 60)
-t_fwd_cfg=$(lim FWD_CFG 30)
-t_sampling=$(lim SAMPLING 15)
-t_kernels=$(lim KERNELS 15)
-t_parity=$(lim PARITY 10)
-t_profile=$(lim PROFILE 10)
-t_max_batch=$(lim MAX_BATCH 15)
-t_roofline=$(lim ROOFLINE 10)
-t_report=$(lim REPORT 10)
+# STAGE:SECONDS; GPU_CHECK_T_<STAGE> overrides one, and sets t_<stage>.
+STAGE_LIMITS="INSTALL:85 INSTALL_NOEXT:15 INFO:8 TRAIN:120 TRAIN_LIGHTNING:60 FWD_CFG:30 SAMPLING:15 KERNELS:15
+  PARITY:10 PROFILE:10 MAX_BATCH:15 ROOFLINE:10 REPORT:10"
+for spec in $STAGE_LIMITS; do
+  stage=${spec%:*}; override="GPU_CHECK_T_$stage"
+  printf -v "t_${stage,,}" '%s' "${!override:-$(( ${spec#*:} * SCALE ))}"
+done
 t_gpu_tests=${GPU_CHECK_T_GPU_TESTS:-}
 
 if [ "$DRY" = "1" ]; then

@@ -39,7 +39,9 @@ directories are NNN-LightningDiT-XL-1.
 
 --data: a directory of latent shards, used as-is (scale them as the sampler expects, e.g. x0.18215):
   *.pt   dicts {"latents": [N, C, H, W], "labels": [N]} (read with torch.load(weights_only=True));
-  *.npy  latents [N, C, H, W] with labels in a sibling NAME.labels.npy (memory-mapped).
+  *.npy  latents [N, C, H, W] with labels in a sibling NAME.labels.npy (memory-mapped);
+  *.safetensors  hustvl/LightningDiT's extract_features.py shards ("latents", "labels", "latents_flip";
+         memory-mapped): each row is taken from latents or latents_flip with probability 1/2, as published.
 Every shard is validated when opened (dit_fast.data): per-shard counts, integer labels in
 [0, num_classes), the model's latent shape, finite values on a sample of rows (--check-data all:
 every row).
@@ -84,6 +86,7 @@ from dit_fast.checkpoint import (
     newest_training_checkpoint,
     torch_save_atomic,
 )
+from dit_fast.cli_args import positive_int
 from dit_fast.data import CHECK_MODES, InvalidShardError, LatentShards, LatentStats
 from dit_fast.diffusion import create_diffusion
 from dit_fast.transport import LOSS_WEIGHTS, PATH_TYPES, PREDICTIONS, Transport, create_transport
@@ -135,25 +138,17 @@ def _none_or_str(text: str) -> str | None:
     return None if text == "None" else text
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="DiT-XL/2",
                    choices=sorted(DiT_models) + sorted(SiT_models) + sorted(LightningDiT_models))
-    p.add_argument("--image-size", type=_positive_int, default=256,
+    p.add_argument("--image-size", type=positive_int, default=256,
                    help="pixels; latents are image-size / --downsample-ratio")
-    p.add_argument("--downsample-ratio", type=_positive_int, default=None,
+    p.add_argument("--downsample-ratio", type=positive_int, default=None,
                    help="the VAE's factor: 8 (SD VAE; DiT, SiT) or 16 (VA-VAE f16d32; LightningDiT)")
-    p.add_argument("--in-channels", type=_positive_int, default=None,
+    p.add_argument("--in-channels", type=positive_int, default=None,
                    help="latent channels: 4 (SD VAE; DiT, SiT) or 32 (VA-VAE f16d32; LightningDiT)")
     p.add_argument("--num-classes", type=int, default=1000)
     p.add_argument("--depth", type=int, default=None, help="override the config's depth (small test models)")
@@ -167,7 +162,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "every batch is normalized (x - mean) / std * --latent-multiplier; required for "
                         "LightningDiT with --data ('none': train on the latents as they are)")
     p.add_argument("--latent-multiplier", type=float, default=1.0, help="after normalizing (published: 1.0)")
-    p.add_argument("--global-batch-size", type=_positive_int, default=None, help="default 256 (LightningDiT 1024)")
+    p.add_argument("--global-batch-size", type=positive_int, default=None, help="default 256 (LightningDiT 1024)")
     p.add_argument("--lr", type=float, default=None,
                    help="default 1e-4 (LightningDiT 2e-4); on --resume: the checkpoint's")
     p.add_argument("--weight-decay", type=float, default=None, help="default 0; on --resume: the checkpoint's")
@@ -187,8 +182,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="activation checkpointing: every k-th block (0 = off)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--results-dir", default="results")
-    p.add_argument("--ckpt-every", type=_positive_int, default=None, help="default 50k (LightningDiT 20k)")
-    p.add_argument("--log-every", type=_positive_int, default=100)
+    p.add_argument("--ckpt-every", type=positive_int, default=None, help="default 50k (LightningDiT 20k)")
+    p.add_argument("--log-every", type=positive_int, default=100)
     p.add_argument("--resume", default=None,
                    help="a checkpoint .pt, a directory of them (the newest that loads), an experiment or "
                         "results directory, or 'auto' (this --model's experiment directories under --results-dir)")
@@ -687,8 +682,11 @@ def main(argv=None) -> dict:
             if args.data:
                 order = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
                 idx = torch.randint(0, len(data), (args.global_batch_size,), generator=order).numpy()
+                mine = slice(rank * local_batch, (rank + 1) * local_batch)
+                # Shards with the mirrored images' latents (LightningDiT's): each row one of the two, as published.
+                flip = (torch.rand(args.global_batch_size, generator=order) < 0.5).numpy() if data.has_flips else None
                 try:
-                    x, y = data.batch_at(idx[rank * local_batch : (rank + 1) * local_batch], device)
+                    x, y = data.batch_at(idx[mine], device, None if flip is None else flip[mine])
                 except InvalidShardError as e:
                     raise SystemExit(f"step {step + 1}: --data: {e}; the last good checkpoint is {last_good}") from None
             else:

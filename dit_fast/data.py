@@ -3,9 +3,14 @@
 A shard is either
   NAME.pt         a dict {"latents": [N, C, H, W] float tensor, "labels": [N] integer tensor},
                   read with torch.load(weights_only=True) (nothing is unpickled);
-  NAME.npy        latents [N, C, H, W] (memory-mapped), with the labels [N] in NAME.labels.npy.
-Shards are taken in name order, the .pt ones first, then the .npy ones (latents_stats.pt, the latent
-statistics the published LightningDiT layout keeps beside the shards, is not a shard).
+  NAME.npy        latents [N, C, H, W] (memory-mapped), with the labels [N] in NAME.labels.npy;
+  NAME.safetensors  the published hustvl/LightningDiT layout (its extract_features.py): "latents" [N, C, H, W],
+                  "labels" [N] and optionally "latents_flip" [N, C, H, W] (the latents of the mirrored
+                  images), memory-mapped straight from the file (no safetensors import, nothing unpickled).
+Shards are taken in name order, the .pt ones first, then the .npy ones, then the .safetensors ones
+(latents_stats.pt, the latent statistics the published LightningDiT layout keeps beside the shards, is
+not a shard). batch_at(..., flip=) takes a row from "latents_flip" where asked and its shard has one:
+the published data set picks latents or latents_flip with probability 1/2 per row.
 
 Opening checks every shard, so that a bad one stops training before the first step instead of
 training on wrong pairs or poisoning the weights later: latents and labels have the same count in
@@ -29,6 +34,7 @@ random rows at most; mean and unbiased std over rows and pixels).
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import pickle
 from dataclasses import dataclass
@@ -53,17 +59,28 @@ class InvalidShardError(ValueError):
 @dataclass
 class Shard:
     path: Path
-    latents: torch.Tensor | np.ndarray  # [N, C, H, W]; a numpy memmap for .npy shards
+    latents: torch.Tensor | np.ndarray  # [N, C, H, W]; a numpy memmap for .npy and .safetensors shards
     labels: np.ndarray  # [N] int64
+    latents_flip: torch.Tensor | np.ndarray | None = None  # the mirrored images' latents (.safetensors)
+    bfloat16: bool = False  # the memmaps hold bfloat16 bits as uint16
 
     def __len__(self) -> int:
         return len(self.labels)
 
-    def rows(self, index: np.ndarray) -> np.ndarray:
-        """Latent rows as float32 numpy, [len(index), C, H, W]."""
-        if isinstance(self.latents, torch.Tensor):
-            return self.latents[torch.from_numpy(index)].float().numpy()
-        return np.asarray(self.latents[index], dtype=np.float32)
+    def rows(self, index: np.ndarray, flip: np.ndarray | None = None) -> np.ndarray:
+        """Latent rows as float32 numpy, [len(index), C, H, W]; where flip[i], from latents_flip."""
+        out = self._rows(self.latents, index)
+        if flip is not None and self.latents_flip is not None and flip.any():
+            out[flip] = self._rows(self.latents_flip, index[flip])
+        return out
+
+    def _rows(self, source, index: np.ndarray) -> np.ndarray:
+        if isinstance(source, torch.Tensor):
+            return source[torch.from_numpy(index)].float().numpy()
+        picked = np.asarray(source[index])
+        if self.bfloat16:
+            return torch.from_numpy(picked.astype(np.uint16, copy=False)).view(torch.bfloat16).float().numpy()
+        return picked.astype(np.float32, copy=False)
 
 
 class LatentShards:
@@ -82,8 +99,11 @@ class LatentShards:
             self.shards.append(self._validated(_read_pt_shard(path), check))
         for path in sorted(p for p in root.glob("*.npy") if not p.name.endswith(".labels.npy")):
             self.shards.append(self._validated(_read_npy_shard(path), check))
+        for path in sorted(root.glob("*.safetensors")):
+            self.shards.append(self._validated(_read_safetensors_shard(path), check))
         if not self.shards:
-            raise FileNotFoundError(f"--data {directory}: no *.pt or *.npy latent shards found")
+            raise FileNotFoundError(f"--data {directory}: no *.pt, *.npy or *.safetensors latent shards found")
+        self.has_flips = any(s.latents_flip is not None for s in self.shards)
         self.offsets = np.cumsum([0] + [len(s) for s in self.shards])
         if len(self) == 0:
             raise InvalidShardError(f"--data {directory}: every shard is empty")
@@ -92,17 +112,22 @@ class LatentShards:
     def __len__(self) -> int:
         return int(self.offsets[-1])
 
-    def batch_at(self, indices, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """Latents [n, C, H, W] float32 and labels [n] int64 of the given global row indices."""
+    def batch_at(self, indices, device, flip=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Latents [n, C, H, W] float32 and labels [n] int64 of the given global row indices; flip [n] bool:
+        take row i from its shard's latents_flip where flip[i] and the shard has them."""
         indices = np.asarray(indices, dtype=np.int64)
         if indices.size and (indices.min() < 0 or indices.max() >= len(self)):
             raise IndexError(f"indices must be in [0, {len(self)}), got values from {indices.min()} to {indices.max()}")
+        if flip is not None:
+            flip = np.asarray(flip, dtype=bool)
+            if flip.shape != indices.shape:
+                raise ValueError(f"flip must have shape {list(indices.shape)} (one per index), got {list(flip.shape)}")
         shard_of = np.searchsorted(self.offsets, indices, side="right") - 1
         x = np.empty((len(indices), *self.shape), dtype=np.float32)
         for s in np.unique(shard_of):
             picked = np.nonzero(shard_of == s)[0]
             local = indices[picked] - self.offsets[s]
-            x[picked] = rows = self.shards[s].rows(local)
+            x[picked] = rows = self.shards[s].rows(local, None if flip is None else flip[picked])
             # The opening check samples rows: a non-finite row it missed is caught here, before training sees it.
             bad = _first_non_finite_row(rows)
             if bad is not None:
@@ -135,15 +160,21 @@ class LatentShards:
                     f"{self.num_classes} is the null class of classifier-free guidance), "
                     f"got values from {low} to {high}"
                 )
+        flips = shard.latents_flip
+        if flips is not None and tuple(flips.shape) != tuple(latents.shape):
+            raise InvalidShardError(
+                f"{path}: latents_flip have shape {list(flips.shape)}, expected the latents' {list(latents.shape)}"
+            )
         rows = _rows_to_check(len(latents), check)
-        for start in range(0, len(rows), CHECK_CHUNK_ROWS):
-            chunk = rows[start : start + CHECK_CHUNK_ROWS]
-            bad = _first_non_finite_row(shard.rows(chunk))
-            if bad is not None:
-                raise InvalidShardError(
-                    f"{path}: latent row {int(chunk[bad])} has non-finite values (NaN or inf); expected finite latents"
-                )
-        return Shard(path, latents, labels.astype(np.int64))
+        for flip in (False, True) if flips is not None else (False,):
+            for start in range(0, len(rows), CHECK_CHUNK_ROWS):
+                chunk = rows[start : start + CHECK_CHUNK_ROWS]
+                bad = _first_non_finite_row(shard.rows(chunk, np.full(len(chunk), flip)))
+                if bad is not None:
+                    which = "latents_flip" if flip else "latent"
+                    raise InvalidShardError(f"{path}: {which} row {int(chunk[bad])} has non-finite values "
+                                            "(NaN or inf); expected finite latents")
+        return Shard(path, latents, labels.astype(np.int64), flips, shard.bfloat16)
 
 
 # -- reading shards --------------------------------------------------------------------------------
@@ -187,6 +218,60 @@ def _read_npy_shard(path: Path) -> Shard:
             f"{label_path}: labels must be an integer dtype, got {labels.dtype} (refused, not truncated)"
         )
     return Shard(path, latents, labels)
+
+
+# safetensors dtype names -> numpy (bfloat16 is read as its uint16 bits and widened in Shard.rows).
+_SAFETENSORS_FLOATS = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16}
+_SAFETENSORS_INTS = {"I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
+                     "U16": np.uint16, "U32": np.uint32, "U64": np.uint64}
+_SAFETENSORS_MAX_HEADER = 100 * 2**20  # the format's own limit
+
+
+def _read_safetensors_shard(path: Path) -> Shard:
+    """The published LightningDiT shard: the header read here, each tensor memory-mapped at its offset."""
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if size < 8 or not 0 < n <= min(_SAFETENSORS_MAX_HEADER, size - 8):
+                raise ValueError(f"a header length of {n} bytes in a file of {size}")
+            header = json.loads(f.read(n))
+    except (ValueError, UnicodeDecodeError, OSError) as e:
+        raise InvalidShardError(
+            f"{path}: cannot be read as a safetensors file (truncated?): {_first_line(e)}"
+        ) from None
+    if not isinstance(header, dict) or not all(isinstance(header.get(k), dict) for k in ("latents", "labels")):
+        got = sorted(k for k in header if k != "__metadata__") if isinstance(header, dict) else type(header).__name__
+        raise InvalidShardError(f'{path}: expected the tensors "latents" and "labels" (and optionally '
+                                f'"latents_flip"), got {got}')
+    data_start = 8 + n
+
+    def mapped(key: str, dtypes: dict, what: str):
+        entry = header[key]
+        dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        if dtype not in dtypes:
+            raise InvalidShardError(f"{path}: {key} must be {what} ({', '.join(dtypes)}), got {dtype} "
+                                    "(refused, not converted)")
+        np_dtype = np.dtype(dtypes[dtype])
+        count = math.prod(shape) if isinstance(shape, list) else -1
+        if (count < 0 or not isinstance(offsets, list) or len(offsets) != 2
+                or offsets[1] - offsets[0] != count * np_dtype.itemsize or data_start + offsets[1] > size):
+            raise InvalidShardError(f"{path}: {key}'s header (shape {shape}, bytes {offsets}) does not fit the "
+                                    f"file of {size} bytes (truncated?)")
+        if count == 0:
+            return np.zeros(shape, np_dtype)
+        return np.memmap(path, dtype=np_dtype, mode="r", offset=data_start + offsets[0], shape=tuple(shape))
+
+    latents = mapped("latents", _SAFETENSORS_FLOATS, "floating point")
+    bf16 = header["latents"]["dtype"] == "BF16"
+    flips = None
+    if isinstance(header.get("latents_flip"), dict):
+        flips = mapped("latents_flip", _SAFETENSORS_FLOATS, "floating point")
+        if (header["latents_flip"]["dtype"] == "BF16") != bf16:
+            raise InvalidShardError(f"{path}: latents_flip must have the latents' dtype {header['latents']['dtype']}, "
+                                    f"got {header['latents_flip']['dtype']}")
+    labels = np.asarray(mapped("labels", _SAFETENSORS_INTS, "an integer dtype"))
+    return Shard(path, latents, labels, flips, bf16)
 
 
 # -- latent statistics -----------------------------------------------------------------------------

@@ -23,8 +23,7 @@ from .lightning_modules import SwiGLUFFN, swiglu_hidden_size
 from .reference import (
     PatchEmbed,
     attention_published,
-    build_modules,
-    check_config,
+    build_dit,
     check_lightning_config,
     config_table,
     forward_with_cfg,
@@ -376,24 +375,11 @@ class DiT(nn.Module):
         batch_adaln: bool = False,
     ):
         super().__init__()
-        check_config(
-            input_size=input_size, patch_size=patch_size, in_channels=in_channels, hidden_size=hidden_size,
-            depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, class_dropout_prob=class_dropout_prob,
-            num_classes=num_classes,
-        )
         if not isinstance(checkpoint_every, int) or checkpoint_every < 0:
             raise ValueError(f"checkpoint_every must be an int >= 0, got {checkpoint_every!r}")
-        self.learn_sigma = learn_sigma
-        self.in_channels = in_channels
-        self.out_channels = in_channels * 2 if learn_sigma else in_channels
-        self.patch_size = patch_size
-        self.num_heads = num_heads
-        self.input_size = input_size
-        self.num_classes = num_classes
         self.checkpoint_every = checkpoint_every
-
-        build_modules(self, DiTBlock, FinalLayer, input_size, patch_size, in_channels, hidden_size, depth, num_heads,
-                      mlp_ratio, class_dropout_prob, num_classes, **self._family_options)
+        build_dit(self, DiTBlock, FinalLayer, input_size, patch_size, in_channels, hidden_size, depth, num_heads,
+                  mlp_ratio, class_dropout_prob, num_classes, learn_sigma)
         self.set_backend(backend, attn_backend)
         initialize_dit_weights(self)
         self._adaln_fused = None

@@ -273,35 +273,12 @@ class DiT(nn.Module):
     returns_sigma = True  # forward's output includes the learned-sigma channels (SiT's does not)
     _family_options: dict = {}  # build_modules' options (LightningDiT sets its own per instance)
 
-    def __init__(
-        self,
-        input_size: int = 32,
-        patch_size: int = 2,
-        in_channels: int = 4,
-        hidden_size: int = 1152,
-        depth: int = 28,
-        num_heads: int = 16,
-        mlp_ratio: float = 4.0,
-        class_dropout_prob: float = 0.1,
-        num_classes: int = 1000,
-        learn_sigma: bool = True,
-    ):
+    def __init__(self, input_size: int = 32, patch_size: int = 2, in_channels: int = 4, hidden_size: int = 1152,
+                 depth: int = 28, num_heads: int = 16, mlp_ratio: float = 4.0, class_dropout_prob: float = 0.1,
+                 num_classes: int = 1000, learn_sigma: bool = True):
         super().__init__()
-        check_config(
-            input_size=input_size, patch_size=patch_size, in_channels=in_channels, hidden_size=hidden_size,
-            depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, class_dropout_prob=class_dropout_prob,
-            num_classes=num_classes,
-        )
-        self.learn_sigma = learn_sigma
-        self.in_channels = in_channels
-        self.out_channels = in_channels * 2 if learn_sigma else in_channels
-        self.patch_size = patch_size
-        self.num_heads = num_heads
-        self.input_size = input_size
-        self.num_classes = num_classes
-
-        build_modules(self, DiTBlock, FinalLayer, input_size, patch_size, in_channels, hidden_size, depth, num_heads,
-                      mlp_ratio, class_dropout_prob, num_classes, **self._family_options)
+        build_dit(self, DiTBlock, FinalLayer, input_size, patch_size, in_channels, hidden_size, depth, num_heads,
+                  mlp_ratio, class_dropout_prob, num_classes, learn_sigma)
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
@@ -325,6 +302,26 @@ class DiT(nn.Module):
 
     def forward_with_cfg(self, x, t, y, cfg_scale, guide_all_channels: bool = False):
         return forward_with_cfg(self, x, t, y, cfg_scale, guide_all_channels)
+
+
+def build_dit(model, block_cls, final_cls, input_size, patch_size, in_channels, hidden_size, depth, num_heads,
+              mlp_ratio, class_dropout_prob, num_classes, learn_sigma) -> None:
+    """Check the published constructor's arguments, set the published attributes and build the modules (with
+    the model's family options): the body both engines' DiT constructors share."""
+    check_config(
+        input_size=input_size, patch_size=patch_size, in_channels=in_channels, hidden_size=hidden_size,
+        depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, class_dropout_prob=class_dropout_prob,
+        num_classes=num_classes,
+    )
+    model.learn_sigma = learn_sigma
+    model.in_channels = in_channels
+    model.out_channels = in_channels * 2 if learn_sigma else in_channels
+    model.patch_size = patch_size
+    model.num_heads = num_heads
+    model.input_size = input_size
+    model.num_classes = num_classes
+    build_modules(model, block_cls, final_cls, input_size, patch_size, in_channels, hidden_size, depth, num_heads,
+                  mlp_ratio, class_dropout_prob, num_classes, **model._family_options)
 
 
 def build_modules(model, block_cls, final_cls, input_size, patch_size, in_channels, hidden_size, depth, num_heads,

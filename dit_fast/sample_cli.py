@@ -55,7 +55,7 @@ import numpy as np
 import torch
 
 from .atomic import atomic_write, remove_stale_temporaries, write_text
-from .cli_args import converted
+from .cli_args import converted, finite_float, non_negative_float, positive_int
 
 # The labels of the published sample.py (a demo grid).
 DEMO_LABELS = (207, 360, 387, 974, 88, 979, 417, 279)
@@ -68,27 +68,6 @@ def _labels_arg(text: str) -> list[int]:
     if not labels:
         raise argparse.ArgumentTypeError("expected at least one class label")
     return labels
-
-
-def _positive(text: str) -> int:
-    v = int(text)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return v
-
-
-def _finite(text: str) -> float:
-    v = converted(text, float, "a number")
-    if not math.isfinite(v):
-        raise argparse.ArgumentTypeError(f"expected a finite number, got {text}")
-    return v
-
-
-def _non_negative_finite(text: str) -> float:
-    v = _finite(text)
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text}")
-    return v
 
 
 def _cfg_interval_arg(text: str) -> tuple[float, float]:
@@ -144,40 +123,41 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     w.add_argument("--ckpt", default=None,
                    help="weights: .pt (official, or a training checkpoint's EMA) or .safetensors")
     w.add_argument("--random-init", action="store_true", help="random weights (a demo; the samples are noise-like)")
-    p.add_argument("--image-size", type=_positive, default=256,
+    p.add_argument("--image-size", type=positive_int, default=256,
                    help="pixels; latents are image-size / the VAE's factor (8; LightningDiT's VA-VAE: 16)")
-    p.add_argument("--num-classes", type=_positive, default=1000)
-    p.add_argument("--num-steps", type=_positive, default=250,
+    p.add_argument("--num-classes", type=positive_int, default=1000)
+    p.add_argument("--num-steps", type=positive_int, default=250,
                    help="sampling steps (DiT: respaced from 1000; SiT: grid times, >= 2)")
-    p.add_argument("--cfg-scale", type=_finite, default=None,
+    p.add_argument("--cfg-scale", type=finite_float, default=None,
                    help="classifier-free guidance; <= 1 turns it off (default 4; LightningDiT 10)")
     p.add_argument("--guide-all-channels", action="store_true", help="guide all latent channels (published: 3)")
     p.add_argument("--class-labels", type=_labels_arg, default=None,
                    help="comma list, repeated to --num-samples (default: the published demo labels, or uniform "
                         "random labels when --num-samples is given)")
-    p.add_argument("--num-samples", type=_positive, default=None, help="total samples over all ranks (FID: 50000)")
-    p.add_argument("--batch-size", type=_positive, default=32, help="samples per batch (the CFG batch is twice this)")
+    p.add_argument("--num-samples", type=positive_int, default=None, help="total samples over all ranks (FID: 50000)")
+    p.add_argument("--batch-size", type=positive_int, default=32,
+                   help="samples per batch (the CFG batch is twice this)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sampler", choices=("ddpm", "ddim"), default=None, help="DiT models (default ddpm)")
-    p.add_argument("--eta", type=_non_negative_finite, default=0.0, help="DDIM eta (>= 0; 0: deterministic)")
+    p.add_argument("--eta", type=non_negative_float, default=0.0, help="DDIM eta (>= 0; 0: deterministic)")
     f = p.add_argument_group("SiT models (flow matching; the published sample.py's options)")
     f.add_argument("--mode", choices=("ode", "sde"), default=None, help="default ode")
     f.add_argument("--sampling-method", default=None,
                    help="ode: euler | heun2 (default euler); sde: Euler | Heun (default Euler)")
-    f.add_argument("--timestep-shift", type=_non_negative_finite, default=None,
+    f.add_argument("--timestep-shift", type=non_negative_float, default=None,
                    help="ode: shift of the time grid (default 0; LightningDiT 0.3)")
     f.add_argument("--cfg-interval", type=_cfg_interval_arg, default=None,
                    help="guide only for t in LOW,HIGH (or t >= S); default always (LightningDiT: 0.11)")
     f.add_argument("--diffusion-form", choices=DIFFUSION_FORMS[:6], default=None, help="sde (default sigma)")
-    f.add_argument("--diffusion-norm", type=_finite, default=None, help="sde (default 1)")
+    f.add_argument("--diffusion-norm", type=finite_float, default=None, help="sde (default 1)")
     f.add_argument("--last-step", choices=[str(v) for v in LAST_STEPS], default=None,
                    help="sde: the last step, without noise (default Mean)")
-    f.add_argument("--last-step-size", type=_non_negative_finite, default=None, help="sde (default 0.04)")
+    f.add_argument("--last-step-size", type=non_negative_float, default=None, help="sde (default 0.04)")
     f.add_argument("--path-type", choices=list(PATH_TYPES), default=None,
                    help="the transport the model was trained with (default Linear)")
     f.add_argument("--prediction", choices=list(PREDICTIONS), default=None, help="default velocity")
-    f.add_argument("--train-eps", type=_non_negative_finite, default=None)
-    f.add_argument("--sample-eps", type=_non_negative_finite, default=None)
+    f.add_argument("--train-eps", type=non_negative_float, default=None)
+    f.add_argument("--sample-eps", type=non_negative_float, default=None)
     lg = p.add_argument_group("LightningDiT models (default: the XL/1 recipe's SwiGLU, RoPE, RMSNorm)")
     for name, default in LIGHTNING_MODEL_OPTIONS.items():
         lg.add_argument("--" + name.replace("_", "-"), action=argparse.BooleanOptionalAction, default=None,
@@ -186,7 +166,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                     help="required: the training latents' per-channel mean/std file (the published "
                          "latents_stats.pt, or .pt/.safetensors), to de-normalize the samples; 'none' keeps them "
                          "normalized")
-    lg.add_argument("--latent-multiplier", type=_finite, default=None, help="the training's (published: 1.0)")
+    lg.add_argument("--latent-multiplier", type=finite_float, default=None, help="the training's (published: 1.0)")
     p.add_argument("--vae", default=None,
                    help="diffusers AutoencoderKL: a local directory, a Hugging Face cache name, 'ema'/'mse' "
                         "(stabilityai/sd-vae-ft-*), or 'none' to keep latents; never downloaded (default ema; "
@@ -197,9 +177,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default="auto", help="dit_fast kernel backend")
     p.add_argument("--no-cuda-graph", action="store_true", help="run the steps eagerly on CUDA")
     p.add_argument("--grid-size", type=int, default=64, help="samples in grid.png (0: no grid)")
-    p.add_argument("--depth", type=_positive, default=None, help="override the config's depth (small test models)")
-    p.add_argument("--hidden-size", type=_positive, default=None, help="override the config's hidden size")
-    p.add_argument("--num-heads", type=_positive, default=None, help="override the config's number of heads")
+    p.add_argument("--depth", type=positive_int, default=None, help="override the config's depth (small test models)")
+    p.add_argument("--hidden-size", type=positive_int, default=None, help="override the config's hidden size")
+    p.add_argument("--num-heads", type=positive_int, default=None, help="override the config's number of heads")
     p.add_argument("--no-progress", action="store_true")
 
 

@@ -6,7 +6,7 @@ import argparse
 
 import pytest
 
-from dit_fast import cli, sample_cli
+from dit_fast import cli, cli_args, sample_cli
 from dit_fast.flow_sampling import build_flow_table
 from dit_fast.transport import create_transport
 
@@ -17,10 +17,12 @@ PARSE_ERRORS = [  # (argument type, text, the usage error): text that does not c
     (cli._positive_float, "inf", "expected a positive number, got 'inf'"),
     (sample_cli._labels_arg, "1,b", "expected comma-separated class labels like 207,360, got '1,b'"),
     (sample_cli._labels_arg, " , ", "expected at least one class label"),
-    (sample_cli._finite, "one", "expected a number, got 'one'"),
-    (sample_cli._finite, "nan", "expected a finite number, got nan"),
-    (sample_cli._non_negative_finite, "x", "expected a number, got 'x'"),
-    (sample_cli._non_negative_finite, "-1", "expected a finite number >= 0, got -1"),
+    (cli_args.finite_float, "one", "expected a number, got 'one'"),
+    (cli_args.finite_float, "nan", "expected a finite number, got nan"),
+    (cli_args.non_negative_float, "x", "expected a number, got 'x'"),
+    (cli_args.non_negative_float, "-1", "expected a finite number >= 0, got -1"),
+    (cli_args.positive_int, "1.5", "expected a positive integer, got '1.5'"),
+    (cli_args.positive_int, "0", "expected a positive integer, got 0"),
     (sample_cli._cfg_interval_arg, "a,b", "expected a time S or a pair LOW,HIGH of times, got 'a,b'"),
     (sample_cli._cfg_interval_arg, "0.5,0.1", "expected a time S or a pair LOW,HIGH of finite times with LOW <= "
                                               "HIGH, got '0.5,0.1'"),
@@ -36,7 +38,7 @@ def test_argument_types_name_what_was_expected_and_what_came(parse, text, messag
 
 def test_argument_types_convert_good_values():
     assert cli._int_at_least(0)("0") == 0 and cli._positive_float("2.5") == 2.5
-    assert sample_cli._labels_arg("3, 1,") == [3, 1] and sample_cli._finite("-1.5") == -1.5
+    assert sample_cli._labels_arg("3, 1,") == [3, 1] and cli_args.finite_float("-1.5") == -1.5
     assert sample_cli._cfg_interval_arg("0.2") == (0.2, 1.0) and sample_cli._cfg_interval_arg("0,0.5") == (0.0, 0.5)
 
 

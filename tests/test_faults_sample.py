@@ -148,7 +148,7 @@ def test_a_shard_corrupt_inside_is_refused_at_the_merge_by_name_and_resampled_ne
 @pytest.mark.parametrize(("flag", "value", "want"), [
     ("--cfg-scale", "inf", "expected a finite number, got inf"),
     ("--cfg-scale", "nan", "expected a finite number, got nan"),
-    ("--eta", "nan", "expected a finite number, got nan"),
+    ("--eta", "nan", "expected a finite number >= 0, got nan"),
     ("--eta", "-5", "expected a finite number >= 0, got -5"),
     ("--image-size", "0", "expected a positive integer, got 0"),
 ])

@@ -360,6 +360,65 @@ def test_unreadable_shards_are_refused(tmp_path):
         _open(data)
 
 
+def _published_shard(path, n=5, dtype=torch.float32, **overrides):
+    """A shard as hustvl/LightningDiT's extract_features.py writes it (safetensors' own writer)."""
+    from safetensors.torch import save_file
+
+    tensors = dict(latents=torch.randn(n, 4, 8, 8).to(dtype), latents_flip=torch.randn(n, 4, 8, 8).to(dtype),
+                   labels=torch.arange(n) % 10)
+    tensors.update(overrides)
+    save_file({k: v for k, v in tensors.items() if v is not None}, str(path),
+              metadata={"total_size": str(n), "dtype": str(dtype), "device": "cpu"})
+    return tensors
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_reads_published_lightningdit_shards_with_their_flips(tmp_path, train, dtype):
+    data = _shards(tmp_path)
+    c = _published_shard(data / "c.safetensors", dtype=dtype)
+    d = _published_shard(data / "d.safetensors", n=2, dtype=dtype, latents_flip=None)  # no flips: rows as they are
+    shards = _open(data)
+    assert len(shards) == 8 + 5 + 2 and shards.has_flips
+    index = np.array([8, 9, 12, 13, 14, 0])  # c's rows 0, 1, 4; d's rows 0, 1; b.pt's row 0 (.pt first)
+    flip = np.array([False, True, True, True, False, True])
+    x, y = shards.batch_at(index, "cpu", flip)
+    want = [c["latents"][0], c["latents_flip"][1], c["latents_flip"][4], d["latents"][0], d["latents"][1]]
+    for got, w in zip(x, want):
+        assert torch.equal(got, w.float())  # widened exactly, never rounded
+    assert torch.equal(x[5], torch.load(data / "b.pt", weights_only=True)["latents"][0])
+    assert y.tolist() == [0, 1, 4, 0, 1, 1]
+    assert torch.equal(shards.batch_at(index, "cpu")[0][1], c["latents"][1].float())  # no flip asked
+    with pytest.raises(ValueError, match=r"flip must have shape \[6\] \(one per index\), got \[2\]"):
+        shards.batch_at(index, "cpu", flip[:2])
+    result = train.main(TINY + ["--data", str(data), "--max-steps", "2", "--results-dir", str(tmp_path / "run")])
+    assert result["step"] == 2 and all(np.isfinite(result["losses"]))
+
+
+def test_bad_published_shards_are_refused(tmp_path):
+    data = tmp_path / "latents"
+    data.mkdir()
+    path = data / "c.safetensors"
+    cases = [
+        (dict(latents_flip=torch.randn(4, 4, 8, 8)), r"latents_flip have shape \[4, 4, 8, 8\], expected the latents' "
+                                                     r"\[5, 4, 8, 8\]"),
+        (dict(labels=torch.arange(5.0)), r"labels must be an integer dtype .*got F32 \(refused, not converted\)"),
+        (dict(labels=None), r'expected the tensors "latents" and "labels" .*got \[\'latents\', \'latents_flip\'\]'),
+        (dict(latents=torch.zeros(5, 4, 8, 8, dtype=torch.int32)), r"latents must be floating point .*got I32"),
+        (dict(latents_flip=torch.full((5, 4, 8, 8), float("nan"))), r"latents_flip row 0 has non-finite values"),
+        (dict(labels=torch.tensor([0, 1, 10, 2, 3])), r"labels must be in \[0, 10\)"),
+    ]
+    for overrides, message in cases:
+        _published_shard(path, **overrides)
+        with pytest.raises(InvalidShardError, match=r"c\.safetensors: " + message):
+            _open(data)
+    _published_shard(path)
+    good = path.read_bytes()
+    for broken in (good[: len(good) - 7], good[:5], b"\xff" * 8 + good[8:]):
+        path.write_bytes(broken)
+        with pytest.raises(InvalidShardError, match=r"c\.safetensors: .*(truncated|cannot be read)"):
+            _open(data)
+
+
 def test_finite_values_on_a_sample_or_all_rows_and_in_every_batch(tmp_path, train):
     from dit_fast.data import SAMPLE_ROWS, _rows_to_check
 
