@@ -66,12 +66,11 @@ class Capability:
 # this machine (installed, built, a GPU present) is its module's `available(device_type)`.
 CAPABILITIES = (
     Capability("triton", ("cuda", "cpu"), ADALN_OPS, float64=True, fused_bias=True, norm_modes=True),
-    # float32 accumulation only; final_layer's norm modes: the fused adaLN kernel, then the GEMM (triton_embed.py)
+    # float32 accumulation only; final_layer runs every norm mode in its own fused kernels (kernels/final_layer.py)
     Capability("triton", ("cuda", "cpu"), EMBED_OPS, float64=False, norm_modes=True),
     Capability("triton", ("cuda", "cpu"), LIGHTNING_OPS, float64=False),  # float32 math
     Capability("ext", ("cpu",), ADALN_OPS, float64=True, norm_modes=True),
-    # kMaxD of csrc/adaln_cuda.cu; the CUDA kernels have no norm modes yet (they refuse them: NotImplementedError)
-    Capability("ext", ("cuda",), ADALN_OPS, float64=False, max_d=4096),
+    Capability("ext", ("cuda",), ADALN_OPS, float64=False, max_d=4096, norm_modes=True),  # kMaxD of adaln_cuda.cu
     Capability("torch", ("cuda", "cpu"), ALL_OPS, float64=True, norm_modes=True),
 )
 

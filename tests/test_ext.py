@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import test_ops_adaln_norm_modes as norm_modes  # LightningDiT's modes: their inputs and eager composition
 import torch
 import torch.nn.functional as F
 
@@ -212,6 +213,13 @@ def _opcheck_cases():
         ("gated_residual_adaln_bwd", lambda: (r(B, L, D), r(B, L, D), x, y, r(B, D), None, *stats, r(B, D)), False),
         ("gated_residual_adaln_bwd", lambda: (r(B, L, D), r(B, L, D), x, y, r(B, D), r(D), *stats, r(B, D)), False),
         ("gated_residual_adaln_bwd", lambda: (r(B, L, D), None, x, y, r(B, D), None, *stats, r(B, D)), False),
+        # LightningDiT's modes: RMSNorm (saved mean 0) with a gain, no shift
+        ("adaln_modulate_fwd", lambda: (r(B, L, D), None, r(B, D), EPS, None, True, r(D)), True),
+        ("adaln_modulate_bwd", lambda: (r(B, L, D), x, torch.zeros(B, L), stats[1], r(B, D), True, r(D)), False),
+        ("gated_residual_adaln_fwd", lambda: (r(B, L, D), r(B, L, D), r(B, D), None, None, r(B, D), EPS, None, True,
+                                              r(D, dt=torch.bfloat16)), True),
+        ("gated_residual_adaln_bwd", lambda: (r(B, L, D), r(B, L, D), x, y, r(B, D), None, torch.zeros(B, L), stats[1],
+                                              r(B, D), True, r(D)), False),
     ]
 
 
@@ -309,14 +317,93 @@ def test_cpu_kernels_take_the_norm_modes_directly():
     torch.testing.assert_close(rstd, (x.square().mean(-1) + 1e-6).rsqrt())
 
 
+# LightningDiT's norm modes (issue 22) on the CUDA kernels: (norm, shift, gain) as in
+# tests/test_ops_adaln_norm_modes.py (its inputs and eager composition), called on ext_backend directly (no
+# fallback can hide a missing kernel). D = 1152 (XL), 1536 (1p6B), 117 (odd: element-wise loads, a partial thread).
+NORM_MODES = [("rms", False, True), ("rms", True, True), ("rms", True, False), ("layer", True, True),
+              ("layer", False, False)]
+NORM_MODE_SHAPES = [(4, 256, 1152), (2, 64, 1536), (3, 17, 117)]
+
+
+def _run_norm_mode(module, op, t, norm):
+    """Outputs of `op` in a norm mode from a backend module (ext_backend or torch_backend), as a tuple."""
+    if op == "adaln_modulate":
+        return (module.adaln_modulate(t["x"], t.get("shift"), t["scale"], EPS, None, norm, t.get("weight")),)
+    return tuple(module.gated_residual_adaln(t["x"], t["y"], t["gate"], t.get("shift"), t["scale"], EPS, None, None,
+                                             norm, t.get("weight")))
+
+
+def _poison_cuda_cache(tensors):
+    """NaN-filled blocks of these tensors' sizes, freed into the caching allocator, so that the outputs the C++ ops
+    allocate next reuse them: an element a kernel leaves unwritten reads as NaN."""
+    blocks = [torch.full_like(t, float("nan")) for t in tensors for _ in range(2)]
+    del blocks
+
+
+def _gpu_norm_mode_parity(op, norm, shift, gain, dtype, B, L, D):
+    t = norm_modes.make_inputs(op, B, L, D, dtype, shift, gain, norm)
+    cot = [torch.randn(B, L, D, device="cuda").to(dtype) for _ in range(2 if "gated" in op else 1)]
+    ref, ref_grads = norm_modes.with_grads(lambda a: _run_norm_mode(torch_backend, op, a, norm),
+                                           {k: v.double() for k, v in t.items()}, [c.double() for c in cot])
+    low, low_grads = (None,) * len(ref), {}
+    if dtype != torch.float32:
+        low, low_grads = norm_modes.with_grads(lambda a: norm_modes.eager_lowp(op, a, norm), t, cot)
+    _poison_cuda_cache([*cot, *t.values()])
+    outs, grads = norm_modes.with_grads(lambda a: _run_norm_mode(ext_backend, op, a, norm), t, cot)
+    for i, (o, r, lo) in enumerate(zip(outs, ref, low)):
+        assert o.dtype == dtype
+        assert_close(o, r, dtype, eager_lowp=lo, name=f"ext {op} {norm} out{i}")
+    assert set(grads) == set(t)
+    for k, g in grads.items():
+        assert g.dtype == t[k].dtype and g.shape == t[k].shape, k
+        assert_close(g, ref_grads[k], dtype, eager_lowp=low_grads.get(k), name=f"ext {op} {norm} d{k}")
+
+
+def _need_cuda_ext():
+    ok, why = ext_backend.available("cuda")
+    if not ok:
+        pytest.skip(why)
+
+
 @pytest.mark.gpu
-def test_cuda_kernels_refuse_the_norm_modes_clearly():
-    """The CUDA kernels have no norm modes yet: a direct call says so (the capability table keeps dit_fast.ops
-    calls away from them)."""
-    if not ext_backend.available("cuda")[0]:
-        pytest.skip(ext_backend.available("cuda")[1])
-    x, s = torch.randn(1, 2, 64, device="cuda"), torch.randn(1, 64, device="cuda")
-    with pytest.raises(NotImplementedError, match="RMSNorm"):
-        torch.ops.dit_fast_ext.adaln_modulate_fwd(x, s, s, 1e-6, None, True, None)
-    with pytest.raises(NotImplementedError, match="RMSNorm"):
-        torch.ops.dit_fast_ext.adaln_modulate_fwd(x, None, s, 1e-6, None, False, None)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("B,L,D", NORM_MODE_SHAPES)
+@pytest.mark.parametrize("norm,shift,gain", NORM_MODES)
+@pytest.mark.parametrize("op", ["adaln_modulate", "gated_residual_adaln"])
+def test_gpu_ext_norm_modes_match_reference(op, norm, shift, gain, B, L, D, dtype):
+    _need_cuda_ext()
+    _gpu_norm_mode_parity(op, norm, shift, gain, dtype, B, L, D)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("norm", ["rms", "layer"])
+def test_gpu_ext_norm_mode_statistics(norm):
+    """The saved statistics of a norm mode: RMSNorm's mean is 0 and its rstd 1 / sqrt(mean(x^2) + eps)."""
+    _need_cuda_ext()
+    x = torch.randn(3, 17, 1152, device="cuda").to(torch.bfloat16) + (0.0 if norm == "rms" else 3.0)
+    scale, w = torch.randn(3, 1152, device="cuda"), 1 + 0.3 * torch.randn(1152, device="cuda")
+    _poison_cuda_cache([torch.empty(3, 17, device="cuda")])
+    _, mean, rstd = torch.ops.dit_fast_ext.adaln_modulate_fwd(x, None, scale, EPS, None, norm == "rms", w)
+    x64 = x.double()
+    if norm == "rms":
+        assert (mean == 0).all()
+        want = (x64.square().mean(-1) + EPS).rsqrt()
+    else:
+        assert_close(mean, x64.mean(-1), torch.float32, name="mean")
+        want = (x64.var(-1, unbiased=False) + EPS).rsqrt()
+    assert_close(rstd, want, torch.float32, name="rstd")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("op", ["adaln_modulate", "gated_residual_adaln"])
+def test_gpu_ext_norm_modes_bitwise_deterministic(op):
+    """LightningDiT's mode (RMSNorm with its gain, no shift): dweight's fixed-order reduction included."""
+    _need_cuda_ext()
+    t = norm_modes.make_inputs(op, 8, 256, 1152, torch.bfloat16, False, True, "rms")
+    cot = [torch.randn(8, 256, 1152, device="cuda").to(torch.bfloat16) for _ in range(2 if "gated" in op else 1)]
+    first = norm_modes.with_grads(lambda a: _run_norm_mode(ext_backend, op, a, "rms"), t, cot)
+    second = norm_modes.with_grads(lambda a: _run_norm_mode(ext_backend, op, a, "rms"), t, cot)
+    for a, b in zip(first[0], second[0]):
+        assert torch.equal(a, b)
+    for k in t:
+        assert torch.equal(first[1][k], second[1][k]), k

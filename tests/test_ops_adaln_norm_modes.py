@@ -179,15 +179,17 @@ def test_final_layer(backend, norm, shift, gain):
 
 
 def test_capability_table_routes_the_modes():
-    """ext's CUDA kernels have no norm modes yet: the table refuses them there (so "auto" and a named "ext" take
-    another backend, the latter with a one-time warning), and only there."""
-    row = backends.capability("ext", "adaln_modulate", "cuda")
-    assert "RMSNorm" in row.refuses(False, 1152, norm_modes=True) and not row.refuses(False, 1152)
-    for backend, device in (("ext", "cpu"), ("triton", "cuda"), ("triton", "cpu"), ("torch", "cuda")):
-        for op in ("adaln_modulate", "gated_residual_adaln", "final_layer"):
-            cap = backends.capability(backend, op, device)
-            if cap is not None:
-                assert not cap.refuses(False, 1152, norm_modes=True), (backend, op, device)
+    """Every backend runs the modes of its adaLN-family ops on every device it lists, ext's CUDA kernels included
+    (so "auto" keeps its choice for LightningDiT's block); a row without them would refuse them by name."""
+    for backend in BACKENDS:
+        for device in ("cuda", "cpu"):
+            for op in ("adaln_modulate", "gated_residual_adaln", "final_layer"):
+                cap = backends.capability(backend, op, device)
+                if cap is not None:
+                    assert not cap.refuses(False, 1152, norm_modes=True), (backend, op, device)
+    assert backends.capability("ext", "gated_residual_adaln", "cuda").norm_modes
+    without = backends.Capability("x", ("cuda",), ("adaln_modulate",), float64=False)
+    assert "RMSNorm" in without.refuses(False, 1152, norm_modes=True) and not without.refuses(False, 1152)
 
 
 def test_bad_norm_arguments_are_named():

@@ -13,6 +13,7 @@ import re
 
 import torch
 
+from . import adaln_saved as S
 from . import differentiable_backward as DB
 from .dtypes import compute_dtype
 
@@ -160,18 +161,15 @@ def _cast(t, dtype):
     return t if t is None or t.dtype == dtype else t.to(dtype)
 
 
-def _norm_mode(ctx, shift, rms):
-    ctx.shift_dtype = None if shift is None else shift.dtype
-    ctx.rms, ctx.norm = rms, "rms" if rms else "layer"
+def _unmaterialized(setup):
+    """The shared setup (adaln_saved.py), then set_materialize_grads(False): the backwards take None for an
+    output without a gradient and skip its work."""
 
+    def setup_context(ctx, inputs, output):
+        setup(ctx, inputs, output)
+        ctx.set_materialize_grads(False)
 
-def _setup_modulate(ctx, inputs, output):
-    x, shift, scale, eps, h_dtype, rms, weight = inputs
-    _h, mean, rstd = output
-    ctx.save_for_backward(x, mean, rstd, scale, weight)
-    ctx.eps, ctx.h_dtype = eps, h_dtype
-    _norm_mode(ctx, shift, rms)
-    ctx.set_materialize_grads(False)
+    return setup_context
 
 
 def _norm_grads(ctx, dshift, dscale, dweight, scale, weight):
@@ -193,13 +191,6 @@ def _backward_modulate(ctx, dh, _dmean, _drstd):
     return dx, dshift, dscale, None, None, None, dweight
 
 
-def _setup_gated(ctx, inputs, output):
-    x, y, gate, bias = inputs
-    ctx.save_for_backward(y, gate, bias)
-    ctx.x_dtype = x.dtype
-    ctx.set_materialize_grads(False)
-
-
 def _backward_gated(ctx, dout):
     if dout is None:
         return None, None, None, None
@@ -208,15 +199,6 @@ def _backward_gated(ctx, dout):
         return DB.gated_residual(ctx.x_dtype, y, gate, bias, dout)
     dy, dgate, dbias = torch.ops.dit_fast_ext.gated_residual_bwd(dout, y, gate, bias)
     return dout, dy, _cast(dgate, gate.dtype), dbias if bias is not None else None
-
-
-def _setup_fused(ctx, inputs, output):
-    _x, y, gate, bias, shift, scale, eps, h_dtype, rms, weight = inputs
-    x_out, _h, mean, rstd = output
-    ctx.save_for_backward(x_out, y, gate, bias, mean, rstd, scale, weight)
-    ctx.eps, ctx.h_dtype = eps, h_dtype
-    _norm_mode(ctx, shift, rms)
-    ctx.set_materialize_grads(False)
 
 
 def _backward_fused(ctx, dx_out, dh, _dmean, _drstd):
@@ -249,9 +231,12 @@ def _register():
         ("gated_residual_adaln_bwd", _fake_fused_bwd),
     ):
         torch.library.register_fake(lib + name, fake)
-    torch.library.register_autograd(lib + "adaln_modulate_fwd", _backward_modulate, setup_context=_setup_modulate)
-    torch.library.register_autograd(lib + "gated_residual_fwd", _backward_gated, setup_context=_setup_gated)
-    torch.library.register_autograd(lib + "gated_residual_adaln_fwd", _backward_fused, setup_context=_setup_fused)
+    for name, backward, setup in (
+        ("adaln_modulate_fwd", _backward_modulate, S.setup_adaln_modulate),
+        ("gated_residual_fwd", _backward_gated, S.setup_gated_residual),
+        ("gated_residual_adaln_fwd", _backward_fused, S.setup_gated_residual_adaln),
+    ):
+        torch.library.register_autograd(lib + name, backward, setup_context=_unmaterialized(setup))
 
 
 if _C is not None:
@@ -260,7 +245,8 @@ if _C is not None:
 
 # ----------------------------------------------------------------------------------------------
 # Backend entry points (positional signatures of dit_fast.ops.torch_backend). What they accept (float64
-# on the CPU only, D <= 4096 on CUDA) is declared in the capability table of dit_fast/backends.py.
+# on the CPU only, D <= 4096 on CUDA; the norm modes on both) is declared in the capability table of
+# dit_fast/backends.py.
 # ----------------------------------------------------------------------------------------------
 
 

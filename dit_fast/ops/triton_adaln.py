@@ -29,6 +29,7 @@ from torch import Tensor
 
 from ..kernels import adaln as K
 from . import differentiable_backward as DB
+from .adaln_saved import setup_adaln_modulate, setup_gated_residual, setup_gated_residual_adaln
 from .dtypes import compute_dtype
 from .triton_op import TritonOp
 
@@ -205,26 +206,14 @@ _COMPILED = SimpleNamespace(
 )
 
 # ----------------------------------------------------------------------------------------------
-# Autograd specs: what is saved, the first-order backward, the differentiable backward
+# Autograd specs: what is saved (adaln_saved.py, shared with the ext backend), the first-order backward, the
+# differentiable backward
 # ----------------------------------------------------------------------------------------------
-
-
-def _norm_mode(ctx, shift, rms):
-    ctx.shift_dtype = None if shift is None else shift.dtype
-    ctx.rms, ctx.norm = rms, "rms" if rms else "layer"
 
 
 def _absent_as_none(grad: Tensor, present: bool):
     """The registered backwards return an empty tensor for an absent input's gradient: None to autograd."""
     return grad if present else None
-
-
-def _setup_adaln_modulate(ctx, inputs, output):
-    x, shift, scale, eps, h_dtype, rms, weight = inputs
-    _, mean, rstd = output
-    ctx.save_for_backward(x, mean, rstd, scale, weight)
-    ctx.eps, ctx.h_dtype = eps, h_dtype
-    _norm_mode(ctx, shift, rms)
 
 
 def _backward_adaln_modulate(ctx, kernels, dh):
@@ -242,12 +231,6 @@ def _graph_backward_adaln_modulate(ctx, dh):
     return dx, dshift, dscale, None, None, None, dweight
 
 
-def _setup_gated_residual(ctx, inputs, output):
-    x, y, gate, bias = inputs
-    ctx.save_for_backward(y, gate, bias)
-    ctx.x_dtype = x.dtype
-
-
 def _backward_gated_residual(ctx, kernels, dout):
     y, gate, bias = ctx.saved_tensors
     dy, dgate, dbias = kernels.gated_residual_bwd(dout, y, gate, bias)
@@ -256,15 +239,6 @@ def _backward_gated_residual(ctx, kernels, dout):
 
 def _graph_backward_gated_residual(ctx, dout):
     return DB.gated_residual(ctx.x_dtype, *ctx.saved_tensors, dout)
-
-
-def _setup_gated_residual_adaln(ctx, inputs, output):
-    _, y, gate, bias, shift, scale, eps, h_dtype, rms, weight = inputs
-    x_out, _, mean, rstd = output
-    # x_out is also the next op's saved input, so keeping it costs no extra memory.
-    ctx.save_for_backward(x_out, y, gate, bias, mean, rstd, scale, weight)
-    ctx.eps, ctx.h_dtype = eps, h_dtype
-    _norm_mode(ctx, shift, rms)
 
 
 def _backward_gated_residual_adaln(ctx, kernels, dx_out, dh):
@@ -284,15 +258,15 @@ def _graph_backward_gated_residual_adaln(ctx, dx_out, dh):
 
 
 _ADALN_MODULATE = TritonOp(
-    _adaln_modulate_fwd, K.adaln_modulate_fwd, _setup_adaln_modulate, _backward_adaln_modulate,
+    _adaln_modulate_fwd, K.adaln_modulate_fwd, setup_adaln_modulate, _backward_adaln_modulate,
     _graph_backward_adaln_modulate, eager_kernels=_EAGER, compiled_kernels=_COMPILED, n_out=1,
 )
 _GATED_RESIDUAL = TritonOp(
-    _gated_residual_fwd, K.gated_residual_fwd, _setup_gated_residual, _backward_gated_residual,
+    _gated_residual_fwd, K.gated_residual_fwd, setup_gated_residual, _backward_gated_residual,
     _graph_backward_gated_residual, eager_kernels=_EAGER, compiled_kernels=_COMPILED, n_out=1,
 )
 _GATED_RESIDUAL_ADALN = TritonOp(
-    _gated_residual_adaln_fwd, _launch_gated_residual_adaln_fwd, _setup_gated_residual_adaln,
+    _gated_residual_adaln_fwd, _launch_gated_residual_adaln_fwd, setup_gated_residual_adaln,
     _backward_gated_residual_adaln, _graph_backward_gated_residual_adaln,
     eager_kernels=_EAGER, compiled_kernels=_COMPILED, n_out=2,
 )
