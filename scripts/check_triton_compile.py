@@ -103,6 +103,7 @@ SM_COUNT = 132  # H100 SXM: sizes the backward kernels' row chunks (runtime valu
 EPS = 1e-6
 C_IN, C_OUT, MLP_RATIO = 4, 8, 4  # VAE latents: 4 channels in, 8 out (learned sigma); MLP 4 x D
 TRAIN_BATCH = 64  # per GPU; with 512 px it gives the largest row counts (final layer's training tile)
+LIGHTNING_HEAD_WIDTHS, LIGHTNING_C_OUT = (768, 1152), 32  # LightningDiT-B/1, XL/1: 32-channel VA-VAE latents
 
 bf16, fp16, fp32 = torch.bfloat16, torch.float16, torch.float32
 # Dtype families the model runs in: residual stream x, modulation (shift/scale/gate) and branch outputs y,
@@ -226,6 +227,15 @@ def run_launchers(mods, sc: Scenario) -> None:
     out = FL.final_layer_fwd(x, shift, scale, w_fl, t(N_F, dtype=dt["act"]), PATCH, C_OUT, EPS)
     for need_weight in (True, False):
         FL.final_layer_bwd(torch.empty_like(out), x, shift, scale, w_fl, PATCH, C_OUT, EPS, need_weight=need_weight)
+    if sc.hot and D in LIGHTNING_HEAD_WIDTHS:  # LightningDiT-B/1 and XL/1's final layer: RMSNorm + gain, patch 1
+        x_l = t(B, (LATENT // 2) ** 2, D, dtype=dt["x"])  # the f16 VA-VAE: half the f8 latent side at equal pixels
+        w_l, gain = t(LIGHTNING_C_OUT, D, dtype=dt["act"]), t(D, dtype=dt["pos"])
+        for sh in (shift, None):  # with a shift, and scale-only (wo_shift)
+            out = FL.final_layer_fwd(x_l, sh, scale, w_l, t(LIGHTNING_C_OUT, dtype=dt["act"]), 1, LIGHTNING_C_OUT, EPS,
+                                     rms=True, norm_weight=gain)
+            for need_weight in (True, False):
+                FL.final_layer_bwd(torch.empty_like(out), x_l, sh, scale, w_l, 1, LIGHTNING_C_OUT, EPS,
+                                   need_weight=need_weight, rms=True, norm_weight=gain)
     pre = t(B, L, K_MLP, dtype=dt["act"])
     b_mlp = t(K_MLP, dtype=dt["pos"])  # fc1's bias is a parameter: fp32 under autocast, read as stored
     for bias in (b_mlp, None):
@@ -500,6 +510,9 @@ def main() -> int:
                          "come from this interpreter (scripts/compare_triton_versions.py runs both)")
     ap.add_argument("--modules", default=None,
                     help="comma-separated kernels/ modules to hold to the every-kernel-launched rule (default: all)")
+    ap.add_argument("--only", default=None,
+                    help="comma-separated parts of kernel names: compile only the variants of those kernels (e.g. "
+                         "final_layer,sum_partials; default: all)")
     args = ap.parse_args()
     if args.triton_venv is not None and not os.environ.get("DIT_FAST_TRITON_SITE"):
         print("check_triton_compile: --triton-venv must be handled before triton is imported", file=sys.stderr)
@@ -532,6 +545,8 @@ def main() -> int:
         return 2
 
     _SPECS[:] = sorted(specs.values(), key=lambda s: (s[0].__name__, s[3][0].label, describe(s[1], s[2])))
+    if args.only:
+        _SPECS[:] = [s for s in _SPECS if any(part in s[0].__name__ for part in args.only.split(","))]
     cache = tempfile.mkdtemp(prefix="dit_fast_triton_aot_")
     os.environ["TRITON_CACHE_DIR"] = cache  # compile for real every time, leave ~/.triton alone
     print(f"triton {triton.__version__} (API {api}), {len(kernels)} kernels, {len(scs)} scenarios -> "

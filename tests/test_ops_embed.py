@@ -341,7 +341,7 @@ def test_final_layer_backward_is_deterministic():
     dout = torch.randn(3, 4, 8, 8, device=DEVICE)
     first = fl.final_layer_bwd(dout, xs, sh, sc, wf, 2, 4, 1e-6)
     second = fl.final_layer_bwd(dout, xs, sh, sc, wf, 2, 4, 1e-6)
-    for a, b in zip(first, second):
+    for a, b in zip(first[:5], second[:5]):  # the sixth, d(norm gain), is None without a gain
         assert torch.equal(a, b)
 
 

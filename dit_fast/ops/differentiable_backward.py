@@ -80,15 +80,17 @@ def gated_residual_adaln(x_out, y, gate, bias, shift_dtype, scale, eps, h_dtype,
     return dx, dy, dgate, dbias, dshift, dscale, dweight
 
 
-def final_layer(x, shift, scale, weight, bias, patch_size, out_channels, eps, dout):
-    """Gradients of final_layer(x, shift, scale, weight, bias, ...) over its 8 arguments. h is made in
-    weight's dtype (the activation dtype the kernels use), so no autocast is needed here."""
+def final_layer(x, shift, scale, weight, bias, patch_size, out_channels, eps, dout, norm="layer", norm_weight=None):
+    """Gradients of final_layer(x, shift, scale, weight, bias, patch_size, out_channels, eps, rms, norm_weight)
+    over those 10 arguments (the Triton op's; shift and norm_weight may be None). h is made in weight's dtype (the
+    activation dtype the kernels use), so no autocast is needed here."""
 
-    def fn(x, shift, scale, weight, bias):
-        h = torch_backend.adaln_modulate(x, shift, scale, eps, weight.dtype)
+    def fn(x, shift, scale, weight, bias, norm_weight):
+        h = torch_backend.adaln_modulate(x, shift, scale, eps, weight.dtype, norm, norm_weight)
         return torch_backend.unpatchify(F.linear(h, weight, bias), patch_size, out_channels)
 
-    return (*_vjp(fn, (x, shift, scale, weight, bias), (dout,)), None, None, None)
+    dx, dshift, dscale, dweight, dbias, dnorm_weight = _vjp(fn, (x, shift, scale, weight, bias, norm_weight), (dout,))
+    return dx, dshift, dscale, dweight, dbias, None, None, None, None, dnorm_weight
 
 
 def bias_gelu_tanh(pre, bias, dout):

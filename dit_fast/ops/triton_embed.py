@@ -13,7 +13,8 @@ casts in their own dtypes. Accumulation and all elementwise math are float32.
 - patch_embed: output dtype = promote(activation dtype, pos_embed dtype), like `F.linear(...) + pos_embed`.
   Outside autocast, dit_fast.ops.patch_embed refuses an x whose dtype differs from weight's or bias's, as
   nn.Conv2d does (one rule for every backend), so the casts here only act under autocast.
-- final_layer: output in the activation dtype; shift/scale/x may be any float dtypes (read as float32).
+- final_layer: output in the activation dtype; shift/scale/x and the norm gain may be any float dtypes (read as
+  float32).
 - linear_gelu_tanh: output in the activation dtype. Default: cuBLAS GEMM without the bias, then one pass
   for bias + GELU; DIT_FAST_FC1_GEMM=triton: one Triton GEMM with the bias + GELU epilogue, reading the
   weight in its own dtype (no per-call cast in the forward).
@@ -34,9 +35,9 @@ from ..kernels import final_layer as _fl
 from ..kernels import gelu as _gelu
 from ..kernels import gemm_gelu as _gemm_gelu
 from ..kernels import patch_embed as _pe
+from . import bias_grad_op as BG
 from . import differentiable_backward as DB
 from . import gelu_epilogue
-from .torch_backend import unpatchify as torch_unpatchify
 from .triton_op import TritonOp
 
 __all__ = ["patch_embed", "final_layer", "linear_gelu_tanh"]
@@ -111,100 +112,98 @@ def patch_embed(x, weight, bias, pos_embed, patch_size):
 # ----------------------------------------------------------------------------------------- final_layer
 
 
-def _launch_final_layer(x, shift, scale, weight, bias, patch_size, out_channels, eps):
-    return _fl.final_layer_fwd(x, shift, scale, weight, _cast(bias, weight.dtype), patch_size, out_channels, eps)
+def _launch_final_layer(x, shift, scale, weight, bias, patch_size, out_channels, eps, rms=False, norm_weight=None):
+    return _fl.final_layer_fwd(x, shift, scale, weight, _cast(bias, weight.dtype), patch_size, out_channels, eps,
+                               rms=rms, norm_weight=norm_weight)
 
 
 @torch.library.custom_op("dit_fast_triton::final_layer_fwd", mutates_args=())
 def _final_layer_fwd(
     x: torch.Tensor,
-    shift: torch.Tensor,
+    shift: Optional[torch.Tensor],
     scale: torch.Tensor,
     weight: torch.Tensor,
     bias: Optional[torch.Tensor],
     patch_size: int,
     out_channels: int,
     eps: float,
+    rms: bool = False,
+    norm_weight: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    return _launch_final_layer(x, shift, scale, weight, bias, patch_size, out_channels, eps)
+    return _launch_final_layer(x, shift, scale, weight, bias, patch_size, out_channels, eps, rms, norm_weight)
 
 
 @_final_layer_fwd.register_fake
-def _(x, shift, scale, weight, bias, patch_size, out_channels, eps):
+def _(x, shift, scale, weight, bias, patch_size, out_channels, eps, rms=False, norm_weight=None):
     B, L, _ = x.shape
     side = int(L**0.5 + 0.5) * patch_size
     return x.new_empty((B, out_channels, side, side), dtype=weight.dtype)
 
 
-def _launch_final_layer_bwd(dout, x, shift, scale, weight, patch_size, out_channels, eps, need_weight):
-    dx, dshift, dscale, dw, db = _fl.final_layer_bwd(
-        dout, x, shift, scale, weight, patch_size, out_channels, eps, need_weight
-    )
-    if dw is None:  # an op returns tensors: empty ones stand for "not computed"
-        dw, db = weight.new_empty(0), weight.new_empty(0)
-    return dx, dshift, dscale, dw, db
+def _launch_final_layer_bwd(dout, x, shift, scale, weight, patch_size, out_channels, eps, need_weight, rms=False,
+                            norm_weight=None):
+    grads = _fl.final_layer_bwd(dout, x, shift, scale, weight, patch_size, out_channels, eps, need_weight,
+                                rms=rms, norm_weight=norm_weight)
+    # an op returns tensors: empty ones stand for "not computed" (no shift, no gain, weight's not needed)
+    return tuple(x.new_empty(0) if g is None else g for g in grads)
 
 
 @torch.library.custom_op("dit_fast_triton::final_layer_bwd", mutates_args=())
 def _final_layer_bwd(
     dout: torch.Tensor,
     x: torch.Tensor,
-    shift: torch.Tensor,
+    shift: Optional[torch.Tensor],
     scale: torch.Tensor,
     weight: torch.Tensor,
     patch_size: int,
     out_channels: int,
     eps: float,
     need_weight: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _launch_final_layer_bwd(dout, x, shift, scale, weight, patch_size, out_channels, eps, need_weight)
+    rms: bool = False,
+    norm_weight: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _launch_final_layer_bwd(dout, x, shift, scale, weight, patch_size, out_channels, eps, need_weight, rms,
+                                   norm_weight)
 
 
 @_final_layer_bwd.register_fake
-def _(dout, x, shift, scale, weight, patch_size, out_channels, eps, need_weight):
-    if need_weight:
-        dw, db = torch.empty_like(weight), weight.new_empty(weight.shape[0])
-    else:
-        dw, db = weight.new_empty(0), weight.new_empty(0)
+def _(dout, x, shift, scale, weight, patch_size, out_channels, eps, need_weight, rms=False, norm_weight=None):
+    def like(t, present=True):
+        return torch.empty_like(t, memory_format=torch.contiguous_format) if present else x.new_empty(0)
+
     return (
-        torch.empty_like(x, memory_format=torch.contiguous_format),
-        torch.empty_like(shift, memory_format=torch.contiguous_format),
-        torch.empty_like(scale, memory_format=torch.contiguous_format),
-        dw,
-        db,
+        like(x),
+        like(shift, shift is not None),
+        like(scale),
+        like(weight, need_weight),
+        weight.new_empty(weight.shape[0]) if need_weight else x.new_empty(0),
+        like(norm_weight, norm_weight is not None),
     )
 
 
 def _final_layer_setup(ctx, inputs, output):
-    x, shift, scale, weight, bias, patch_size, out_channels, eps = inputs
-    ctx.save_for_backward(x, shift, scale, weight, bias)
+    x, shift, scale, weight, bias, patch_size, out_channels, eps, rms, norm_weight = inputs  # defaults filled in
+    ctx.save_for_backward(x, shift, scale, weight, bias, norm_weight)
     ctx.args = (patch_size, out_channels, eps)
+    ctx.rms = rms
     ctx.bias_dtype = bias.dtype if bias is not None else None
 
 
 def _final_layer_backward(ctx, kernels, dout):
-    x, shift, scale, weight, _ = ctx.saved_tensors
+    x, shift, scale, weight, _, norm_weight = ctx.saved_tensors
     need = ctx.needs_input_grad
     need_w = bool(need[3] or need[4])
-    dx, dshift, dscale, dw, db = kernels.final_layer_bwd(dout.contiguous(), x, shift, scale, weight, *ctx.args, need_w)
-    if not need_w:
-        dw = db = None
-    elif db is not None and ctx.bias_dtype is not None:
+    dx, dshift, dscale, dw, db, dnw = kernels.final_layer_bwd(dout.contiguous(), x, shift, scale, weight, *ctx.args,
+                                                              need_w, ctx.rms, norm_weight)
+    if need_w and ctx.bias_dtype is not None:
         db = db.to(ctx.bias_dtype)
-    return (
-        dx if need[0] else None,
-        dshift if need[1] else None,
-        dscale if need[2] else None,
-        dw if need[3] else None,
-        db if need[4] else None,
-        None,
-        None,
-        None,
-    )
+    grads = (dx, dshift, dscale, dw, db, None, None, None, None, dnw)
+    return tuple(g if wanted else None for g, wanted in zip(grads, need))
 
 
 def _final_layer_graph_backward(ctx, dout):
-    return DB.final_layer(*ctx.saved_tensors, *ctx.args, dout)
+    x, shift, scale, weight, bias, norm_weight = ctx.saved_tensors
+    return DB.final_layer(x, shift, scale, weight, bias, *ctx.args, dout, "rms" if ctx.rms else "layer", norm_weight)
 
 
 _FINAL_LAYER = TritonOp(
@@ -215,17 +214,11 @@ _FINAL_LAYER = TritonOp(
 
 
 def final_layer(x, shift, scale, weight, bias, patch_size, out_channels, eps=1e-6, norm="layer", norm_weight=None):
-    """adaLN modulate + linear + unpatchify; see kernels/final_layer.py and the module notes on dtypes.
-
-    LightningDiT's norm modes (norm="rms", a norm gain, no shift) run as the fused Triton adaLN kernel with h
-    in the activation dtype, then F.linear and unpatchify (kernels/final_layer.py has no such mode yet)."""
+    """adaLN modulate + linear + unpatchify in one kernel; see kernels/final_layer.py and the module notes on
+    dtypes. LightningDiT's modes (norm="rms", the norm's gain norm_weight, shift None) are that kernel's flags."""
     act = _act_dtype(x)
-    if norm != "layer" or norm_weight is not None or shift is None:
-        from .triton_adaln import adaln_modulate
-
-        h = adaln_modulate(x, shift, scale, eps, act, norm, norm_weight)
-        return torch_unpatchify(F.linear(h, _cast(weight, act), _cast(bias, act)), patch_size, out_channels)
-    return _FINAL_LAYER(x, shift, scale, _cast(weight, act), _cast(bias, act), patch_size, out_channels, eps)
+    return _FINAL_LAYER(x, shift, scale, _cast(weight, act), _cast(bias, act), patch_size, out_channels, eps,
+                        norm == "rms", norm_weight)
 
 
 # ------------------------------------------------------------------------------------ linear_gelu_tanh
@@ -257,33 +250,15 @@ def _(pre, bias):
     return torch.empty_like(pre, memory_format=torch.contiguous_format)
 
 
-def _launch_bias_gelu_bwd(dout, pre, bias, need_bias_grad):
-    dpre, dbias = _gelu.gelu_tanh_bwd(dout, pre, need_bias_grad, bias=bias)
-    return dpre, dbias if dbias is not None else pre.new_empty(0, dtype=torch.float32)
+def _gelu_tanh_bwd(dout, pre, bias, need_bias_grad):
+    return _gelu.gelu_tanh_bwd(dout, pre, need_bias_grad, bias=bias)
 
 
-@torch.library.custom_op("dit_fast_triton::bias_gelu_tanh_bwd", mutates_args=())
-def _bias_gelu_bwd(
-    dout: torch.Tensor, pre: torch.Tensor, bias: Optional[torch.Tensor], need_bias_grad: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    return _launch_bias_gelu_bwd(dout, pre, bias, need_bias_grad)
-
-
-@_bias_gelu_bwd.register_fake
-def _(dout, pre, bias, need_bias_grad):
-    n = pre.shape[-1] if need_bias_grad else 0
-    return torch.empty_like(pre, memory_format=torch.contiguous_format), pre.new_empty(n, dtype=torch.float32)
-
-
-def _bias_gelu_setup(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
+_launch_bias_gelu_bwd, _bias_gelu_bwd = BG.backward_op("bias_gelu_tanh_bwd", _gelu_tanh_bwd)
 
 
 def _bias_gelu_backward(ctx, kernels, dout):
-    pre, bias = ctx.saved_tensors
-    need_b = bool(ctx.needs_input_grad[1] and bias is not None)
-    dpre, db = kernels.bias_gelu_tanh_bwd(dout, pre, bias, need_b)  # d(bias) from the same pass over d(pre)
-    return dpre, db.to(bias.dtype) if need_b else None
+    return BG.backward(ctx, kernels.bias_gelu_tanh_bwd, dout)  # d(bias) from the same pass over d(pre)
 
 
 def _bias_gelu_graph_backward(ctx, dout):
@@ -292,7 +267,7 @@ def _bias_gelu_graph_backward(ctx, dout):
 
 
 _BIAS_GELU = TritonOp(
-    _bias_gelu_fwd, _launch_bias_gelu, _bias_gelu_setup, _bias_gelu_backward, _bias_gelu_graph_backward,
+    _bias_gelu_fwd, _launch_bias_gelu, BG.save_inputs, _bias_gelu_backward, _bias_gelu_graph_backward,
     eager_kernels=SimpleNamespace(bias_gelu_tanh_bwd=_launch_bias_gelu_bwd),
     compiled_kernels=SimpleNamespace(bias_gelu_tanh_bwd=_bias_gelu_bwd),
     launch_no_grad=_launch_bias_gelu_no_grad,

@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 
 from ..kernels import swiglu as _sw
+from . import bias_grad_op as BG
 from . import torch_lightning
 from .differentiable_backward import _vjp
 from .triton_op import TritonOp
@@ -34,33 +35,11 @@ def _(ab, bias):
     return ab.new_empty((*ab.shape[:-1], ab.shape[-1] // 2))
 
 
-def _launch_bwd(dout, ab, bias, need_bias_grad):
-    dab, dbias = _sw.swiglu_bwd(dout, ab, bias, need_bias_grad)
-    return dab, dbias if dbias is not None else ab.new_empty(0, dtype=torch.float32)
-
-
-@torch.library.custom_op("dit_fast_triton::swiglu_bwd", mutates_args=())
-def _swiglu_bwd(
-    dout: torch.Tensor, ab: torch.Tensor, bias: Optional[torch.Tensor], need_bias_grad: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    return _launch_bwd(dout, ab, bias, need_bias_grad)
-
-
-@_swiglu_bwd.register_fake
-def _(dout, ab, bias, need_bias_grad):
-    n = ab.shape[-1] if need_bias_grad else 0
-    return ab.new_empty(ab.shape), ab.new_empty(n, dtype=torch.float32)
-
-
-def _setup(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
+_launch_bwd, _swiglu_bwd = BG.backward_op("swiglu_bwd", _sw.swiglu_bwd)
 
 
 def _backward(ctx, kernels, dout):
-    ab, bias = ctx.saved_tensors
-    need_b = bool(ctx.needs_input_grad[1] and bias is not None)
-    dab, dbias = kernels.swiglu_bwd(dout, ab, bias, need_b)
-    return dab, dbias.to(bias.dtype) if need_b else None
+    return BG.backward(ctx, kernels.swiglu_bwd, dout)
 
 
 def _graph_backward(ctx, dout):
@@ -69,7 +48,7 @@ def _graph_backward(ctx, dout):
 
 
 _SWIGLU = TritonOp(
-    _swiglu_fwd, _launch_fwd, _setup, _backward, _graph_backward,
+    _swiglu_fwd, _launch_fwd, BG.save_inputs, _backward, _graph_backward,
     eager_kernels=SimpleNamespace(swiglu_bwd=_launch_bwd),
     compiled_kernels=SimpleNamespace(swiglu_bwd=_swiglu_bwd),
 )
