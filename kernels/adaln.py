@@ -247,10 +247,21 @@ def _tile_mask(rmask, cmask, MASK_COLS: tl.constexpr):
 
 
 @triton.jit
-def _mod_vectors(gate_base, bias_ptr, shift_base, scale_base, cols, cmask, GATE: tl.constexpr,
-                 HAS_BIAS: tl.constexpr, SHIFT: tl.constexpr, SCALE: tl.constexpr, W: tl.constexpr,
-                 COMPUTE: tl.constexpr):
-    """One column tile of (gate, bias, shift, 1 + scale); absent ones are zeros (never read)."""
+def _row_columns(D, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr):
+    """The head tile's columns [0, BLOCK_D) and the tail tile's [BLOCK_D, BLOCK_D + BLOCK_T), each with its
+    mask (columns < D)."""
+    cols = tl.arange(0, BLOCK_D)
+    cmask = cols < D
+    cols_t = BLOCK_D + tl.arange(0, BLOCK_T)
+    return cols, cmask, cols_t, cols_t < D
+
+
+@triton.jit
+def _mod_vectors(gate_base, bias_ptr, shift_base, scale_base, weight_ptr, cols, cmask, GATE: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, SHIFT: tl.constexpr, SCALE: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+                 W: tl.constexpr, COMPUTE: tl.constexpr):
+    """One column tile of (gate, bias, shift, (1 + scale) * gain); absent ones are zeros (never read). The
+    gain (HAS_WEIGHT, with SCALE only) multiplies (1 + scale): one multiplier per column."""
     zero = tl.zeros([W], dtype=COMPUTE)
     gate, bias, shift, scale1 = zero, zero, zero, zero
     if GATE:
@@ -261,7 +272,27 @@ def _mod_vectors(gate_base, bias_ptr, shift_base, scale_base, cols, cmask, GATE:
         shift = _load_vec(shift_base, cols, cmask, COMPUTE)
     if SCALE:
         scale1 = 1.0 + _load_vec(scale_base, cols, cmask, COMPUTE)
+        if HAS_WEIGHT:
+            scale1 *= _load_vec(weight_ptr, cols, cmask, COMPUTE)
     return gate, bias, shift, scale1
+
+
+@triton.jit
+def _mod_tiles(gate_base, bias_ptr, shift_base, scale_base, weight_ptr, cols, cmask, cols_t, cmask_t,
+               GATE: tl.constexpr, HAS_BIAS: tl.constexpr, SHIFT: tl.constexpr, SCALE: tl.constexpr,
+               HAS_WEIGHT: tl.constexpr, HAS_TAIL: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
+               COMPUTE: tl.constexpr):
+    """A batch element's modulation vectors (gate, bias, shift, (1 + scale) * gain) for the head tile, then
+    the same for the tail tile (zeros, never read, without HAS_TAIL)."""
+    gate, bias, shift, scale1 = _mod_vectors(gate_base, bias_ptr, shift_base, scale_base, weight_ptr, cols, cmask,
+                                             GATE, HAS_BIAS, SHIFT, SCALE, HAS_WEIGHT, BLOCK_D, COMPUTE)
+    zero_t = tl.zeros([BLOCK_T], dtype=COMPUTE)
+    gate_t, bias_t, shift_t, scale1_t = zero_t, zero_t, zero_t, zero_t
+    if HAS_TAIL:
+        gate_t, bias_t, shift_t, scale1_t = _mod_vectors(gate_base, bias_ptr, shift_base, scale_base, weight_ptr,
+                                                         cols_t, cmask_t, GATE, HAS_BIAS, SHIFT, SCALE, HAS_WEIGHT,
+                                                         BLOCK_T, COMPUTE)
+    return gate, bias, shift, scale1, gate_t, bias_t, shift_t, scale1_t
 
 
 @triton.jit
@@ -365,25 +396,13 @@ def _adaln_fwd_kernel(
     pid = tl.program_id(0)
     b = (pid // n_groups).to(tl.int64)
     first = (pid % n_groups) * steps * BLOCK_R
-    cols = tl.arange(0, BLOCK_D)
-    cmask = cols < D
-    cols_t = BLOCK_D + tl.arange(0, BLOCK_T)
-    cmask_t = cols_t < D
+    cols, cmask, cols_t, cmask_t = _row_columns(D, BLOCK_D, BLOCK_T)
     x_base = x_ptr + b * x_sb
     y_base = y_ptr + b * y_sb
-    gate_base = gate_ptr + b * gate_sb
-    shift_base = shift_ptr + b * shift_sb
-    scale_base = scale_ptr + b * scale_sb
-    gate, bias, shift, scale1 = _mod_vectors(gate_base, bias_ptr, shift_base, scale_base, cols, cmask,
-                                             GATE, HAS_BIAS, NORM and SHIFT, NORM, BLOCK_D, COMPUTE)
-    if HAS_WEIGHT:  # the gain multiplies (1 + scale): one multiplier per column
-        scale1 *= _load_vec(weight_ptr, cols, cmask, COMPUTE)
-    if HAS_TAIL:
-        gate_t, bias_t, shift_t, scale1_t = _mod_vectors(gate_base, bias_ptr, shift_base, scale_base, cols_t,
-                                                         cmask_t, GATE, HAS_BIAS, NORM and SHIFT, NORM, BLOCK_T,
-                                                         COMPUTE)
-        if HAS_WEIGHT:
-            scale1_t *= _load_vec(weight_ptr, cols_t, cmask_t, COMPUTE)
+    gate, bias, shift, scale1, gate_t, bias_t, shift_t, scale1_t = _mod_tiles(
+        gate_ptr + b * gate_sb, bias_ptr, shift_ptr + b * shift_sb, scale_ptr + b * scale_sb, weight_ptr,
+        cols, cmask, cols_t, cmask_t, GATE, HAS_BIAS, NORM and SHIFT, NORM, HAS_WEIGHT, HAS_TAIL, BLOCK_D, BLOCK_T,
+        COMPUTE)
 
     rows = first + tl.arange(0, BLOCK_R)
     rmask = rows < L
@@ -588,31 +607,22 @@ def _adaln_bwd_kernel(
     pid = tl.program_id(0)
     b = (pid // n_chunks).to(tl.int64)
     chunk = pid % n_chunks
-    cols = tl.arange(0, BLOCK_D)
-    cmask = cols < D
-    cols_t = BLOCK_D + tl.arange(0, BLOCK_T)
-    cmask_t = cols_t < D
+    cols, cmask, cols_t, cmask_t = _row_columns(D, BLOCK_D, BLOCK_T)
     dh_base = dh_ptr + b * dh_sb
     dxo_base = dxo_ptr + b * dxo_sb
     xn_base = xn_ptr + b * xn_sb
     y_base = y_ptr + b * y_sb
     gate_base = gate_ptr + b * gate_sb
     scale_base = scale_ptr + b * scale_sb
-    gate, bias, no_shift, scale1 = _mod_vectors(gate_base, bias_ptr, scale_base, scale_base, cols, cmask,
-                                                GATE, HAS_BIAS, False, NORM, BLOCK_D, COMPUTE)
-    gscale = scale1  # what multiplies dh into d(normalized row): (1 + scale) * gain
-    if HAS_WEIGHT:
-        gscale = scale1 * _load_vec(weight_ptr, cols, cmask, COMPUTE)
+    # gscale multiplies dh into d(normalized row): (1 + scale) * gain
+    gate, bias, no_shift, gscale, gate_t, bias_t, no_shift_t, gscale_t = _mod_tiles(
+        gate_base, bias_ptr, scale_base, scale_base, weight_ptr,
+        cols, cmask, cols_t, cmask_t, GATE, HAS_BIAS, False, NORM, HAS_WEIGHT, HAS_TAIL, BLOCK_D, BLOCK_T, COMPUTE)
     # all four per tile, so one _bwd_tile serves every mode: the absent sums' accumulators are never updated
     # nor stored, and the compiler drops them
     acc_dgate = tl.zeros([BLOCK_R, BLOCK_D], dtype=COMPUTE)
     acc_dbias, acc_dshift, acc_dscale = acc_dgate, acc_dgate, acc_dgate
     if HAS_TAIL:
-        gate_t, bias_t, no_shift_t, scale1_t = _mod_vectors(gate_base, bias_ptr, scale_base, scale_base, cols_t,
-                                                            cmask_t, GATE, HAS_BIAS, False, NORM, BLOCK_T, COMPUTE)
-        gscale_t = scale1_t
-        if HAS_WEIGHT:
-            gscale_t = scale1_t * _load_vec(weight_ptr, cols_t, cmask_t, COMPUTE)
         acc_dgate_t = tl.zeros([BLOCK_R, BLOCK_T], dtype=COMPUTE)
         acc_dbias_t, acc_dshift_t, acc_dscale_t = acc_dgate_t, acc_dgate_t, acc_dgate_t
 

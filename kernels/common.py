@@ -1,4 +1,5 @@
-"""Helpers shared by the Triton kernels: the CPU interpreter's two known differences from a GPU, and
+"""Helpers shared by the Triton kernels: the CPU interpreter's two known differences from a GPU, the
+programs of the column-summing elementwise backwards (column_chunk, row_tile, chunk_grid: gelu, swiglu), and
 the deterministic one-launch reduction of per-chunk partial sums (sum_partials).
 
 Under TRITON_INTERPRET=1 (triton 3.9) a bfloat16 tl.dot returns garbage and a float32 -> bfloat16
@@ -51,6 +52,31 @@ def inv_std(var, eps):
     a finite constant that hides a diverging activation from every non-finite guard; NaN propagates."""
     rstd = 1.0 / tl.sqrt(var + eps)
     return tl.where(rstd > 0.0, rstd, float("nan"))
+
+
+@triton.jit
+def column_chunk(N, rows_per_prog, BN: tl.constexpr):
+    """The program of a column-summing backward over an [M, N] tensor (grid: column blocks x row chunks):
+    its chunk index, its BN columns with their mask, and the chunk's first row (int64)."""
+    pid_c = tl.program_id(1)
+    cols = tl.program_id(0) * BN + tl.arange(0, BN)
+    return pid_c, cols, cols < N, pid_c.to(tl.int64) * rows_per_prog
+
+
+@triton.jit
+def row_tile(row0, M, cmask, BM: tl.constexpr):
+    """Rows row0 .. row0 + BM and the mask of their [BM, BN] tile (rows < M, columns in cmask)."""
+    rows = row0 + tl.arange(0, BM)
+    return rows, (rows < M)[:, None] & cmask[None, :]
+
+
+def chunk_grid(M: int, N: int, BM: int, BN: int, programs: int) -> tuple[int, int, int]:
+    """(column blocks, row chunks, rows per chunk) of a column_chunk backward over an [M, N] tensor: about
+    `programs` programs in all, each chunk a multiple of BM rows, the chunks evened out."""
+    n_col = triton.cdiv(N, BN)
+    n_chunks = max(1, min(triton.cdiv(M, BM), triton.cdiv(programs, n_col)))
+    rows_per_prog = triton.cdiv(triton.cdiv(M, n_chunks), BM) * BM
+    return n_col, triton.cdiv(M, rows_per_prog), rows_per_prog
 
 
 @functools.cache
@@ -107,6 +133,23 @@ def _store_sums(out_ptr, acc, total, b, cols, D, mask, TOTAL: tl.constexpr, ROUN
 
 
 @triton.jit
+def _slot_sums(out_ptr, total, base, n_chunks, b, cols, D, mask, K: tl.constexpr, k: tl.constexpr,
+               TOTAL: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, ROUND_BF16: tl.constexpr):
+    """Sum k (when k < K) of a [BLOCK_B, BLOCK_D] tile: stored per sample, or added to its running total."""
+    if K > k:
+        acc = _chunk_sums(base, n_chunks, K, k, D, mask, BLOCK_B, BLOCK_D)
+        total = _store_sums(out_ptr, acc, total, b, cols, D, mask, TOTAL, ROUND_BF16)
+    return total
+
+
+@triton.jit
+def _store_total(out_ptr, total, cols, cmask, TOTAL: tl.constexpr, ROUND_BF16: tl.constexpr):
+    """A TOTAL slot's sum over every sample goes out once all tiles are added."""
+    if TOTAL:
+        tl.store(out_ptr + cols, cast_for(total, out_ptr, ROUND_BF16), mask=cmask)
+
+
+@triton.jit
 def _sum_partials_kernel(part_ptr, out0_ptr, out1_ptr, out2_ptr, out3_ptr, out4_ptr, B, n_chunks, D,
                          rows_per_program, K: tl.constexpr, TOTAL0: tl.constexpr, TOTAL1: tl.constexpr,
                          TOTAL2: tl.constexpr, TOTAL3: tl.constexpr, TOTAL4: tl.constexpr, BLOCK_B: tl.constexpr,
@@ -127,30 +170,21 @@ def _sum_partials_kernel(part_ptr, out0_ptr, out1_ptr, out2_ptr, out3_ptr, out4_
         b = b0 + tl.arange(0, BLOCK_B)
         mask = (b < last)[:, None] & cmask[None, :]
         base = part_ptr + b[:, None].to(tl.int64) * n_chunks * K * D + cols[None, :]
-        acc = _chunk_sums(base, n_chunks, K, 0, D, mask, BLOCK_B, BLOCK_D)
-        total0 = _store_sums(out0_ptr, acc, total0, b, cols, D, mask, TOTAL0, ROUND_BF16)
-        if K > 1:
-            acc = _chunk_sums(base, n_chunks, K, 1, D, mask, BLOCK_B, BLOCK_D)
-            total1 = _store_sums(out1_ptr, acc, total1, b, cols, D, mask, TOTAL1, ROUND_BF16)
-        if K > 2:
-            acc = _chunk_sums(base, n_chunks, K, 2, D, mask, BLOCK_B, BLOCK_D)
-            total2 = _store_sums(out2_ptr, acc, total2, b, cols, D, mask, TOTAL2, ROUND_BF16)
-        if K > 3:
-            acc = _chunk_sums(base, n_chunks, K, 3, D, mask, BLOCK_B, BLOCK_D)
-            total3 = _store_sums(out3_ptr, acc, total3, b, cols, D, mask, TOTAL3, ROUND_BF16)
-        if K > 4:
-            acc = _chunk_sums(base, n_chunks, K, 4, D, mask, BLOCK_B, BLOCK_D)
-            total4 = _store_sums(out4_ptr, acc, total4, b, cols, D, mask, TOTAL4, ROUND_BF16)
-    if TOTAL0:
-        tl.store(out0_ptr + cols, cast_for(total0, out0_ptr, ROUND_BF16), mask=cmask)
-    if TOTAL1:
-        tl.store(out1_ptr + cols, cast_for(total1, out1_ptr, ROUND_BF16), mask=cmask)
-    if TOTAL2:
-        tl.store(out2_ptr + cols, cast_for(total2, out2_ptr, ROUND_BF16), mask=cmask)
-    if TOTAL3:
-        tl.store(out3_ptr + cols, cast_for(total3, out3_ptr, ROUND_BF16), mask=cmask)
-    if TOTAL4:
-        tl.store(out4_ptr + cols, cast_for(total4, out4_ptr, ROUND_BF16), mask=cmask)
+        total0 = _slot_sums(out0_ptr, total0, base, n_chunks, b, cols, D, mask, K, 0, TOTAL0, BLOCK_B, BLOCK_D,
+                            ROUND_BF16)
+        total1 = _slot_sums(out1_ptr, total1, base, n_chunks, b, cols, D, mask, K, 1, TOTAL1, BLOCK_B, BLOCK_D,
+                            ROUND_BF16)
+        total2 = _slot_sums(out2_ptr, total2, base, n_chunks, b, cols, D, mask, K, 2, TOTAL2, BLOCK_B, BLOCK_D,
+                            ROUND_BF16)
+        total3 = _slot_sums(out3_ptr, total3, base, n_chunks, b, cols, D, mask, K, 3, TOTAL3, BLOCK_B, BLOCK_D,
+                            ROUND_BF16)
+        total4 = _slot_sums(out4_ptr, total4, base, n_chunks, b, cols, D, mask, K, 4, TOTAL4, BLOCK_B, BLOCK_D,
+                            ROUND_BF16)
+    _store_total(out0_ptr, total0, cols, cmask, TOTAL0, ROUND_BF16)
+    _store_total(out1_ptr, total1, cols, cmask, TOTAL1, ROUND_BF16)
+    _store_total(out2_ptr, total2, cols, cmask, TOTAL2, ROUND_BF16)
+    _store_total(out3_ptr, total3, cols, cmask, TOTAL3, ROUND_BF16)
+    _store_total(out4_ptr, total4, cols, cmask, TOTAL4, ROUND_BF16)
 
 
 # Elements per sum_partials tile. With a TOTAL slot one program row walks all of B, so its tiles are

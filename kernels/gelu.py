@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import cast_for, interpreting
+from .common import cast_for, chunk_grid, column_chunk, interpreting, row_tile
 
 BLOCK = 1024
 
@@ -48,17 +48,12 @@ def _gelu_tanh_bwd_kernel(
     """One program: BN columns of a chunk of rows_per_prog rows of the [M, N] pre-activation. With
     HAS_DBIAS it also writes the chunk's column sums of d(pre) (fc1's d(bias)), so d(bias) costs no
     extra pass over d(pre); the launcher adds the per-chunk partials in a fixed order (deterministic)."""
-    pid_n = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    cols = pid_n * BN + tl.arange(0, BN)
-    cmask = cols < N
+    pid_c, cols, cmask, row0 = column_chunk(N, rows_per_prog, BN)
     acc = tl.zeros((BN,), dtype=tl.float32)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
-    row0 = pid_c.to(tl.int64) * rows_per_prog
     for r in range(0, rows_per_prog, BM):
-        rows = row0 + r + tl.arange(0, BM)
-        m = (rows < M)[:, None] & cmask[None, :]
+        rows, m = row_tile(row0 + r, M, cmask, BM)
         offs = rows[:, None] * N + cols[None, :]
         x = tl.load(pre_ptr + offs, mask=m, other=0.0).to(tl.float32)
         if HAS_BIAS:
@@ -111,10 +106,7 @@ def _bwd_tiling(M: int, N: int, device: torch.device):
         target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
     else:  # interpreter: few large programs
         BM, warps, target = 64, 4, 4
-    n_col = triton.cdiv(N, BN)
-    n_chunks = max(1, min(triton.cdiv(M, BM), triton.cdiv(target, n_col)))
-    rows_per_prog = triton.cdiv(triton.cdiv(M, n_chunks), BM) * BM
-    return BM, BN, warps, n_col, triton.cdiv(M, rows_per_prog), rows_per_prog
+    return (BM, BN, warps, *chunk_grid(M, N, BM, BN, target))
 
 
 def gelu_tanh_bwd(dout: torch.Tensor, pre: torch.Tensor, need_bias_grad: bool = False, out: torch.Tensor | None = None,

@@ -58,6 +58,42 @@ def _affine(xhat, w_ptr, b_ptr, offs, dmask, HAS_BIAS: tl.constexpr):
 
 
 @triton.jit
+def _head_tile(H, Dh, BH: tl.constexpr, BD: tl.constexpr):
+    """A token's [BH, BD] tile of heads x head dims: head and dim indices, each dim's pair partner d ^ 1, the
+    dims' mask and the tile's (heads < H, dims < Dh)."""
+    h = tl.arange(0, BH)
+    d = tl.arange(0, BD)
+    dp = d ^ 1
+    dmask = d < Dh
+    return h, d, dp, dmask, (h < H)[:, None] & dmask[None, :]
+
+
+@triton.jit
+def _token(t, T, L, stride_b, stride_l, hm, d, dp, dmask, cos_ptr, sin_ptr, Dh, ROPE: tl.constexpr,
+           TRANSPOSE: tl.constexpr, BH: tl.constexpr, BD: tl.constexpr):
+    """Token t's tile mask (off past the T tokens), batch element b, position pos (its cos/sin row) and
+    offset in qkv (of its q third), and the rotation's coefficients at pos: cos[d] and the signed sine that
+    multiplies the partner element, sign(d) sin[d] (sign -1 for even d), or with TRANSPOSE (the backward)
+    -sign(d) sin[dp] (dp = d ^ 1); zeros without ROPE (never read)."""
+    m = hm & ((tl.zeros((BH, BD), dtype=tl.int64) + t) < T)  # a tensor mask (the interpreter wants one)
+    b = t // L
+    pos = t - b * L
+    base = b * stride_b + pos * stride_l
+    cos = tl.zeros((BD,), dtype=tl.float32)
+    sin_signed = cos
+    if ROPE:
+        lm = dmask & ((tl.zeros((BD,), dtype=tl.int64) + t) < T)
+        cos = tl.load(cos_ptr + pos * Dh + d, mask=lm, other=0.0).to(tl.float32)
+        if TRANSPOSE:
+            sinp = tl.load(sin_ptr + pos * Dh + dp, mask=lm, other=0.0).to(tl.float32)
+            sin_signed = tl.where((d & 1) == 0, sinp, -sinp)
+        else:
+            sin = tl.load(sin_ptr + pos * Dh + d, mask=lm, other=0.0).to(tl.float32)
+            sin_signed = tl.where((d & 1) == 0, -sin, sin)
+    return m, b, pos, base, cos, sin_signed
+
+
+@triton.jit
 def _fwd_part(x_ptr, base, out_ptr, out_base, gain_ptr, bias_ptr, cos, sin_signed, h, d, dp, dmask, m, Dh, eps,
               NORM: tl.constexpr, LAYER: tl.constexpr, HAS_BIAS: tl.constexpr, ROPE: tl.constexpr,
               INTERPRET: tl.constexpr):
@@ -84,26 +120,13 @@ def _qk_norm_rope_fwd_kernel(
     NORM: tl.constexpr, LAYER: tl.constexpr, HAS_BIAS: tl.constexpr, ROPE: tl.constexpr,
     BH: tl.constexpr, BD: tl.constexpr, INTERPRET: tl.constexpr,
 ):
-    h = tl.arange(0, BH)
-    d = tl.arange(0, BD)
-    dp = d ^ 1
-    dmask = d < Dh
-    hm = (h < H)[:, None] & dmask[None, :]
+    h, d, dp, dmask, hm = _head_tile(H, Dh, BH, BD)
     D = H * Dh
     t0 = tl.program_id(0).to(tl.int64) * tokens_per_prog
     for i in range(0, tokens_per_prog):
         t = t0 + i
-        m = hm & ((tl.zeros((BH, BD), dtype=tl.int64) + t) < T)  # a tensor mask (the interpreter wants one)
-        b = t // L
-        pos = t - b * L  # the token's position in the sequence (cos/sin row)
-        base = b * stride_b + pos * stride_l
-        cos = tl.zeros((BD,), dtype=tl.float32)
-        sin_signed = cos
-        if ROPE:
-            lm = dmask & ((tl.zeros((BD,), dtype=tl.int64) + t) < T)
-            cos = tl.load(cos_ptr + pos * Dh + d, mask=lm, other=0.0).to(tl.float32)
-            sin = tl.load(sin_ptr + pos * Dh + d, mask=lm, other=0.0).to(tl.float32)
-            sin_signed = tl.where((d & 1) == 0, -sin, sin)
+        m, b, pos, base, cos, sin_signed = _token(t, T, L, stride_b, stride_l, hm, d, dp, dmask, cos_ptr, sin_ptr, Dh,
+                                                  ROPE, False, BH, BD)
         _fwd_part(qkv_ptr, base, q_ptr, t * D, q_gain_ptr, q_bias_ptr, cos, sin_signed, h, d, dp, dmask, m, Dh, eps,
                   NORM, LAYER, HAS_BIAS, ROPE, INTERPRET)
         _fwd_part(qkv_ptr, base + D, k_ptr, t * D, k_gain_ptr, k_bias_ptr, cos, sin_signed, h, d, dp, dmask, m, Dh,
@@ -147,11 +170,7 @@ def _qk_norm_rope_bwd_kernel(
 ):
     """N_PART: 0 (no parameter gradients), 2 (the gains', part[prog] = [dq_gain, dk_gain]) or 4 (and the
     biases', [dq_gain, dk_gain, dq_bias, dk_bias]); per-program partial sums over its tokens."""
-    h = tl.arange(0, BH)
-    d = tl.arange(0, BD)
-    dp = d ^ 1
-    dmask = d < Dh
-    hm = (h < H)[:, None] & dmask[None, :]
+    h, d, dp, dmask, hm = _head_tile(H, Dh, BH, BD)
     D = H * Dh
     acc_qg = tl.zeros((BD,), dtype=tl.float32)
     acc_kg = acc_qg
@@ -161,17 +180,8 @@ def _qk_norm_rope_bwd_kernel(
     t0 = pid.to(tl.int64) * tokens_per_prog
     for i in range(0, tokens_per_prog):
         t = t0 + i
-        m = hm & ((tl.zeros((BH, BD), dtype=tl.int64) + t) < T)  # a tensor mask (the interpreter wants one)
-        b = t // L
-        pos = t - b * L
-        x_base = b * stride_b + pos * stride_l
-        cos = tl.zeros((BD,), dtype=tl.float32)
-        sinp_signed = cos
-        if ROPE:
-            lm = dmask & ((tl.zeros((BD,), dtype=tl.int64) + t) < T)
-            cos = tl.load(cos_ptr + pos * Dh + d, mask=lm, other=0.0).to(tl.float32)
-            sinp = tl.load(sin_ptr + pos * Dh + dp, mask=lm, other=0.0).to(tl.float32)
-            sinp_signed = tl.where((d & 1) == 0, sinp, -sinp)
+        m, b, pos, x_base, cos, sinp_signed = _token(t, T, L, stride_b, stride_l, hm, d, dp, dmask, cos_ptr, sin_ptr,
+                                                     Dh, ROPE, True, BH, BD)
         acc_qg, acc_qb = _bwd_part(dq_ptr, b * dq_sb + pos * dq_sl, dq_sh, qkv_ptr, x_base, dqkv_ptr, t * 3 * D,
                                    q_gain_ptr, cos, sinp_signed, acc_qg, acc_qb, h, d, dp, dmask, m, Dh, eps,
                                    NORM, LAYER, ROPE, INTERPRET)

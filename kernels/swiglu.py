@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import cast_for, empty, interpreting, n_sm
+from .common import cast_for, chunk_grid, column_chunk, empty, interpreting, n_sm, row_tile
 
 
 @triton.jit
@@ -55,19 +55,14 @@ def _swiglu_bwd_kernel(
 ):
     """One program: BN columns of each half over a chunk of rows_per_prog rows. With HAS_DBIAS it writes
     the chunk's column sums of d(ab) (as stored) to part[chunk, 0:2H]."""
-    pid_n = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    cols = pid_n * BN + tl.arange(0, BN)
-    cmask = cols < H
+    pid_c, cols, cmask, row0 = column_chunk(H, rows_per_prog, BN)
     if HAS_BIAS:
         bias_a = tl.load(bias_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
         bias_b = tl.load(bias_ptr + H + cols, mask=cmask, other=0.0).to(tl.float32)
     acc_a = tl.zeros((BN,), dtype=tl.float32)
     acc_b = tl.zeros((BN,), dtype=tl.float32)
-    row0 = pid_c.to(tl.int64) * rows_per_prog
     for r in range(0, rows_per_prog, BM):
-        rows = row0 + r + tl.arange(0, BM)
-        m = (rows < M)[:, None] & cmask[None, :]
+        rows, m = row_tile(row0 + r, M, cmask, BM)
         a_offs = rows[:, None] * stride_ab + cols[None, :]
         a = tl.load(ab_ptr + a_offs, mask=m, other=0.0).to(tl.float32)
         b = tl.load(ab_ptr + a_offs + H, mask=m, other=0.0).to(tl.float32)
@@ -138,10 +133,7 @@ def _bwd_tiles(M: int, H: int, device: torch.device):
         BM, warps, target = 16, 4, 4 * n_sm(device)
     else:  # interpreter: few large programs
         BM, warps, target = 32, 4, 4
-    n_col = triton.cdiv(H, BN)
-    n_chunks = max(1, min(triton.cdiv(M, BM), triton.cdiv(target, n_col)))
-    rows_per_prog = triton.cdiv(triton.cdiv(M, n_chunks), BM) * BM
-    return BM, BN, warps, n_col, triton.cdiv(M, rows_per_prog), rows_per_prog
+    return (BM, BN, warps, *chunk_grid(M, H, BM, BN, target))
 
 
 def swiglu_bwd(dout: torch.Tensor, ab: torch.Tensor, bias: torch.Tensor | None = None, need_bias_grad: bool = False):
